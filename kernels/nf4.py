@@ -1,0 +1,570 @@
+"""NF4 / FP4 blockwise 4-bit quantization and double quantization, bit-exact with bitsandbytes' format.
+
+Format (the specification is ``shared/reference/nf4-format.md``; the facts we rely on are restated here)
+------------------------------------------------------------------------------------------------------
+* A tensor of ``n`` elements is flattened in row-major (C) order and cut into blocks of ``blocksize``
+  consecutive elements (32 ... 4096, a power of two). The last block may be partial; only its valid
+  elements take part.
+* Per block: ``absmax = max |x|`` (fp32), ``s = x * (1 / absmax)`` (an IEEE reciprocal, then a multiply),
+  ``code = #{thresholds t : t < s}`` where the thresholds are the 15 fp32 midpoints of the sorted code
+  table -- so a value exactly on a threshold takes the LOWER code.
+* Two codes per byte, the first element in the HIGH nibble: ``byte[i] = code[2i] << 4 | code[2i+1]``;
+  an odd ``n`` pads the last low nibble with the code of 0.0 (7 for NF4, 0 for FP4). Packed shape
+  ``((n + 1) // 2, 1)``, uint8.
+* Dequantize: ``out = T(table[code] * absmax[block])`` -- the product in fp32, then ONE cast to T.
+* All-zero block (our decision, documented in the README): ``absmax = 0``, every code is the code of
+  0.0, and dequantization gives +0.0 -- never NaN. (bitsandbytes' CUDA kernels compute 0 * inf = NaN
+  there and store code 0 / -1.0; its CPU path stores 1e-38 for an all-zero *partial* last block.)
+
+Double quantization (``compress_statistics`` in bitsandbytes)
+-------------------------------------------------------------
+``offset = mean(absmax)`` (``torch.mean``, fp32); ``c = absmax - offset`` is quantized in blocks of 256
+with the signed 8-bit dynamic map: ``absmax2 = max |c|`` per 256-block, ``s = clamp(c * (1/absmax2), -1, 1)``
+and the code is the exact-nearest map entry (ties go to the lower code; an all-zero block gives the
+code of 0.0). Reconstruction: ``absmax = fp32(dyn[q] * absmax2[i // 256]) + offset`` -- two roundings,
+never a fused multiply-add.
+(bitsandbytes >= 0.50 on CPU picks nested codes through an approximate 65,536-bin lookup table that
+differs from exact nearest in ~0.3 % of entries; ``double_quantize_ref(..., rounding="bnb_cpu_lut")``
+reproduces it for oracle tests. Its CUDA kernel is exact nearest, like ours.)
+
+Bytes moved (per weight element, blocksize 64, double quantization)
+-------------------------------------------------------------------
+dequantize to bf16: read 0.5 B packed + 1/64 B code + 4/(64*256) B absmax2 = 0.516 B, write 2 B ->
+2.516 B/element: 4096x14336 moves 147.7 MB, 44 us at 3.35 TB/s. quantize from bf16: read 2 B, write
+0.516 B.
+
+This file holds the constants, the pure-torch references (``*_ref``), the Triton kernels and their
+launchers. Autograd, dispatch and the public API live in ``lowrank.ops`` / ``lowrank.nf4``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:  # Triton has no wheels for some platforms (macOS, Windows); the references work without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# ----------------------------------------------------------------------------------------------------
+# Constants: the single source of truth for the code tables.
+# ----------------------------------------------------------------------------------------------------
+
+#: The 16 NF4 values, index = 4-bit code (ascending; code 7 is exactly 0.0).
+NF4_CODE: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+#: The 16 FP4 (e2m1, bitsandbytes variant) values in bit-pattern order: bit 3 is the sign.
+#: Code 8 is +0.0 (not -0.0), as in bitsandbytes' table, so dequantized zeros match bit for bit.
+FP4_CODE: tuple[float, ...] = tuple(
+    sign * m / 12.0 if m else 0.0 for sign in (1.0, -1.0) for m in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+)
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Code of 0.0, used for the padding nibble of an odd element count and for all-zero blocks.
+ZERO_CODE = {"nf4": 7, "fp4": 0}
+
+
+def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-entry fp32 value table of ``quant_type`` (index = code)."""
+    check_quant_type(quant_type)
+    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sorted_table(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted values, fp32 midpoints between neighbours, code of each sorted position), on CPU.
+
+    A stable sort keeps FP4's +0.0 (code 0) before -0.0 (code 8), which is what bitsandbytes' CPU
+    path does: 0 < s <= 0.0026 becomes code 8 and s == 0 becomes code 0.
+    """
+    table = code_table(quant_type)
+    values, order = torch.sort(table, stable=True)
+    return values, (values[:-1] + values[1:]) / 2, order.to(torch.uint8)
+
+
+def thresholds(quant_type: str) -> tuple[float, ...]:
+    """The 15 fp32 decision thresholds (as Python floats that are exactly representable in fp32)."""
+    return tuple(_sorted_table(quant_type)[1].tolist())
+
+
+def sorted_codes(quant_type: str) -> tuple[int, ...]:
+    """Code of the table entry at each sorted position (identity for NF4)."""
+    return tuple(_sorted_table(quant_type)[2].tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # The signed 8-bit dynamic map (bitsandbytes' create_dynamic_map(signed=True, 7 exponent bits)):
+    # for each decade i = 0..6, the means of neighbouring points of linspace(0.1, 1, 2**i + 1),
+    # scaled by 10**(i - 6), with both signs; then 0 and 1.0; sorted. 256 values, range [-0.993, 1].
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += ((10 ** (i - 6)) * means).tolist()
+        values += (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-entry signed dynamic map used for the nested (double) quantization, fp32."""
+    return _dynamic_map_cpu().to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_midpoints_cpu() -> torch.Tensor:
+    dyn = _dynamic_map_cpu()
+    return (dyn[:-1] + dyn[1:]) / 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation shared by the references and the launchers.
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_float_input(x: torch.Tensor, name: str = "input") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} dtype must be one of float32/float16/bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    return (numel + blocksize - 1) // blocksize
+
+
+def packed_shape(numel: int) -> tuple[int, int]:
+    return ((numel + 1) // 2, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure-torch references. They define the numerics; the kernels must match them bit for bit.
+# ----------------------------------------------------------------------------------------------------
+
+
+def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of ``x`` (any shape; fp32/fp16/bf16).
+
+    Returns ``(packed, absmax)``: packed uint8 of shape ``((n + 1) // 2, 1)`` and fp32 absmax of shape
+    ``[ceil(n / blocksize)]``.
+    """
+    check_float_input(x)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    flat = x.reshape(-1).float()  # reshape copies a non-contiguous input in logical (row-major) order
+    n = flat.numel()
+    nb = num_blocks(n, blocksize)
+    blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # An all-zero block scales by 1 (not 1/0): every element then lands on the code of 0.0.
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
+    scaled = (blocks * inv[:, None]).clamp_(-1.0, 1.0).reshape(-1)[:n]
+    values, mids, codes_of_sorted = _sorted_table(quant_type)
+    position = torch.bucketize(scaled, mids.to(scaled.device))  # right=False: ties go to the lower code
+    codes = codes_of_sorted.to(scaled.device)[position]
+    if n % 2:
+        codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE[quant_type])])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed.view(-1, 1), absmax
+
+
+def dequantize_4bit_ref(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_4bit_ref`: ``dtype(table[code] * absmax[block])``, reshaped to ``shape``.
+
+    ``absmax`` is fp32 ``[ceil(n / blocksize)]`` (reconstruct double-quantized constants first with
+    :func:`double_dequantize_ref`).
+    """
+    n = math.prod(shape)
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 0xF], dim=1).reshape(-1)[:n]
+    table = code_table(quant_type, packed.device)
+    block = torch.arange(n, device=packed.device) // blocksize
+    return (table[nibbles.long()] * absmax.float()[block]).to(dtype).reshape(shape)
+
+
+def double_quantize_ref(absmax: torch.Tensor, rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize fp32 block constants with the signed dynamic map in 256-blocks around their mean.
+
+    Returns ``(qabsmax uint8 [nb], absmax2 fp32 [ceil(nb/256)], offset fp32 0-dim)``.
+    ``rounding="nearest"`` is our format (exact nearest code, ties to the lower code);
+    ``"bnb_cpu_lut"`` mimics bitsandbytes >= 0.50's CPU lookup table, for oracle tests only.
+    """
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}")
+    offset = absmax.mean()
+    centred = absmax - offset
+    nb = centred.numel()
+    n2 = num_blocks(nb, NESTED_BLOCKSIZE)
+    blocks = torch.nn.functional.pad(centred, (0, n2 * NESTED_BLOCKSIZE - nb)).view(n2, NESTED_BLOCKSIZE)
+    absmax2 = blocks.abs().amax(dim=1)
+    inv = torch.where(absmax2 > 0, 1.0 / absmax2, torch.ones_like(absmax2))
+    scaled = (blocks * inv[:, None]).clamp_(-1.0, 1.0).reshape(-1)[:nb]
+    if rounding == "nearest":
+        codes = torch.bucketize(scaled, _dynamic_midpoints_cpu().to(scaled.device))
+    elif rounding == "bnb_cpu_lut":
+        codes = _bnb_cpu_lut_codes(scaled, absmax2)
+    else:
+        raise ValueError(f"rounding must be 'nearest' or 'bnb_cpu_lut', got {rounding!r}")
+    return codes.to(torch.uint8), absmax2, offset
+
+
+def _bnb_cpu_lut_codes(scaled: torch.Tensor, absmax2: torch.Tensor) -> torch.Tensor:
+    # bitsandbytes >= 0.50 CPU: idx = uint16((s + 1) * 0.5 * 65535 + 0.5), code = #{midpoints < -1 + 2 idx / 65535};
+    # an all-zero 256-block gets code 0.
+    grid = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535.0
+    lut = torch.searchsorted(_dynamic_midpoints_cpu(), grid, right=False)
+    idx = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64).clamp_(0, 65535)
+    codes = lut.to(scaled.device)[idx]
+    zero_block = (absmax2 == 0).repeat_interleave(NESTED_BLOCKSIZE)[: scaled.numel()]
+    return torch.where(zero_block, torch.zeros_like(codes), codes)
+
+
+def double_dequantize_ref(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Reconstruct fp32 block constants: ``fp32(dyn[q] * absmax2[i // 256]) + offset`` (two roundings)."""
+    block = torch.arange(qabsmax.numel(), device=qabsmax.device) // NESTED_BLOCKSIZE
+    product = dynamic_map(qabsmax.device)[qabsmax.long()] * absmax2[block]
+    return product + offset.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels.
+# ----------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _code_of(
+        scaled,  # fp32 values in [-1, 1]
+        thresholds_ptr,  # fp32 [15] sorted decision thresholds
+        sorted_code_ptr,  # uint8 [16] code of each sorted table position
+        IDENTITY_CODES: tl.constexpr,  # True for NF4 (its table is already sorted)
+    ):
+        # code position = number of thresholds strictly below the value: ties go to the lower code.
+        position = tl.zeros(scaled.shape, dtype=tl.int32)
+        for k in tl.static_range(15):
+            position += (scaled > tl.load(thresholds_ptr + k)).to(tl.int32)
+        if IDENTITY_CODES:
+            return position
+        return tl.load(sorted_code_ptr + position).to(tl.int32)
+
+    @triton.jit
+    def _quantize_4bit_kernel(
+        x_ptr,  # fp32/fp16/bf16 [n], contiguous (flattened row-major)
+        packed_ptr,  # uint8 [(n + 1) // 2]
+        absmax_ptr,  # fp32 [ceil(n / BLOCKSIZE)]
+        thresholds_ptr,  # fp32 [15]
+        sorted_code_ptr,  # uint8 [16]
+        n,  # number of elements
+        BLOCKSIZE: tl.constexpr,  # quantization block
+        BLOCKS_PER_PROGRAM: tl.constexpr,  # quantization blocks handled by one program
+        IDENTITY_CODES: tl.constexpr,
+    ):
+        first_block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM
+        block = first_block + tl.arange(0, BLOCKS_PER_PROGRAM)
+        # elements as [block, pair, 2]: the pair axis is what one output byte holds
+        pair = tl.arange(0, BLOCKSIZE // 2)
+        even = block[:, None] * BLOCKSIZE + 2 * pair[None, :]
+        odd = even + 1
+        # Padding reads 0.0, which neither changes the block's absmax nor the code of 0.0 in the pad nibble.
+        x_even = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
+        absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
+        # IEEE reciprocal, then a multiply (bitsandbytes' order); an all-zero block scales by 1.
+        safe = tl.where(absmax > 0, absmax, 1.0)
+        inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe), 1.0)
+        s_even = tl.minimum(tl.maximum(x_even * inv[:, None], -1.0), 1.0)
+        s_odd = tl.minimum(tl.maximum(x_odd * inv[:, None], -1.0), 1.0)
+        hi = _code_of(s_even, thresholds_ptr, sorted_code_ptr, IDENTITY_CODES)
+        lo = _code_of(s_odd, thresholds_ptr, sorted_code_ptr, IDENTITY_CODES)
+        byte = ((hi << 4) | lo).to(tl.uint8)
+        byte_index = block[:, None] * (BLOCKSIZE // 2) + pair[None, :]
+        tl.store(packed_ptr + byte_index, byte, mask=even < n)
+        tl.store(absmax_ptr + block, absmax, mask=block * BLOCKSIZE < n)
+
+    @triton.jit
+    def _block_constant(
+        block,  # int64 block indices
+        mask,
+        absmax_ptr,  # fp32 [nb], or uint8 [nb] codes when DOUBLE_QUANT
+        absmax2_ptr,  # fp32 [ceil(nb / 256)]
+        offset_ptr,  # fp32 [1]
+        dynamic_map_ptr,  # fp32 [256]
+        DOUBLE_QUANT: tl.constexpr,
+    ):
+        if DOUBLE_QUANT:
+            code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
+            # Two roundings (product, then sum): the launcher disables FMA contraction.
+            return tl.load(dynamic_map_ptr + code) * scale + tl.load(offset_ptr)
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
+    def _dequantize_4bit_kernel(
+        packed_ptr,  # uint8 [(n + 1) // 2]
+        absmax_ptr,  # fp32 [nb] or uint8 [nb] (DOUBLE_QUANT)
+        absmax2_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
+        offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
+        dynamic_map_ptr,  # fp32 [256] (DOUBLE_QUANT)
+        table_ptr,  # fp32 [16] code values
+        out_ptr,  # [n] in the output dtype
+        n,  # number of elements
+        BLOCKSIZE: tl.constexpr,  # quantization block (elements)
+        BYTES_PER_PROGRAM: tl.constexpr,  # packed bytes per program (a multiple of BLOCKSIZE // 2)
+        DOUBLE_QUANT: tl.constexpr,
+    ):
+        # One row of the [ROWS, BLOCKSIZE/2] tile is one quantization block, so its constant is decoded
+        # once per row and broadcast.
+        ROWS: tl.constexpr = BYTES_PER_PROGRAM // (BLOCKSIZE // 2)
+        block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        pair = tl.arange(0, BLOCKSIZE // 2)
+        byte_index = block[:, None] * (BLOCKSIZE // 2) + pair[None, :]
+        byte_mask = byte_index < (n + 1) // 2
+        byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0x77).to(tl.int32)
+        scale = _block_constant(
+            block, block * BLOCKSIZE < n, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT
+        )
+        hi = tl.load(table_ptr + (byte >> 4)) * scale[:, None]
+        lo = tl.load(table_ptr + (byte & 0xF)) * scale[:, None]
+        values = tl.interleave(hi, lo)  # [ROWS, BLOCKSIZE]: element 2i from the high nibble
+        element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n)
+
+    @triton.jit
+    def _double_quantize_kernel(
+        absmax_ptr,  # fp32 [nb]
+        offset_ptr,  # fp32 [1]: mean of absmax
+        midpoints_ptr,  # fp32 [255]: midpoints of the dynamic map
+        qabsmax_ptr,  # uint8 [nb]
+        absmax2_ptr,  # fp32 [ceil(nb / 256)]
+        nb,  # number of block constants
+    ):
+        block = tl.program_id(0).to(tl.int64)
+        index = block * 256 + tl.arange(0, 256)
+        mask = index < nb
+        centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(offset_ptr)
+        centred = tl.where(mask, centred, 0.0)
+        absmax2 = tl.max(tl.abs(centred), axis=0)
+        inv = tl.where(absmax2 > 0, tl.math.div_rn(1.0, tl.where(absmax2 > 0, absmax2, 1.0)), 1.0)
+        scaled = tl.minimum(tl.maximum(centred * inv, -1.0), 1.0)
+        # Exact nearest code = number of midpoints strictly below the value, by binary search over 255.
+        position = tl.zeros([256], dtype=tl.int32)
+        for step in tl.static_range(7, -1, -1):
+            probe = position + (1 << step)
+            below = tl.load(midpoints_ptr + probe - 1, mask=probe <= 255, other=float("inf")) < scaled
+            position = tl.where(below & (probe <= 255), probe, position)
+        tl.store(qabsmax_ptr + index, position.to(tl.uint8), mask=mask)
+        tl.store(absmax2_ptr + block, absmax2)
+
+    @triton.jit
+    def _double_dequantize_kernel(
+        qabsmax_ptr,  # uint8 [nb]
+        absmax2_ptr,  # fp32 [ceil(nb / 256)]
+        offset_ptr,  # fp32 [1]
+        dynamic_map_ptr,  # fp32 [256]
+        out_ptr,  # fp32 [nb]
+        nb,
+        BLOCK: tl.constexpr,
+    ):
+        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < nb
+        out = _block_constant(index, mask, qabsmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, True)
+        tl.store(out_ptr + index, out, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers: validate, allocate, grid, launch.
+# ----------------------------------------------------------------------------------------------------
+
+# Per-device copies of the small constant tables, so launches do not re-upload them.
+_TABLE_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _device_table(name: str, device: torch.device) -> torch.Tensor:
+    key = (name, str(device))
+    if key not in _TABLE_CACHE:
+        if name in QUANT_TYPES:
+            table = code_table(name)
+        elif name.endswith("/thresholds"):
+            table = _sorted_table(name.split("/")[0])[1]
+        elif name.endswith("/sorted_codes"):
+            table = _sorted_table(name.split("/")[0])[2]
+        elif name == "dynamic":
+            table = _dynamic_map_cpu()
+        elif name == "dynamic/midpoints":
+            table = _dynamic_midpoints_cpu()
+        else:
+            raise KeyError(name)
+        _TABLE_CACHE[key] = table.to(device)
+    return _TABLE_CACHE[key]
+
+
+def _launch_options(device: torch.device) -> dict:
+    # Keep a*b + c as two roundings (bitsandbytes' order) on GPUs; the interpreter never fuses.
+    return {} if device.type == "cpu" else {"enable_fp_fusion": False}
+
+
+def _device_context(device: torch.device):
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton blockwise 4-bit quantization; same contract and bytes as :func:`quantize_4bit_ref`.
+
+    x: any shape, fp32/fp16/bf16 (non-contiguous input is copied in row-major order).
+    Returns packed uint8 ``((n + 1) // 2, 1)`` and fp32 absmax ``[ceil(n / blocksize)]``.
+    """
+    check_float_input(x)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    flat = x.contiguous().view(-1)
+    n = flat.numel()
+    nb = num_blocks(n, blocksize)
+    packed = torch.empty(packed_shape(n), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
+    blocks_per_program = max(1, min(16, 2048 // blocksize))
+    grid = (triton.cdiv(nb, blocks_per_program),)
+    with _device_context(x.device):
+        _quantize_4bit_kernel[grid](
+            flat,
+            packed,
+            absmax,
+            _device_table(f"{quant_type}/thresholds", x.device),
+            _device_table(f"{quant_type}/sorted_codes", x.device),
+            n,
+            BLOCKSIZE=blocksize,
+            BLOCKS_PER_PROGRAM=blocks_per_program,
+            IDENTITY_CODES=quant_type == "nf4",
+            **_launch_options(x.device),
+        )
+    return packed, absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
+    """One-launch Triton dequantization, double-quantized constants decoded in the same kernel.
+
+    packed: uint8 ``((n + 1) // 2, 1)``; absmax: fp32 ``[nb]``, or uint8 ``[nb]`` with absmax2 fp32
+    ``[ceil(nb / 256)]`` and offset fp32 0-dim. Returns ``shape`` in ``dtype``.
+    """
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    n = math.prod(shape)
+    device = packed.device
+    double_quant = absmax2 is not None
+    out = torch.empty(shape, dtype=dtype, device=device)
+    bytes_per_program = max(blocksize // 2, 1024)
+    grid = (triton.cdiv((n + 1) // 2, bytes_per_program),)
+    absmax = absmax.contiguous()
+    with _device_context(device):
+        _dequantize_4bit_kernel[grid](
+            packed,
+            absmax,
+            absmax2 if double_quant else absmax,
+            offset.reshape(1) if double_quant else absmax,
+            _device_table("dynamic", device),
+            _device_table(quant_type, device),
+            out,
+            n,
+            BLOCKSIZE=blocksize,
+            BYTES_PER_PROGRAM=bytes_per_program,
+            DOUBLE_QUANT=double_quant,
+            num_warps=4,
+            **_launch_options(device),
+        )
+    return out
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton double quantization; same contract and bytes as :func:`double_quantize_ref`.
+
+    The mean is taken with ``torch.mean`` on the tensor's own device, like bitsandbytes, because its
+    reduction order decides the last bit of the offset.
+    """
+    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
+        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}")
+    absmax = absmax.contiguous()
+    nb = absmax.numel()
+    offset = absmax.mean()
+    qabsmax = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
+    absmax2 = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    with _device_context(absmax.device):
+        _double_quantize_kernel[(absmax2.numel(),)](
+            absmax, offset.reshape(1), _device_table("dynamic/midpoints", absmax.device), qabsmax, absmax2, nb
+        )
+    return qabsmax, absmax2, offset
+
+
+def double_dequantize(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Triton reconstruction of fp32 block constants; same values as :func:`double_dequantize_ref`."""
+    nb = qabsmax.numel()
+    out = torch.empty(nb, dtype=torch.float32, device=qabsmax.device)
+    block = 1024
+    with _device_context(qabsmax.device):
+        _double_dequantize_kernel[(triton.cdiv(nb, block),)](
+            qabsmax,
+            absmax2,
+            offset.reshape(1),
+            _device_table("dynamic", qabsmax.device),
+            out,
+            nb,
+            BLOCK=block,
+            **_launch_options(qabsmax.device),
+        )
+    return out

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# All set-up for a fresh machine, idempotent: a virtual environment in .venv with torch (the CPU
+# build where there is no NVIDIA GPU), lowrank installed in editable mode with its test extras, and
+# the optional C++ extension built where a compiler exists. Re-runs are quick (a stamp file records
+# what was installed). Used by scripts/main.sh, scripts/test.sh and .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${LOWRANK_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+stamp_want=$(cat pyproject.toml setup.py constraints/ci.txt $(find csrc -type f | sort) | sha256sum | cut -c1-16)
+if [ -f "$VENV/.lowrank-stamp" ] && [ "$(cat "$VENV/.lowrank-stamp")" = "$stamp_want" ]; then
+    exit 0
+fi
+
+"${PIP[@]}" --upgrade "pip>=23" setuptools wheel
+
+# torch first, so that the `torch>=2.4` requirement is already met and pip never pulls a multi-GB
+# CUDA build onto a machine without a GPU.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "${PIP[@]}" "torch>=2.4"
+    else
+        "${PIP[@]}" "torch==2.13.0" 2>/dev/null \
+            || "${PIP[@]}" --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
+    fi
+fi
+
+# Pin what CI pins (constraints/ci.txt), except torch, which is whatever was installed above.
+grep -v '^torch==' constraints/ci.txt > "$VENV/constraints.txt"
+"${PIP[@]}" -c "$VENV/constraints.txt" --no-build-isolation -e ".[test]"
+
+echo "$stamp_want" > "$VENV/.lowrank-stamp"

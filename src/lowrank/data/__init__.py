@@ -1,0 +1,1 @@
+"""Data sets shipped with lowrank (small, written for the project)."""

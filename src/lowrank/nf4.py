@@ -1,0 +1,263 @@
+"""Public NF4 / FP4 API: :func:`quantize`, :func:`dequantize` and the :class:`NF4Weight` container.
+
+The format is bitsandbytes' (bytes, constants and serialized state dict), computed by lowrank's own
+kernels; see ``lowrank.kernels.nf4`` for the math and the README for the guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+
+from lowrank.kernels import nf4 as K
+from lowrank.ops import _dispatch
+from lowrank.ops import nf4 as ops
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+class QuantStateError(ValueError):
+    """A serialized 4-bit state is missing tensors, corrupted or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    """A frozen 4-bit quantized tensor in bitsandbytes' layout.
+
+    Attributes:
+        packed: uint8 ``((n + 1) // 2, 1)``, two codes per byte, first element in the high nibble.
+        absmax: per-block constants: fp32 ``[nb]``, or uint8 ``[nb]`` codes when double-quantized.
+        shape: the original tensor's shape; ``dtype``: its dtype (the default dequantization dtype).
+        blocksize: elements per block of the flattened tensor; ``quant_type``: ``"nf4"`` or ``"fp4"``.
+        nested_absmax: fp32 ``[ceil(nb / 256)]`` scales of the double quantization (else None).
+        nested_offset: fp32 0-dim mean subtracted before the double quantization (else None).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    nested_absmax: torch.Tensor | None = None
+    nested_offset: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        self.validate()
+
+    # -- derived facts ------------------------------------------------------------------------------
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed codes and constants (the code tables are shared and not counted)."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of this weight by field name (for moving, sharding or registering as buffers)."""
+        names = ("packed", "absmax", "nested_absmax", "nested_offset")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
+    def validate(self) -> None:
+        """Check that the fields describe a consistent quantized tensor; raise QuantStateError if not."""
+        K.check_quant_type(self.quant_type)
+        K.check_blocksize(self.blocksize)
+        if self.dtype not in K.FLOAT_DTYPES:
+            raise QuantStateError(f"dtype must be float32/float16/bfloat16, got {self.dtype}")
+        n = self.numel
+        if n == 0:
+            raise QuantStateError(f"shape {tuple(self.shape)} has no elements")
+        nb = K.num_blocks(n, self.blocksize)
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
+            raise QuantStateError(
+                f"packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(self.shape)}, "
+                f"got {self.packed.dtype} with {self.packed.numel()}"
+            )
+        want_absmax = torch.uint8 if self.double_quant else torch.float32
+        if self.absmax.dtype != want_absmax or self.absmax.numel() != nb:
+            raise QuantStateError(
+                f"absmax must be {want_absmax} with {nb} entries (blocksize {self.blocksize}), "
+                f"got {self.absmax.dtype} with {self.absmax.numel()}"
+            )
+        if self.double_quant:
+            n2 = K.num_blocks(nb, K.NESTED_BLOCKSIZE)
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != n2:
+                raise QuantStateError(
+                    f"nested_absmax must be float32 with {n2} entries, got {self.nested_absmax.dtype} "
+                    f"with {self.nested_absmax.numel()}"
+                )
+            if self.nested_offset is None or self.nested_offset.numel() != 1:
+                raise QuantStateError("a double-quantized weight needs a one-element nested_offset")
+        elif self.nested_offset is not None:
+            raise QuantStateError("nested_offset given without nested_absmax")
+        devices = {t.device for t in self.tensors().values()}
+        if len(devices) != 1:
+            raise QuantStateError(f"all tensors of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
+
+    # -- bitsandbytes serialization -----------------------------------------------------------------
+
+    def to_bnb_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors a bitsandbytes ``Linear4bit`` writes for its weight, under ``prefix``.
+
+        Keys: ``prefix``, ``prefix.absmax``, ``prefix.quant_map``, (double quant:) ``prefix.nested_absmax``,
+        ``prefix.nested_quant_map``, and ``prefix.quant_state.bitsandbytes__<quant_type>`` (UTF-8 JSON).
+        """
+        blob = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+        }
+        sd = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": K.code_table(self.quant_type, self.device),
+        }
+        if self.double_quant:
+            blob.update(nested_blocksize=K.NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.nested_offset.item())
+            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
+            sd[f"{prefix}.nested_quant_map"] = K.dynamic_map(self.device)
+        raw = json.dumps(blob).encode("utf-8")
+        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(
+            self.device
+        )
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
+        """Read the tensors written by :meth:`to_bnb_state_dict` or by a bitsandbytes ``Linear4bit``.
+
+        Raises :class:`QuantStateError` naming the key when something is missing, corrupted or
+        inconsistent (for example a truncated packed tensor or a JSON blob that does not parse).
+        """
+        blob_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+        if len(blob_keys) != 1:
+            raise QuantStateError(
+                f"expected exactly one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, found {blob_keys or 'none'}"
+            )
+        blob_key = blob_keys[0]
+        try:
+            blob = json.loads(bytes(sd[blob_key].cpu().numpy().tobytes()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise QuantStateError(f"{blob_key} is not valid UTF-8 JSON: {err}") from err
+        if not isinstance(blob, dict):
+            raise QuantStateError(f"{blob_key} must hold a JSON object, got {type(blob).__name__}")
+        missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in blob]
+        if missing:
+            raise QuantStateError(f"{blob_key} lacks the fields {missing}")
+        quant_type = blob["quant_type"]
+        if blob_key.rsplit("__", 1)[1] != quant_type:
+            raise QuantStateError(f"{blob_key} says quant_type {quant_type!r}")
+        if blob["dtype"] not in _DTYPES_BY_NAME:
+            raise QuantStateError(f"{blob_key}: dtype {blob['dtype']!r} is not one of {sorted(_DTYPES_BY_NAME)}")
+
+        def tensor(name: str) -> torch.Tensor:
+            key = f"{prefix}{name}"
+            if key not in sd:
+                raise QuantStateError(f"missing tensor {key!r} (have {sorted(k for k in sd if k.startswith(prefix))})")
+            return sd[key]
+
+        packed = tensor("")
+        if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage only reinterprets the bytes
+            packed = packed.contiguous().view(torch.uint8)
+        packed = packed.reshape(-1, 1)
+        try:
+            K.check_quant_type(quant_type)
+        except ValueError as err:
+            raise QuantStateError(f"{blob_key}: {err}") from err
+        if not torch.equal(tensor(".quant_map").float().cpu(), K.code_table(quant_type)):
+            raise QuantStateError(f"{prefix}.quant_map is not the standard {quant_type} code table")
+        nested = "nested_offset" in blob
+        nested_absmax = nested_offset = None
+        if nested:
+            if blob.get("nested_blocksize") != K.NESTED_BLOCKSIZE:
+                raise QuantStateError(f"nested_blocksize must be 256, got {blob.get('nested_blocksize')!r}")
+            if not torch.equal(tensor(".nested_quant_map").float().cpu(), K.dynamic_map()):
+                raise QuantStateError(f"{prefix}.nested_quant_map is not the signed 8-bit dynamic map")
+            nested_absmax = tensor(".nested_absmax").float()
+            nested_offset = torch.tensor(float(blob["nested_offset"]), dtype=torch.float32, device=packed.device)
+        try:
+            return cls(
+                packed=packed,
+                absmax=tensor(".absmax"),
+                shape=torch.Size(blob["shape"]),
+                dtype=_DTYPES_BY_NAME[blob["dtype"]],
+                blocksize=int(blob["blocksize"]),
+                quant_type=quant_type,
+                nested_absmax=nested_absmax,
+                nested_offset=nested_offset,
+            )
+        except (ValueError, TypeError) as err:
+            raise QuantStateError(f"inconsistent 4-bit state under {prefix!r}: {err}") from err
+
+
+def quantize(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    backend: str | None = None,
+) -> NF4Weight:
+    """Quantize ``w`` (any shape, fp32/fp16/bf16) to 4 bits in bitsandbytes' format.
+
+    ``backend``: ``None``/``"auto"`` picks per device; ``"torch"``, ``"triton"`` or ``"ext"`` forces one
+    (and raises if it cannot run here). Non-finite values and empty tensors are rejected.
+    """
+    K.check_float_input(w, "weight")
+    K.check_blocksize(blocksize)
+    K.check_quant_type(quant_type)
+    if not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"weight has non-finite values (first at index {bad}: {w[tuple(bad)].item()}); cannot quantize")
+    name = _dispatch.resolve("quantize_4bit", w.device, backend)
+    packed, absmax = ops.quantize_4bit_op(w, blocksize, quant_type, name)
+    nested_absmax = offset = None
+    if double_quant:
+        dq = _dispatch.resolve("double_quantize", w.device, backend)
+        absmax, nested_absmax, offset = ops.double_quantize_op(absmax, dq)
+    return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize, quant_type, nested_absmax, offset)
+
+
+def dequantize(qw: NF4Weight, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """Reconstruct the tensor in ``dtype`` (default: the original dtype), in the original shape."""
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"dequantize expects an NF4Weight, got {type(qw).__name__}")
+    dtype = qw.dtype if dtype is None else dtype
+    if dtype not in K.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    name = _dispatch.resolve("dequantize_4bit", qw.device, backend)
+    return ops.dequantize_4bit_op(
+        qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name
+    )
+
+
+def dequantize_absmax(qw: NF4Weight, backend: str | None = None) -> torch.Tensor:
+    """The fp32 per-block constants of ``qw`` (reconstructed when double-quantized)."""
+    if not qw.double_quant:
+        return qw.absmax
+    name = _dispatch.resolve("double_dequantize", qw.device, backend)
+    return ops.double_dequantize_op(qw.absmax, qw.nested_absmax, qw.nested_offset, name)

@@ -1,0 +1,1 @@
+"""Modules: quantized and LoRA linear layers."""

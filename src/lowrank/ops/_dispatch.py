@@ -1,0 +1,123 @@
+"""The single backend dispatch point: which implementation (``torch`` | ``triton`` | ``ext``) runs an op.
+
+Rules (nothing else in lowrank checks devices or versions):
+
+* An op family registers one implementation per backend with :func:`register`.
+* The request comes from the ``backend=`` argument, else the ``LOWRANK_BACKEND`` environment variable,
+  else ``"auto"``.
+* ``auto`` picks, per call, from the tensor's device and what is usable: on CUDA ``triton`` then ``ext``
+  then ``torch``; on CPU ``ext`` then ``torch`` (Triton runs on CPU only in its slow interpreter, so it is
+  never chosen automatically there). It falls back quietly.
+* An explicit request that cannot be honoured raises :class:`BackendUnavailableError`, naming why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "ext")
+_AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
+
+# op name -> backend -> implementation
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on this device."""
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ext_module():
+    """The loaded C++/CUDA extension module, or None (see ``lowrank._ext``)."""
+    try:
+        from lowrank import _ext
+    except ImportError:
+        return None
+    return _ext.load()
+
+
+def why_unusable(backend: str, op: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``; otherwise the reason, for error messages."""
+    if backend not in _REGISTRY.get(op, {}):
+        return f"op {op!r} has no {backend!r} implementation (available: {sorted(_REGISTRY.get(op, {}))})"
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreter():
+            return None
+        return f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); got a {device.type} tensor"
+    if backend == "ext":
+        ext = ext_module()
+        if ext is None:
+            return "the C++ extension is not built or was disabled (LOWRANK_DISABLE_EXT=1); see `python -m lowrank.env`"
+        if not ext.supports(op, device.type):
+            return f"the C++ extension has no {device.type} kernel for {op!r}"
+        return None
+    raise AssertionError(backend)
+
+
+def requested_backend(backend: str | None) -> str:
+    choice = backend if backend is not None else os.environ.get("LOWRANK_BACKEND", "auto")
+    if choice != "auto" and choice not in BACKENDS:
+        source = "backend=" if backend is not None else "LOWRANK_BACKEND="
+        raise ValueError(f"{source}{choice!r} is not a backend; expected 'auto' or one of {BACKENDS}")
+    return choice
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """Name of the backend that will run ``op`` for tensors on ``device``."""
+    device = torch.device(device)
+    choice = requested_backend(backend)
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; registered: {sorted(_REGISTRY)}")
+    if choice != "auto":
+        reason = why_unusable(choice, op, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {choice!r} was requested for {op} on {device}, but {reason}")
+        return choice
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        if why_unusable(candidate, op, device) is None:
+            return candidate
+    raise BackendUnavailableError(f"no backend can run {op} on {device}")
+
+
+def implementation(op: str, backend: str) -> Callable:
+    return _REGISTRY[op][backend]
+
+
+def usable_backends(op: str, device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if b in _REGISTRY.get(op, {}) and why_unusable(b, op, device) is None]
+
+
+def registered_ops() -> dict[str, tuple[str, ...]]:
+    return {op: tuple(b for b in BACKENDS if b in impls) for op, impls in sorted(_REGISTRY.items())}

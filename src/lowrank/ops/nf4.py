@@ -1,0 +1,113 @@
+"""4-bit quantization ops, registered with ``torch.library`` and routed through the dispatch point.
+
+Each op takes the *resolved* backend name as its last argument, so ``torch.compile`` sees one opaque
+custom op per call (no graph break) and the choice is made once, outside the traced region.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank.kernels import nf4 as K
+from lowrank.ops import _dispatch
+from lowrank.ops._dispatch import register
+
+# ---------------------------------------------------------------------------------------------------
+# torch backend: the references themselves.
+# ---------------------------------------------------------------------------------------------------
+
+register("quantize_4bit", "torch")(K.quantize_4bit_ref)
+register("double_quantize", "torch")(K.double_quantize_ref)
+register("double_dequantize", "torch")(K.double_dequantize_ref)
+
+
+@register("dequantize_4bit", "torch")
+def _dequantize_4bit_torch(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type):
+    if absmax2 is not None:
+        absmax = K.double_dequantize_ref(absmax, absmax2, offset)
+    return K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton backend: the launchers in lowrank.kernels.nf4 (absent when triton is not installed).
+# ---------------------------------------------------------------------------------------------------
+
+if K.HAS_TRITON:
+    register("quantize_4bit", "triton")(K.quantize_4bit)
+    register("double_quantize", "triton")(K.double_quantize)
+    register("double_dequantize", "triton")(K.double_dequantize)
+    register("dequantize_4bit", "triton")(K.dequantize_4bit)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ext backend: the optional C++/CUDA extension, looked up at call time.
+# ---------------------------------------------------------------------------------------------------
+
+for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit"):
+    register(_op, "ext")(lambda *args, _op=_op: getattr(_dispatch.ext_module(), _op)(*args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registrations (what torch.compile and opcheck see).
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowrank::quantize_4bit", mutates_args=())
+def quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch.implementation("quantize_4bit", backend)(x, blocksize, quant_type)
+
+
+@quantize_4bit_op.register_fake
+def _(x, blocksize, quant_type, backend):
+    n = x.numel()
+    return (
+        x.new_empty(K.packed_shape(n), dtype=torch.uint8),
+        x.new_empty((K.num_blocks(n, blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("lowrank::double_quantize", mutates_args=())
+def double_quantize_op(absmax: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dispatch.implementation("double_quantize", backend)(absmax)
+
+
+@double_quantize_op.register_fake
+def _(absmax, backend):
+    nb = absmax.numel()
+    return (
+        absmax.new_empty((nb,), dtype=torch.uint8),
+        absmax.new_empty((K.num_blocks(nb, K.NESTED_BLOCKSIZE),), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("lowrank::double_dequantize", mutates_args=())
+def double_dequantize_op(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, backend: str) -> torch.Tensor:
+    return _dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset)
+
+
+@double_dequantize_op.register_fake
+def _(qabsmax, absmax2, offset, backend):
+    return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lowrank::dequantize_4bit", mutates_args=())
+def dequantize_4bit_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    dtype: torch.dtype,
+    blocksize: int,
+    quant_type: str,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.implementation("dequantize_4bit", backend)(
+        packed, absmax, absmax2, offset, tuple(shape), dtype, blocksize, quant_type
+    )
+
+
+@dequantize_4bit_op.register_fake
+def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, backend):
+    return packed.new_empty(shape, dtype=dtype)
