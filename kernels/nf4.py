@@ -367,6 +367,17 @@ def double_dequantize_ref(
 # ----------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    # Triton kernels may only read globals that are constexpr.
+    _RECIPROCAL_FLOOR = tl.constexpr(RECIPROCAL_FLOOR)
+    _NESTED_RECIPROCAL_FLOOR = tl.constexpr(NESTED_RECIPROCAL_FLOOR)
+
+    @triton.jit
+    def _round_to_bf16(x):
+        # fp32 -> the nearest bf16 value (ties to even), still held in fp32, by integer arithmetic on the
+        # bits (finite inputs). The interpreter's own fp32 -> bf16 cast truncates; the GPU cast is exact.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _code_of(
@@ -405,9 +416,9 @@ if HAS_TRITON:
         x_even = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
         absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-        # IEEE reciprocal, then a multiply (bitsandbytes' order); an all-zero block scales by 1.
-        safe = tl.where(absmax > 0, absmax, 1.0)
-        inv = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), safe), 1.0)
+        # IEEE reciprocal of the clamped absmax, then a multiply (bitsandbytes' order and clamp).
+        floor = tl.full(absmax.shape, _RECIPROCAL_FLOOR, tl.float32)
+        inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, floor))
         s_even = tl.minimum(tl.maximum(x_even * inv[:, None], -1.0), 1.0)
         s_odd = tl.minimum(tl.maximum(x_odd * inv[:, None], -1.0), 1.0)
         hi = _code_of(s_even, thresholds_ptr, sorted_code_ptr, IDENTITY_CODES)
@@ -426,13 +437,24 @@ if HAS_TRITON:
         offset_ptr,  # fp32 [1]
         dynamic_map_ptr,  # fp32 [256]
         DOUBLE_QUANT: tl.constexpr,
+        NESTED_KIND: tl.constexpr,  # rounding of the reconstruction: 0 fp32, 1 bf16, 2 fp16
     ):
         # One return at the end: the compiler type-checks every return, even in a dead constexpr branch.
         if DOUBLE_QUANT:
             code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
             scale = tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
-            # Two roundings (product, then sum): the launcher disables FMA contraction.
-            constant = tl.load(dynamic_map_ptr + code) * scale + tl.load(offset_ptr)
+            product = tl.load(dynamic_map_ptr + code) * scale
+            offset = tl.load(offset_ptr)
+            # Two roundings (product, then sum): the launcher disables FMA contraction. A bf16/fp16
+            # nested state rounds the product, the offset and the sum to that dtype (bitsandbytes).
+            if NESTED_KIND == 1:
+                constant = _round_to_bf16(_round_to_bf16(product) + _round_to_bf16(offset))
+            elif NESTED_KIND == 2:
+                product = product.to(tl.float16).to(tl.float32)
+                offset = offset.to(tl.float16).to(tl.float32)
+                constant = (product + offset).to(tl.float16).to(tl.float32)
+            else:
+                constant = product + offset
         else:
             constant = tl.load(absmax_ptr + block, mask=mask, other=0.0)
         return constant
@@ -450,6 +472,8 @@ if HAS_TRITON:
         BLOCKSIZE: tl.constexpr,  # quantization block (elements)
         BYTES_PER_PROGRAM: tl.constexpr,  # packed bytes per program (a multiple of BLOCKSIZE // 2)
         DOUBLE_QUANT: tl.constexpr,
+        NESTED_KIND: tl.constexpr = 0,  # see _block_constant
+        ROUND_BF16_BY_BITS: tl.constexpr = False,  # bf16 output under the interpreter (see _round_to_bf16)
     ):
         # One row of the [ROWS, BLOCKSIZE/2] tile is one quantization block, so its constant is decoded
         # once per row and broadcast.
@@ -460,11 +484,13 @@ if HAS_TRITON:
         byte_mask = byte_index < (n + 1) // 2
         byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0x77).to(tl.int32)
         scale = _block_constant(
-            block, block * BLOCKSIZE < n, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT
+            block, block * BLOCKSIZE < n, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT, NESTED_KIND
         )
         hi = tl.load(table_ptr + (byte >> 4)) * scale[:, None]
         lo = tl.load(table_ptr + (byte & 0xF)) * scale[:, None]
         values = tl.interleave(hi, lo)  # [ROWS, BLOCKSIZE]: element 2i from the high nibble
+        if ROUND_BF16_BY_BITS:
+            values = _round_to_bf16(values)  # the cast below is then exact
         element = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n)
 
@@ -483,7 +509,7 @@ if HAS_TRITON:
         centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(offset_ptr)
         centred = tl.where(mask, centred, 0.0)
         absmax2 = tl.max(tl.abs(centred), axis=0)
-        inv = tl.where(absmax2 > 0, tl.math.div_rn(1.0, tl.where(absmax2 > 0, absmax2, 1.0)), 1.0)
+        inv = tl.math.div_rn(1.0, tl.maximum(absmax2, _NESTED_RECIPROCAL_FLOOR))
         scaled = tl.minimum(tl.maximum(centred * inv, -1.0), 1.0)
         # Exact nearest code = number of midpoints strictly below the value, by binary search over 255.
         position = tl.zeros([256], dtype=tl.int32)
@@ -503,10 +529,11 @@ if HAS_TRITON:
         out_ptr,  # fp32 [nb]
         nb,
         BLOCK: tl.constexpr,
+        NESTED_KIND: tl.constexpr,  # see _block_constant
     ):
         index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < nb
-        out = _block_constant(index, mask, qabsmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, True)
+        out = _block_constant(index, mask, qabsmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, True, NESTED_KIND)
         tl.store(out_ptr + index, out, mask=mask)
 
 
@@ -535,6 +562,10 @@ def _device_table(name: str, device: torch.device) -> torch.Tensor:
             raise KeyError(name)
         _TABLE_CACHE[key] = table.to(device)
     return _TABLE_CACHE[key]
+
+
+#: NESTED_KIND constexpr of each nested dtype (see _block_constant).
+_NESTED_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _launch_options(device: torch.device) -> dict:
@@ -589,16 +620,17 @@ def dequantize_4bit(
     dtype: torch.dtype,
     blocksize: int = 64,
     quant_type: str = "nf4",
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One-launch Triton dequantization, double-quantized constants decoded in the same kernel.
 
     packed: uint8 ``((n + 1) // 2, 1)``; absmax: fp32 ``[nb]``, or uint8 ``[nb]`` with absmax2 fp32
-    ``[ceil(nb / 256)]`` and offset fp32 0-dim. Returns ``shape`` in ``dtype``.
+    ``[ceil(nb / 256)]`` and offset fp32 0-dim (reconstructed in ``nested_dtype``, see
+    :func:`double_dequantize_ref`). Returns ``shape`` in ``dtype``.
     """
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
-    n = math.prod(shape)
+    n = check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
     device = packed.device
+    packed = packed.contiguous()
     double_quant = absmax2 is not None
     out = torch.empty(shape, dtype=dtype, device=device)
     # Measured on an H100 (triton 3.6, NF4+DQ -> bf16): 2048 bytes and 2 warps per program reach 82-88 %
@@ -619,6 +651,8 @@ def dequantize_4bit(
             BLOCKSIZE=blocksize,
             BYTES_PER_PROGRAM=bytes_per_program,
             DOUBLE_QUANT=double_quant,
+            NESTED_KIND=_NESTED_KIND[nested_dtype],
+            ROUND_BF16_BY_BITS=dtype == torch.bfloat16 and device.type == "cpu",
             num_warps=2,
             **_launch_options(device),
         )
@@ -631,8 +665,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     The mean is taken with ``torch.mean`` on the tensor's own device, like bitsandbytes, because its
     reduction order decides the last bit of the offset.
     """
-    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}")
+    check_absmax_for_double_quant(absmax)
     absmax = absmax.contiguous()
     nb = absmax.numel()
     offset = absmax.mean()
@@ -645,8 +678,12 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return qabsmax, absmax2, offset
 
 
-def double_dequantize(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Triton reconstruction of fp32 block constants; same values as :func:`double_dequantize_ref`."""
+def double_dequantize(
+    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Triton reconstruction of fp32 block constants ``[nb]``; same values as :func:`double_dequantize_ref`."""
+    check_nested_args(qabsmax, absmax2, offset, nested_dtype)
+    qabsmax, absmax2 = qabsmax.contiguous(), absmax2.contiguous()
     nb = qabsmax.numel()
     out = torch.empty(nb, dtype=torch.float32, device=qabsmax.device)
     block = 1024
@@ -659,6 +696,7 @@ def double_dequantize(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torc
             out,
             nb,
             BLOCK=block,
+            NESTED_KIND=_NESTED_KIND[nested_dtype],
             **_launch_options(qabsmax.device),
         )
     return out

@@ -13,11 +13,18 @@ import math
 import torch
 
 from lowrank.kernels import nf4 as K
-from lowrank.ops import _dispatch
-from lowrank.ops import nf4 as ops
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _ops():
+    # Imported on first use: lowrank.ops imports NF4Weight from this module, so importing it at the
+    # top would be circular.
+    from lowrank.ops import _dispatch
+    from lowrank.ops import nf4 as ops
+
+    return _dispatch, ops
 
 
 class QuantStateError(ValueError):
@@ -35,6 +42,9 @@ class NF4Weight:
         blocksize: elements per block of the flattened tensor; ``quant_type``: ``"nf4"`` or ``"fp4"``.
         nested_absmax: fp32 ``[ceil(nb / 256)]`` scales of the double quantization (else None).
         nested_offset: fp32 0-dim mean subtracted before the double quantization (else None).
+        nested_dtype: the dtype the block constants are reconstructed in. float32 for everything lowrank
+            quantizes; a bitsandbytes state that says ``"nested_dtype": "bfloat16"`` (transformers writes
+            that) keeps it, and dequantization then rounds like bitsandbytes (see ``lowrank.kernels.nf4``).
     """
 
     packed: torch.Tensor
@@ -45,6 +55,7 @@ class NF4Weight:
     quant_type: str = "nf4"
     nested_absmax: torch.Tensor | None = None
     nested_offset: torch.Tensor | None = None
+    nested_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", torch.Size(self.shape))
@@ -84,10 +95,25 @@ class NF4Weight:
 
     def validate(self) -> None:
         """Check that the fields describe a consistent quantized tensor; raise QuantStateError if not."""
-        K.check_quant_type(self.quant_type)
-        K.check_blocksize(self.blocksize)
+        if self.quant_type not in K.QUANT_TYPES:
+            raise QuantStateError(f"quant_type must be one of {K.QUANT_TYPES}, got {self.quant_type!r}")
+        if self.blocksize not in K.BLOCKSIZES:
+            raise QuantStateError(f"blocksize must be one of {K.BLOCKSIZES}, got {self.blocksize!r}")
         if self.dtype not in K.FLOAT_DTYPES:
             raise QuantStateError(f"dtype must be float32/float16/bfloat16, got {self.dtype}")
+        if self.nested_dtype not in K.NESTED_DTYPES:
+            raise QuantStateError(f"nested_dtype must be float32/float16/bfloat16, got {self.nested_dtype}")
+        for name in ("packed", "absmax", "nested_absmax", "nested_offset"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise QuantStateError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        devices = {name: t.device for name, t in self.tensors().items()}
+        if len(set(devices.values())) != 1:
+            listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+            raise QuantStateError(f"all tensors of an NF4Weight must be on one device, got {listing}")
+        check_values = self.packed.device.type != "meta"  # meta tensors have shapes but no values
+        if any(d < 0 for d in self.shape):
+            raise QuantStateError(f"shape {tuple(self.shape)} has a negative dimension")
         n = self.numel
         if n == 0:
             raise QuantStateError(f"shape {tuple(self.shape)} has no elements")
@@ -110,13 +136,17 @@ class NF4Weight:
                     f"nested_absmax must be float32 with {n2} entries, got {self.nested_absmax.dtype} "
                     f"with {self.nested_absmax.numel()}"
                 )
-            if self.nested_offset is None or self.nested_offset.numel() != 1:
-                raise QuantStateError("a double-quantized weight needs a one-element nested_offset")
-        elif self.nested_offset is not None:
-            raise QuantStateError("nested_offset given without nested_absmax")
-        devices = {t.device for t in self.tensors().values()}
-        if len(devices) != 1:
-            raise QuantStateError(f"all tensors of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
+            offset = self.nested_offset
+            if offset is None or offset.numel() != 1 or offset.dtype != torch.float32:
+                got = "None" if offset is None else f"{offset.dtype} with {offset.numel()} elements"
+                raise QuantStateError(f"a double-quantized weight needs a one-element float32 nested_offset, got {got}")
+            if check_values and not (bool(torch.isfinite(self.nested_absmax).all()) and math.isfinite(float(offset))):
+                raise QuantStateError("nested_absmax / nested_offset hold non-finite values")
+        else:
+            if self.nested_offset is not None:
+                raise QuantStateError("nested_offset given without nested_absmax")
+            if check_values and not bool(torch.isfinite(self.absmax).all()):
+                raise QuantStateError("absmax holds non-finite values")
 
     # -- bitsandbytes serialization -----------------------------------------------------------------
 
@@ -138,7 +168,11 @@ class NF4Weight:
             f"{prefix}.quant_map": K.code_table(self.quant_type, self.device),
         }
         if self.double_quant:
-            blob.update(nested_blocksize=K.NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.nested_offset.item())
+            blob.update(
+                nested_blocksize=K.NESTED_BLOCKSIZE,
+                nested_dtype=_DTYPE_NAMES[self.nested_dtype],
+                nested_offset=self.nested_offset.item(),
+            )
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = K.dynamic_map(self.device)
         raw = json.dumps(blob).encode("utf-8")
@@ -151,68 +185,100 @@ class NF4Weight:
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
         """Read the tensors written by :meth:`to_bnb_state_dict` or by a bitsandbytes ``Linear4bit``.
 
-        Raises :class:`QuantStateError` naming the key when something is missing, corrupted or
-        inconsistent (for example a truncated packed tensor or a JSON blob that does not parse).
+        Accepts any ``quant_storage`` (the packed bytes are reinterpreted as uint8) and the
+        transformers variant whose blob says ``"nested_dtype": "bfloat16"``. Raises
+        :class:`QuantStateError` naming the key when something is missing, corrupted or inconsistent
+        (a truncated packed tensor, a JSON blob that does not parse, a wrong code table, ...).
         """
-        blob_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+        blob_prefix = f"{prefix}.quant_state.bitsandbytes__"
+        blob_keys = [k for k in sd if k.startswith(blob_prefix)]
         if len(blob_keys) != 1:
-            raise QuantStateError(
-                f"expected exactly one '{prefix}.quant_state.bitsandbytes__<nf4|fp4>' entry, found {blob_keys or 'none'}"
-            )
+            raise QuantStateError(f"expected exactly one '{blob_prefix}<nf4|fp4>' entry, found {blob_keys or 'none'}")
         blob_key = blob_keys[0]
-        try:
-            blob = json.loads(bytes(sd[blob_key].cpu().numpy().tobytes()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise QuantStateError(f"{blob_key} is not valid UTF-8 JSON: {err}") from err
-        if not isinstance(blob, dict):
-            raise QuantStateError(f"{blob_key} must hold a JSON object, got {type(blob).__name__}")
+        blob = _read_json_blob(blob_key, sd[blob_key])
         missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in blob]
         if missing:
             raise QuantStateError(f"{blob_key} lacks the fields {missing}")
         quant_type = blob["quant_type"]
-        if blob_key.rsplit("__", 1)[1] != quant_type:
-            raise QuantStateError(f"{blob_key} says quant_type {quant_type!r}")
-        if blob["dtype"] not in _DTYPES_BY_NAME:
-            raise QuantStateError(f"{blob_key}: dtype {blob['dtype']!r} is not one of {sorted(_DTYPES_BY_NAME)}")
+        if quant_type not in K.QUANT_TYPES:
+            raise QuantStateError(f"{blob_key}: quant_type {quant_type!r} is not one of {K.QUANT_TYPES}")
+        if blob_key[len(blob_prefix) :] != quant_type:
+            raise QuantStateError(f"{blob_key} says quant_type {quant_type!r}, which does not match its key")
+        dtype = _dtype_field(blob_key, blob, "dtype")
+        blocksize = blob["blocksize"]
+        if isinstance(blocksize, bool) or blocksize not in K.BLOCKSIZES:
+            raise QuantStateError(f"{blob_key}: blocksize {blocksize!r} is not one of {K.BLOCKSIZES}")
+        shape = blob["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise QuantStateError(f"{blob_key}: shape must be a list of non-negative ints, got {shape!r}")
 
         def tensor(name: str) -> torch.Tensor:
             key = f"{prefix}{name}"
             if key not in sd:
                 raise QuantStateError(f"missing tensor {key!r} (have {sorted(k for k in sd if k.startswith(prefix))})")
+            if not isinstance(sd[key], torch.Tensor):
+                raise QuantStateError(f"{key!r} must be a tensor, got {type(sd[key]).__name__}")
             return sd[key]
 
         packed = tensor("")
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage only reinterprets the bytes
-            packed = packed.contiguous().view(torch.uint8)
+            packed = packed.contiguous().reshape(-1).view(torch.uint8)
         packed = packed.reshape(-1, 1)
-        try:
-            K.check_quant_type(quant_type)
-        except ValueError as err:
-            raise QuantStateError(f"{blob_key}: {err}") from err
-        if not torch.equal(tensor(".quant_map").float().cpu(), K.code_table(quant_type)):
+        quant_map = tensor(".quant_map")
+        if quant_map.dtype != torch.float32 or not torch.equal(quant_map.cpu().reshape(-1), K.code_table(quant_type)):
             raise QuantStateError(f"{prefix}.quant_map is not the standard {quant_type} code table")
-        nested = "nested_offset" in blob
+        nested = "nested_offset" in blob or f"{prefix}.nested_absmax" in sd
         nested_absmax = nested_offset = None
+        nested_dtype = torch.float32
         if nested:
-            if blob.get("nested_blocksize") != K.NESTED_BLOCKSIZE:
-                raise QuantStateError(f"nested_blocksize must be 256, got {blob.get('nested_blocksize')!r}")
-            if not torch.equal(tensor(".nested_quant_map").float().cpu(), K.dynamic_map()):
+            absent = [k for k in ("nested_offset", "nested_blocksize", "nested_dtype") if k not in blob]
+            if absent:
+                raise QuantStateError(f"{blob_key} describes a double-quantized weight but lacks {absent}")
+            if blob["nested_blocksize"] != K.NESTED_BLOCKSIZE:
+                raise QuantStateError(f"{blob_key}: nested_blocksize must be 256, got {blob['nested_blocksize']!r}")
+            nested_dtype = _dtype_field(blob_key, blob, "nested_dtype")
+            nested_quant_map = tensor(".nested_quant_map")
+            if nested_quant_map.dtype != torch.float32 or not torch.equal(nested_quant_map.cpu().reshape(-1), K.dynamic_map()):
                 raise QuantStateError(f"{prefix}.nested_quant_map is not the signed 8-bit dynamic map")
-            nested_absmax = tensor(".nested_absmax").float()
-            nested_offset = torch.tensor(float(blob["nested_offset"]), dtype=torch.float32, device=packed.device)
+            nested_absmax = tensor(".nested_absmax")
+            offset = blob["nested_offset"]
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise QuantStateError(f"{blob_key}: nested_offset must be a finite number, got {offset!r}")
+            nested_offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
         try:
             return cls(
                 packed=packed,
                 absmax=tensor(".absmax"),
-                shape=torch.Size(blob["shape"]),
-                dtype=_DTYPES_BY_NAME[blob["dtype"]],
-                blocksize=int(blob["blocksize"]),
+                shape=torch.Size(shape),
+                dtype=dtype,
+                blocksize=blocksize,
                 quant_type=quant_type,
                 nested_absmax=nested_absmax,
                 nested_offset=nested_offset,
+                nested_dtype=nested_dtype,
             )
-        except (ValueError, TypeError) as err:
+        except QuantStateError as err:
             raise QuantStateError(f"inconsistent 4-bit state under {prefix!r}: {err}") from err
+
+
+def _read_json_blob(key: str, raw: object) -> dict:
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        got = f"{raw.dtype} tensor" if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise QuantStateError(f"{key} must be a uint8 tensor of UTF-8 JSON bytes, got a {got}")
+    try:
+        blob = json.loads(raw.cpu().reshape(-1).numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QuantStateError(f"{key} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(blob, dict):
+        raise QuantStateError(f"{key} must hold a JSON object, got {type(blob).__name__}")
+    return blob
+
+
+def _dtype_field(key: str, blob: dict, field: str) -> torch.dtype:
+    name = blob[field]
+    if name not in _DTYPES_BY_NAME:
+        raise QuantStateError(f"{key}: {field} {name!r} is not one of {sorted(_DTYPES_BY_NAME)}")
+    return _DTYPES_BY_NAME[name]
 
 
 def quantize(
@@ -233,6 +299,7 @@ def quantize(
     if not bool(torch.isfinite(w).all()):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"weight has non-finite values (first at index {bad}: {w[tuple(bad)].item()}); cannot quantize")
+    _dispatch, ops = _ops()
     name = _dispatch.resolve("quantize_4bit", w.device, backend)
     packed, absmax = ops.quantize_4bit_op(w, blocksize, quant_type, name)
     nested_absmax = offset = None
@@ -249,15 +316,28 @@ def dequantize(qw: NF4Weight, dtype: torch.dtype | None = None, backend: str | N
     dtype = qw.dtype if dtype is None else dtype
     if dtype not in K.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    _dispatch, ops = _ops()
     name = _dispatch.resolve("dequantize_4bit", qw.device, backend)
     return ops.dequantize_4bit_op(
-        qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name
+        qw.packed,
+        qw.absmax,
+        qw.nested_absmax,
+        qw.nested_offset,
+        list(qw.shape),
+        dtype,
+        qw.blocksize,
+        qw.quant_type,
+        name,
+        qw.nested_dtype,
     )
 
 
 def dequantize_absmax(qw: NF4Weight, backend: str | None = None) -> torch.Tensor:
-    """The fp32 per-block constants of ``qw`` (reconstructed when double-quantized)."""
+    """The fp32 per-block constants ``[nb]`` of ``qw`` (reconstructed when double-quantized)."""
+    if not isinstance(qw, NF4Weight):
+        raise TypeError(f"dequantize_absmax expects an NF4Weight, got {type(qw).__name__}")
     if not qw.double_quant:
         return qw.absmax
+    _dispatch, ops = _ops()
     name = _dispatch.resolve("double_dequantize", qw.device, backend)
-    return ops.double_dequantize_op(qw.absmax, qw.nested_absmax, qw.nested_offset, name)
+    return ops.double_dequantize_op(qw.absmax, qw.nested_absmax, qw.nested_offset, name, qw.nested_dtype)

@@ -22,9 +22,12 @@ register("double_dequantize", "torch")(K.double_dequantize_ref)
 
 
 @register("dequantize_4bit", "torch")
-def _dequantize_4bit_torch(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type):
+def _dequantize_4bit_torch(
+    packed, absmax, absmax2, offset, shape, dtype, blocksize=64, quant_type="nf4", nested_dtype=torch.float32
+):
+    K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
     if absmax2 is not None:
-        absmax = K.double_dequantize_ref(absmax, absmax2, offset)
+        absmax = K.double_dequantize_ref(absmax, absmax2, offset, nested_dtype)
     return K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
 
 
@@ -82,12 +85,14 @@ def _(absmax, backend):
 
 
 @torch.library.custom_op("lowrank::double_dequantize", mutates_args=())
-def double_dequantize_op(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, backend: str) -> torch.Tensor:
-    return _dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset)
+def double_dequantize_op(
+    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, backend: str, nested_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return _dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset, nested_dtype)
 
 
 @double_dequantize_op.register_fake
-def _(qabsmax, absmax2, offset, backend):
+def _(qabsmax, absmax2, offset, backend, nested_dtype=torch.float32):
     return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
 
 
@@ -102,12 +107,13 @@ def dequantize_4bit_op(
     blocksize: int,
     quant_type: str,
     backend: str,
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     return _dispatch.implementation("dequantize_4bit", backend)(
-        packed, absmax, absmax2, offset, tuple(shape), dtype, blocksize, quant_type
+        packed, absmax, absmax2, offset, tuple(shape), dtype, blocksize, quant_type, nested_dtype
     )
 
 
 @dequantize_4bit_op.register_fake
-def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, backend):
+def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, backend, nested_dtype=torch.float32):
     return packed.new_empty(shape, dtype=dtype)
