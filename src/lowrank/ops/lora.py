@@ -1,0 +1,662 @@
+"""LoRA linear ops: ``y = x·dequant(W)ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with a frozen dense or 4-bit base.
+
+Shapes: x ``(M, K)`` (leading batch dims are flattened by the public functions), W ``(N, K)`` dense or an
+:class:`~lowrank.nf4.NF4Weight`, A ``(r, K)``, B ``(N, r)``, bias ``(N,)``; y ``(M, N)`` in x's dtype.
+
+Backends (``torch`` | ``triton`` | ``ext``) implement two functions, registered with the dispatch point
+under the op names ``"lora_forward"`` and ``"lora_backward"``::
+
+    lora_forward(x, weight, A, B, scale, bias=None, x_lora=None) -> (y, xa)      xa = x_lora·Aᵀ, fp32 (M, r)
+    lora_backward(dy, x, weight, A, B, scale, xa, x_lora=None, need_dx, need_dA, need_dB) -> (dx, dA, dB)
+        dx = dy·W + s·(dy·B)·A,  dA = s·(dy·B)ᵀ·x_lora,  dB = s·dyᵀ·xa
+
+Autograd saves only what the caller already holds -- x, the packed weight (never a dequantized copy), A, B,
+the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed: the keep-mask is regenerated in the
+backward instead of storing ``drop(x)`` (M·K). Dropout follows PEFT (only the LoRA input is dropped) but is
+applied as ``x_lora = x·mask`` with ``1/(1-p)`` folded into the scale, so the mask is exact in every dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from lowrank.kernels import nf4 as K
+from lowrank.ops import _dispatch
+from lowrank.ops._dispatch import register
+
+# lowrank.nf4 imports lowrank.ops, so bind the module (complete by the time any op runs), not its names.
+import lowrank.nf4 as _nf4  # noqa: E402  isort: skip
+
+_SEED_HIGH = 2**62
+_DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PackedWeight(NamedTuple):
+    """An NF4Weight-like view of 4-bit tensors, built without validation (for hot paths and traced code).
+
+    Same fields as :class:`~lowrank.nf4.NF4Weight`; modules hold already-validated buffers and pass this.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_offset: torch.Tensor | None
+    shape: tuple[int, int]
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype
+    nested_dtype: torch.dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _is_4bit(w) -> bool:
+    return isinstance(w, (PackedWeight, _nf4.NF4Weight))
+
+# ---------------------------------------------------------------------------------------------------
+# torch backend: dequantize, then plain matmuls (LoRA term and accumulation in fp32).
+# ---------------------------------------------------------------------------------------------------
+
+
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as a dense ``(N, K)`` tensor in ``dtype`` (dequantized when it is NF4Weight-like)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    absmax = weight.absmax
+    if weight.nested_absmax is not None:
+        absmax = K.double_dequantize_ref(absmax, weight.nested_absmax, weight.nested_offset, weight.nested_dtype)
+    return K.dequantize_4bit_ref(weight.packed, absmax, tuple(weight.shape), dtype, weight.blocksize, weight.quant_type)
+
+
+@register("lora_forward", "torch")
+def lora_forward_torch(x, weight, A, B, scale: float, bias=None, x_lora=None):
+    x_lora = x if x_lora is None else x_lora
+    xa = x_lora.float() @ A.float().t()
+    base = x @ dense_weight(weight, x.dtype).t()
+    y = base.float() + scale * (xa @ B.float().t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), xa
+
+
+@register("lora_backward", "torch")
+def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True):
+    x_lora = x if x_lora is None else x_lora
+    dy32 = dy.float()
+    dyb = scale * (dy32 @ B.float()) if (need_dx or need_dA) else None
+    dx = dA = dB = None
+    if need_dx:
+        dx = ((dy @ dense_weight(weight, dy.dtype)).float() + dyb @ A.float()).to(x.dtype)
+    if need_dA:
+        dA = (dyb.t() @ x_lora.float()).to(A.dtype)
+    if need_dB:
+        dB = (scale * (dy32.t() @ xa)).to(B.dtype)
+    return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------------
+# triton backend (the launchers in lowrank.kernels.lora_matmul) and ext backend (the C++ extension).
+# ---------------------------------------------------------------------------------------------------
+
+if importlib.util.find_spec("lowrank.kernels.lora_matmul") is not None:
+    from lowrank.kernels import lora_matmul as _LK
+
+    if getattr(_LK, "HAS_TRITON", True) and hasattr(_LK, "lora_forward") and hasattr(_LK, "lora_backward"):
+        register("lora_forward", "triton")(_LK.lora_forward)
+        register("lora_backward", "triton")(_LK.lora_backward)
+
+for _op in ("lora_forward", "lora_backward"):
+    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(_dispatch.ext_module(), _op)(*args, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dropout on the LoRA input, reproducible from a seed.
+# ---------------------------------------------------------------------------------------------------
+
+
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The bool keep-mask (True = kept, probability ``1 - p``) that dropout with ``seed`` applies.
+
+    Drawn from a private generator seeded with ``seed`` on ``device``, so a test can rebuild it exactly.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(tuple(shape), generator=gen, device=device) >= p
+
+
+def new_dropout_seed() -> torch.Tensor:
+    """A fresh 0-dim int64 CPU seed drawn from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+
+
+def _masked_input(x: torch.Tensor, p: float, seed: torch.Tensor | None, index: int = 0):
+    """``(x·mask, mask)`` for projection ``index`` (each projection draws its own mask, like PEFT)."""
+    if p == 0.0 or seed is None:
+        return None, None
+    mask = dropout_mask(x.shape, p, int(seed.item()) + index, x.device)
+    return x * mask, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared forward/backward bodies (one projection). Weight fields travel as plain tensors so torch.library
+# can see them; `weight` is uint8 for packed 4-bit codes, a float tensor for a dense base.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _weight_object(weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, dtype):
+    if weight.dtype != torch.uint8:
+        return weight
+    return PackedWeight(weight, absmax, nested_absmax, nested_offset, tuple(shape), blocksize, quant_type, dtype, nested_dtype)
+
+
+def _dequantize(w, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    return _dispatch.implementation("dequantize_4bit", backend)(
+        w.packed, w.absmax, w.nested_absmax, w.nested_offset, tuple(w.shape), dtype, w.blocksize, w.quant_type, w.nested_dtype
+    )
+
+
+def _forward_one(x, w, A, B, scale, bias, dropout, seed, index, backend):
+    if A is None:  # frozen base only: `backend` names the dequantize backend
+        if isinstance(w, torch.Tensor):
+            dense = w.to(x.dtype)
+        else:
+            dense = _dequantize(w, x.dtype, backend)
+        y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
+        return y, x.new_empty((x.shape[0], 0), dtype=torch.float32)
+    x_lora, _ = _masked_input(x, dropout, seed, index)
+    eff_scale = scale / (1.0 - dropout) if x_lora is not None else scale
+    return _dispatch.implementation("lora_forward", backend)(x, w, A, B, eff_scale, bias, x_lora)
+
+
+def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need_dA, need_dB, backend):
+    """(dx in fp32 or None, dA, dB) for one projection."""
+    if A is None:
+        if isinstance(w, torch.Tensor):
+            dense = w.to(dy.dtype)
+        else:
+            dense = _dequantize(w, dy.dtype, backend)
+        return (dy @ dense).float() if need_dx else None, None, None
+    impl = _dispatch.implementation("lora_backward", backend)
+    x_lora, mask = _masked_input(x, dropout, seed, index)
+    if x_lora is None:
+        dx, dA, dB = impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
+        return (dx.float() if dx is not None else None), dA, dB
+    eff_scale = scale / (1.0 - dropout)
+    dx = None
+    _, dA, dB = impl(dy, x, w, A, B, eff_scale, xa, x_lora, False, need_dA, need_dB)
+    if need_dx:
+        # The backends' dx has no mask on the LoRA term: take the base part (scale 0) and add the masked term.
+        base, _, _ = impl(dy, x, w, A, B, 0.0, xa, None, True, False, False)
+        lora = (eff_scale * (dy.float() @ B.float())) @ A.float()
+        dx = base.float() + lora * mask
+    return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: one projection (lora_linear) and several projections sharing x (lora_linear_multi).
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowrank::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    weight_shape: list[int],
+    blocksize: int,
+    quant_type: str,
+    nested_dtype: torch.dtype,
+    A: torch.Tensor | None,
+    B: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout: float,
+    seed: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(y (M, N) x.dtype, xa (M, r) fp32)``; xa is saved for the backward and is not differentiable."""
+    w = _weight_object(weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype)
+    return _forward_one(x, w, A, B, scale, bias, dropout, seed, 0, backend)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, A, B, scale, bias, dropout, seed, backend):
+    r = 0 if A is None else A.shape[0]
+    return x.new_empty((x.shape[0], weight_shape[0])), x.new_empty((x.shape[0], r), dtype=torch.float32)
+
+
+@torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    weight_shape: list[int],
+    blocksize: int,
+    quant_type: str,
+    nested_dtype: torch.dtype,
+    A: torch.Tensor | None,
+    B: torch.Tensor | None,
+    scale: float,
+    xa: torch.Tensor,
+    dropout: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dA, dB)``; a gradient that is not needed comes back as an empty tensor."""
+    w = _weight_object(weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype)
+    dx, dA, dB = _backward_one(dy.contiguous(), x, w, A, B, scale, xa, dropout, seed, 0, need_dx, need_dA, need_dB, backend)
+    empty = x.new_empty((0,))
+    return (
+        dx.to(x.dtype) if dx is not None else empty,
+        dA if dA is not None else empty.clone(),
+        dB if dB is not None else empty.clone(),
+    )
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, A, B, scale, xa, dropout, seed,
+      need_dx, need_dA, need_dB, backend):  # fmt: skip
+    empty = x.new_empty((0,))
+    return (
+        torch.empty_like(x) if need_dx else empty,
+        torch.empty_like(A) if need_dA else empty.clone(),
+        torch.empty_like(B) if need_dB else empty.clone(),
+    )
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    (x, weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, A, B, scale, bias, dropout, seed,
+     backend) = inputs  # fmt: skip
+    ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_offset, A, B, seed, output[1])
+    ctx.meta = (list(shape), blocksize, quant_type, nested_dtype, scale, dropout, backend, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lora_linear_backward(ctx, dy, _dxa):
+    x, weight, absmax, nested_absmax, nested_offset, A, B, seed, xa = ctx.saved_tensors
+    shape, blocksize, quant_type, nested_dtype, scale, dropout, backend, bias_dtype = ctx.meta
+    needs = ctx.needs_input_grad
+    need_dx, need_dA, need_dB = needs[0], bool(A is not None and needs[9]), bool(B is not None and needs[10])
+    dx = dA = dB = None
+    if need_dx or need_dA or need_dB:
+        dx, dA, dB = lora_linear_backward_op(
+            dy, x, weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, A, B, scale, xa, dropout,
+            seed, need_dx, need_dA, need_dB, backend,
+        )  # fmt: skip
+    dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype) if bias_dtype is not None and needs[12] else None
+    return (
+        dx if need_dx else None, None, None, None, None, None, None, None, None,
+        dA if need_dA else None, dB if need_dB else None, None, dbias, None, None, None,
+    )  # fmt: skip
+
+
+lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+
+
+@torch.library.custom_op("lowrank::lora_linear_multi", mutates_args=())
+def lora_linear_multi_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    absmaxes: list[torch.Tensor | None],
+    nested_absmaxes: list[torch.Tensor | None],
+    nested_offsets: list[torch.Tensor | None],
+    shapes: list[int],
+    blocksizes: list[int],
+    quant_types: str,
+    As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+    scales: list[float],
+    biases: list[torch.Tensor | None],
+    dropout: float,
+    seed: torch.Tensor | None,
+    backend: str,
+) -> list[torch.Tensor]:
+    """Several projections of one x: returns ``[y_0, ..., y_{n-1}, xa_0, ..., xa_{n-1}]``.
+
+    ``shapes`` is flattened (two ints per projection); ``quant_types`` holds ``"<quant_type>:<nested dtype>"``
+    per projection, comma-separated (``"none:none"`` for a dense weight).
+    """
+    ys, xas = [], []
+    for i, w in enumerate(_weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types)):
+        y, xa = _forward_one(x, w, As[i], Bs[i], scales[i], biases[i], dropout, seed, i, backend)
+        ys.append(y)
+        xas.append(xa)
+    return ys + xas
+
+
+@lora_linear_multi_op.register_fake
+def _(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, biases, dropout, seed,
+      backend):  # fmt: skip
+    ys = [x.new_empty((x.shape[0], shapes[2 * i])) for i in range(len(weights))]
+    return ys + [x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32) for A in As]
+
+
+def _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types):
+    kinds = [kind.split(":") for kind in quant_types.split(",")]
+    return [
+        _weight_object(
+            w, absmaxes[i], nested_absmaxes[i], nested_offsets[i], shapes[2 * i : 2 * i + 2], blocksizes[i], kinds[i][0],
+            _DTYPES_BY_NAME.get(kinds[i][1], torch.float32), x.dtype,
+        )  # fmt: skip
+        for i, w in enumerate(weights)
+    ]
+
+
+@torch.library.custom_op("lowrank::lora_linear_multi_backward", mutates_args=())
+def lora_linear_multi_backward_op(
+    dys: list[torch.Tensor],
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    absmaxes: list[torch.Tensor | None],
+    nested_absmaxes: list[torch.Tensor | None],
+    nested_offsets: list[torch.Tensor | None],
+    shapes: list[int],
+    blocksizes: list[int],
+    quant_types: str,
+    As: list[torch.Tensor],
+    Bs: list[torch.Tensor],
+    scales: list[float],
+    xas: list[torch.Tensor],
+    dropout: float,
+    seed: torch.Tensor | None,
+    need_dx: bool,
+    need_dA: list[bool],
+    need_dB: list[bool],
+    backend: str,
+) -> list[torch.Tensor]:
+    """``[dx, dA_0.., dB_0..]``: dx summed over the projections in ONE fp32 buffer; unneeded grads are empty."""
+    ws = _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types)
+    dx_sum = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
+    dAs, dBs = [], []
+    empty = x.new_empty((0,))
+    for i, w in enumerate(ws):
+        dx, dA, dB = _backward_one(
+            dys[i].contiguous(), x, w, As[i], Bs[i], scales[i], xas[i], dropout, seed, i, need_dx, need_dA[i], need_dB[i], backend
+        )
+        if need_dx:
+            dx_sum += dx
+        dAs.append(dA if dA is not None else empty.clone())
+        dBs.append(dB if dB is not None else empty.clone())
+    return [dx_sum.to(x.dtype) if need_dx else empty.clone()] + dAs + dBs
+
+
+@lora_linear_multi_backward_op.register_fake
+def _(dys, x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, xas, dropout,
+      seed, need_dx, need_dA, need_dB, backend):  # fmt: skip
+    empty = x.new_empty((0,))
+    dAs = [torch.empty_like(A) if need else empty.clone() for A, need in zip(As, need_dA)]
+    dBs = [torch.empty_like(B) if need else empty.clone() for B, need in zip(Bs, need_dB)]
+    return [torch.empty_like(x) if need_dx else empty.clone()] + dAs + dBs
+
+
+def _lora_multi_setup(ctx, inputs, output):
+    (x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, biases, dropout, seed,
+     backend) = inputs  # fmt: skip
+    n = len(weights)
+    ctx.n = n
+    ctx.save_for_backward(x, seed, *weights, *absmaxes, *nested_absmaxes, *nested_offsets, *As, *Bs, *output[n:])
+    ctx.meta = (list(shapes), list(blocksizes), quant_types, list(scales), dropout, backend)
+    ctx.need = ([A.requires_grad for A in As], [B.requires_grad for B in Bs])
+    ctx.bias_grad = [None if b is None or not b.requires_grad else b.dtype for b in biases]
+    ctx.mark_non_differentiable(*output[n:])
+
+
+def _lora_multi_backward(ctx, grads):
+    n = ctx.n
+    x, seed, *rest = ctx.saved_tensors
+    weights, absmaxes, nested_absmaxes, nested_offsets, As, Bs, xas = (list(rest[i * n : (i + 1) * n]) for i in range(7))
+    shapes, blocksizes, quant_types, scales, dropout, backend = ctx.meta
+    need_dA, need_dB = ctx.need
+    need_dx = ctx.needs_input_grad[0]
+    # An output that did not reach the loss gets no gradient: it contributes zero.
+    dys = [torch.zeros((x.shape[0], shapes[2 * i]), dtype=x.dtype, device=x.device) if dy is None else dy for i, dy in enumerate(grads[:n])]
+    dx_and_adapter_grads = lora_linear_multi_backward_op(
+        dys, x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, xas,
+        dropout, seed, need_dx, need_dA, need_dB, backend,
+    )  # fmt: skip
+    dAs = [g if need else None for g, need in zip(dx_and_adapter_grads[1 : 1 + n], need_dA)]
+    dBs = [g if need else None for g, need in zip(dx_and_adapter_grads[1 + n :], need_dB)]
+    dbiases = [None if dt is None else dys[i].sum(0, dtype=torch.float32).to(dt) for i, dt in enumerate(ctx.bias_grad)]
+    dx = dx_and_adapter_grads[0] if need_dx else None
+    nones = [None] * n
+    # Gradients mirror the input structure: one entry per element of each list of tensors.
+    return (dx, nones, nones, nones, nones, None, None, None, dAs, dBs, None, dbiases, None, None, None)
+
+
+lora_linear_multi_op.register_autograd(_lora_multi_backward, setup_context=_lora_multi_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions: validate, flatten leading dims, resolve the backend once, call the op.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t, name: str, ndim: int, device: torch.device, float_only: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if float_only and t.dtype not in K.FLOAT_DTYPES:
+        raise TypeError(f"{name} dtype must be float32/float16/bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; move them to one device")
+
+
+def _check_projection(x: torch.Tensor, w, A, B, scale, bias, index: str = "") -> tuple[int, int]:
+    """Validate one projection against x (..., K); returns (N, K)."""
+    if _is_4bit(w):
+        if len(w.shape) != 2:
+            raise ValueError(f"w{index} must describe a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        if w.device != x.device:
+            raise ValueError(f"w{index} is on {w.device} but x is on {x.device}; move them to one device")
+        n_out, k_in = w.shape
+    else:
+        _check_tensor(w, f"w{index}", 2, x.device)
+        if torch.is_grad_enabled() and w.requires_grad:
+            raise ValueError(
+                f"w{index} requires grad, but the base weight of a LoRA linear is frozen (no gradient is computed "
+                "for it); call .requires_grad_(False) on it or pass w.detach()"
+            )
+        n_out, k_in = w.shape
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but w{index} expects {k_in} (weight shape ({n_out}, {k_in}))")
+    if A is not None or B is not None:
+        _check_tensor(A, f"A{index}", 2, x.device)
+        _check_tensor(B, f"B{index}", 2, x.device)
+        r = A.shape[0]
+        if r < 1 or r > min(n_out, k_in):
+            raise ValueError(f"rank r{index}={r} (A.shape[0]) must be in [1, min(out, in)] = [1, {min(n_out, k_in)}]")
+        if A.shape != (r, k_in):
+            raise ValueError(f"A{index} must be (r, in) = ({r}, {k_in}), got {tuple(A.shape)}")
+        if B.shape != (n_out, r):
+            raise ValueError(f"B{index} must be (out, r) = ({n_out}, {r}), got {tuple(B.shape)}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"scale{index} must be a finite Python number, got {scale!r}")
+    if bias is not None:
+        _check_tensor(bias, f"bias{index}", 1, x.device)
+        if bias.shape[0] != n_out:
+            raise ValueError(f"bias{index} must have {n_out} entries (out features), got {bias.shape[0]}")
+    return n_out, k_in
+
+
+def _check_x_and_dropout(x, dropout: float) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in K.FLOAT_DTYPES:
+        raise TypeError(f"x dtype must be float32/float16/bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be non-empty with features in its last dim, got shape {tuple(x.shape)}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def _seed_tensor(dropout: float, dropout_seed) -> torch.Tensor | None:
+    if dropout == 0.0:
+        return None
+    if dropout_seed is None:
+        return new_dropout_seed()
+    if isinstance(dropout_seed, torch.Tensor):
+        return dropout_seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    return torch.tensor(int(dropout_seed), dtype=torch.int64)
+
+
+def _weight_fields(w) -> tuple:
+    """The op arguments describing ``w``: (tensor, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type)."""
+    if _is_4bit(w):
+        shape = [int(s) for s in w.shape]
+        return (w.packed, w.absmax, w.nested_absmax, w.nested_offset, shape, w.blocksize, w.quant_type, w.nested_dtype)
+    return (w, None, None, None, [int(s) for s in w.shape], 0, "none", torch.float32)
+
+
+@torch._dynamo.assume_constant_result
+def _resolve(op: str, device: str, backend: str | None) -> str:
+    """The backend name for ``op`` (``"lora"``: one that runs both lora_forward and lora_backward).
+
+    A constant under torch.compile: the choice depends only on the device, the request and the environment.
+    """
+    if op != "lora":
+        return _dispatch.resolve(op, device, backend)
+    name = _dispatch.resolve("lora_forward", device, backend)
+    if _dispatch.why_unusable(name, "lora_backward", torch.device(device)) is not None:
+        name = _dispatch.resolve("lora_backward", device, backend)
+    return name
+
+
+def _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed):
+    _check_x_and_dropout(x, dropout)
+    n_out, k_in = _check_projection(x, w, A, B, scale, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k_in).contiguous()
+    if A is None:
+        name = _resolve("dequantize_4bit" if _is_4bit(w) else "lora_forward", str(x.device), backend)
+    else:
+        name = _resolve("lora", str(x.device), backend)
+    seed = _seed_tensor(dropout, dropout_seed) if A is not None else None
+    y, _ = lora_linear_op(x2d, *_weight_fields(w), A, B, float(scale), bias, float(dropout), seed, name)
+    return y.reshape(*lead, n_out)
+
+
+def lora_linear(x, w_dense, A, B, scale: float, bias=None, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None):
+    """``x·Wᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ`` with a frozen dense ``w_dense`` (N, K).
+
+    x: (..., K) fp32/fp16/bf16; A: (r, K); B: (N, r); bias: (N,) or None. Returns (..., N) in x's dtype.
+    ``dropout`` (probability, applied whenever > 0) drops only the LoRA input; ``dropout_seed`` (int or
+    0-dim tensor) fixes its mask (see :func:`dropout_mask`), else a seed is drawn from torch's generator.
+    Gradients flow to x, A, B and bias, never to the base weight.
+    """
+    if _is_4bit(w_dense):
+        raise TypeError("lora_linear takes a dense weight tensor; use lora_linear_nf4 for an NF4Weight")
+    return _lora_call(x, w_dense, A, B, scale, bias, dropout, backend, dropout_seed)
+
+
+def lora_linear_nf4(x, w: NF4Weight, A, B, scale: float, bias=None, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None):
+    """:func:`lora_linear` with a frozen 4-bit base ``w`` (an :class:`NF4Weight` of shape (N, K))."""
+    if not _is_4bit(w):
+        raise TypeError(f"lora_linear_nf4 expects an NF4Weight, got {type(w).__name__}; use lora_linear for a dense weight")
+    return _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed)
+
+
+def linear_nf4(x, w: NF4Weight, bias=None, backend: str | None = None):
+    """``x·dequant(w)ᵀ + bias`` without a dense copy kept for the backward (dx re-dequantizes ``w``)."""
+    if not _is_4bit(w):
+        raise TypeError(f"linear_nf4 expects an NF4Weight, got {type(w).__name__}")
+    return _lora_call(x, w, None, None, 0.0, bias, 0.0, backend, None)
+
+
+def lora_linear_multi(x, projections, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None) -> tuple:
+    """Several LoRA projections of one input (q/k/v, gate/up) in ONE autograd node.
+
+    ``projections``: a sequence of ``(w, A, B, scale, bias)`` with ``w`` an NF4Weight or a dense tensor.
+    x is read and saved once; in the backward the dx of every projection is summed into one fp32 buffer.
+    With dropout each projection draws its own mask (seed + index), as PEFT's per-module dropout does.
+    Returns a tuple of outputs (..., N_i) in x's dtype.
+    """
+    _check_x_and_dropout(x, dropout)
+    if not projections:
+        raise ValueError("projections is empty; pass at least one (w, A, B, scale, bias)")
+    fields = [[] for _ in range(8)]
+    As, Bs, scales, biases, outs = [], [], [], [], []
+    for i, proj in enumerate(projections):
+        if len(proj) != 5:
+            raise ValueError(f"projections[{i}] must be (w, A, B, scale, bias), got {len(proj)} items")
+        w, A, B, scale, bias = proj
+        if A is None or B is None:
+            raise ValueError(f"projections[{i}] has no adapter (A or B is None)")
+        n_out, k_in = _check_projection(x, w, A, B, scale, bias, index=f"[{i}]")
+        for store, value in zip(fields, _weight_fields(w)):
+            store.append(value)
+        As.append(A)
+        Bs.append(B)
+        scales.append(float(scale))
+        biases.append(bias)
+        outs.append(n_out)
+    name = _resolve("lora", str(x.device), backend)
+    weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, nested_dtypes = fields
+    kinds = ",".join(f"{qt}:{str(nd).removeprefix('torch.')}" for qt, nd in zip(quant_types, nested_dtypes))
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    flat_shapes = [s for shape in shapes for s in shape]
+    outputs = lora_linear_multi_op(
+        x2d, weights, absmaxes, nested_absmaxes, nested_offsets, flat_shapes, blocksizes, kinds, As, Bs, scales,
+        biases, float(dropout), _seed_tensor(dropout, dropout_seed), name,
+    )  # fmt: skip
+    return tuple(y.reshape(*lead, n) for y, n in zip(outputs[: len(outs)], outs))
+
+
+@torch.no_grad()
+def lora_linear_multi_adapter(x, w, A_stack, B_stack, scales, adapter_ids, bias=None, backend: str | None = None) -> torch.Tensor:
+    """Serving forward: each sequence of a batch uses its own adapter (no autograd).
+
+    x: (batch, seq, K); w: NF4Weight or dense (N, K); A_stack: (n_adapters, r, K); B_stack: (n_adapters, N, r);
+    scales: (n_adapters,) tensor or sequence; adapter_ids: (batch,) int, ``-1`` = base model only.
+    The base matmul runs once for the whole batch; the LoRA term is a gathered batched matmul (fp32).
+    Returns (batch, seq, N) in x's dtype.
+    """
+    _check_x_and_dropout(x, 0.0)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, seq, in), got shape {tuple(x.shape)}")
+    n_out, k_in = _check_projection(x, w, None, None, 0.0, bias)
+    _check_tensor(A_stack, "A_stack", 3, x.device)
+    _check_tensor(B_stack, "B_stack", 3, x.device)
+    n_adapters, r = A_stack.shape[:2]
+    if A_stack.shape != (n_adapters, r, k_in) or B_stack.shape != (n_adapters, n_out, r) or r < 1:
+        raise ValueError(
+            f"A_stack must be (n_adapters, r, {k_in}) and B_stack (n_adapters, {n_out}, r) with r >= 1; "
+            f"got {tuple(A_stack.shape)} and {tuple(B_stack.shape)}"
+        )
+    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
+    if scales.numel() != n_adapters:
+        raise ValueError(f"scales must have one entry per adapter ({n_adapters}), got {scales.numel()}")
+    ids = torch.as_tensor(adapter_ids, device=x.device)
+    if ids.dtype.is_floating_point or ids.shape != (x.shape[0],):
+        raise ValueError(f"adapter_ids must be integers of shape ({x.shape[0]},) (one per sequence), got {ids.dtype} {tuple(ids.shape)}")
+    if bool(((ids < -1) | (ids >= n_adapters)).any()):
+        raise ValueError(f"adapter_ids must be in [-1, {n_adapters - 1}] (-1 = no adapter), got {ids.tolist()}")
+    if _is_4bit(w):
+        y = linear_nf4(x, w, bias, backend=backend)
+    else:
+        y = torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    has = ids >= 0
+    safe = ids.clamp(min=0)
+    xa = torch.bmm(x.float(), A_stack[safe].float().transpose(1, 2))  # (batch, seq, r)
+    lora = torch.bmm(xa, B_stack[safe].float().transpose(1, 2)) * (scales[safe] * has)[:, None, None]
+    return (y.float() + lora).to(x.dtype)
