@@ -1,0 +1,699 @@
+"""Fused low-rank matmul over a frozen (4-bit or dense) weight: forward and backward.
+
+Math (PEFT LoRA, ``A``: r x K, ``B``: N x r, ``s`` = alpha / r or alpha / sqrt(r))
+-------------------------------------------------------------------------------
+forward   y  = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ        x, x_lora: M x K, W: N x K, y: M x N
+          xa = x_lora · Aᵀ  (M x r, fp32, saved for dB)              x_lora = dropout(x), or x itself
+backward  dS = dy · B       (M x r, fp32, computed once, used by dX and dA)
+          dX = dy · dequant(W) + s · dS · A                          M x K, in x.dtype
+          dA = s · dSᵀ · x_lora                                      r x K, in A.dtype
+          dB = s · dyᵀ · xa                                          N x r, in B.dtype
+
+The forward main GEMM and dX are the same pattern, ``out[m, c] = Σ_t in[m, t] · Wop[t, c] +
+s · Σ_j (Σ_t lin[m, t] · P[t, j]) · Q[j, c]``: forward t = k, c = n, P = Aᵀ, Q = Bᵀ; dX t = n, c = k,
+P = B, Q = A. One kernel (``_lora_matmul_kernel``) serves both through strides. The low-rank
+"shrink" ``lin · P`` is either accumulated in the same t loop (one kernel; every column tile
+recomputes it, cheap while few programs share a row tile) or precomputed once by
+``_lora_shrink_kernel`` and read in the epilogue.
+
+Weight layout: dense W is read through its strides. 4-bit W is bitsandbytes' layout (see ``nf4.py``):
+the row-major flattened W cut into ``blocksize`` runs (a run may span two rows when K is not a multiple
+of blocksize), element e = n·K + k in byte e // 2, high nibble first. Each tile is decoded in registers
+to ``dtype(table[code] · absmax[e // blocksize])`` -- bit-identical to ``dequantize_4bit`` -- and the
+full decoded W never exists in memory (except on the forward's ``dequant_matmul`` path, by choice).
+
+Precision: the main products run on x.dtype operands with fp32 accumulation (fp32 inputs use IEEE fp32
+dots, never TF32). The adapter products also run in x.dtype operands (A, B, xa, dS are rounded to
+x.dtype as dot operands, like PyTorch autocast) with fp32 accumulation; xa and dS are kept in fp32.
+Under the Triton interpreter bf16 dot operands are upcast to fp32 (triton 3.9's interpreter returns
+garbage for bf16 ``tl.dot``); the values are the same bf16 numbers, so only accumulation order changes.
+
+Bytes moved, small-M forward (blocksize 64, double quant, bf16 x, fp32 A/B, r = 16): the 4-bit weight
+0.516 B/param from HBM once; x (M·K·2 B) and A (r·K·4 B) re-read from L2 by every column tile;
+y M·N·2 B written. 4096 x 4096 at M = 16: 8.65 MB + 0.13 MB + 0.13 MB ≈ 2.7 µs at 3.35 TB/s.
+Backward dX pass reads dy once per column tile (from L2) and the 4-bit weight once from HBM; dB reads
+dy and xa once more; dA reads dS and x_lora once.
+
+Forward paths (``choose_forward_path`` is the one place that picks): ``fused_small_m`` (weight streamed
+and decoded in registers, shrink in the K loop), ``fused_tiled`` (each weight tile decoded once per
+program feeding tl.dot, shrink precomputed), ``dequant_matmul`` (one-launch dequant + torch.matmul,
+then the LoRA term added with one addmm). The M thresholds are to be measured on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+from lowrank.kernels import nf4 as _nf4
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# ----------------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------------
+
+FORWARD_PATHS = ("fused_small_m", "fused_tiled", "dequant_matmul")
+#: Largest M served by the weight-streaming kernel (4-bit GEMM is memory-bound below M ~ 68 on H100).
+#: To be measured on GPU.
+SMALL_M_MAX = 64
+#: Largest M served by the tile-decoding fused GEMM; above it, dequant + cuBLAS. To be measured on GPU.
+TILED_M_MAX = 1024
+#: Largest rank whose shrink is accumulated inside the main loop (its accumulator lives in registers).
+FUSED_RANK_MAX = 64
+
+_WEIGHT_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "shape", "blocksize", "quant_type")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure-torch references (fp32 accumulation; a dense weight is first rounded to x.dtype).
+# ----------------------------------------------------------------------------------------------------
+
+
+def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, x_lora=None) -> torch.Tensor:
+    """``x · W'ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` in fp32 with W' = W rounded to x.dtype; returns x.dtype.
+
+    x, x_lora: (M, K); weight_dense: (N, K); A: (r, K); B: (N, r); bias: (N,) or None.
+    """
+    x_lora = x if x_lora is None else x_lora
+    w = weight_dense.to(x.dtype).float()
+    y = x.float() @ w.T + scale * ((x_lora.float() @ A.float().T) @ B.float().T)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lora_backward_ref(dy, x, weight_dense, A, B, scale, x_lora=None):
+    """fp32 reference of ``(dx, dA, dB)``: dx (M, K) in x.dtype, dA (r, K) in A.dtype, dB (N, r) in B.dtype."""
+    x_lora = x if x_lora is None else x_lora
+    dyf, w = dy.float(), weight_dense.to(x.dtype).float()
+    ds = dyf @ B.float()
+    dx = dyf @ w + scale * (ds @ A.float())
+    da = scale * (ds.T @ x_lora.float())
+    db = scale * (dyf.T @ (x_lora.float() @ A.float().T))
+    return dx.to(x.dtype), da.to(A.dtype), db.to(B.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_mma(a, b, acc, DOT_FP32: tl.constexpr):
+        # fp32 operands: IEEE products, never TF32 (the tolerance rule compares with fp32 torch).
+        # One return per jit function: triton 3.6 type-checks returns in dead constexpr branches.
+        if DOT_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _lora_round(v, DTYPE: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+        # v rounded to nearest-even in DTYPE. The interpreter's fp32 -> bf16 cast truncates, so there
+        # (ROUND_BY_BITS) bf16 is rounded on the bits first and the cast is then exact.
+        if ROUND_BY_BITS and DTYPE == tl.bfloat16:
+            v = _nf4._round_to_bf16(v.to(tl.float32))
+        return v.to(DTYPE)
+
+    @triton.jit
+    def _lora_load_weight_tile(
+        w_ptr,  # dense W, or uint8 packed codes of the flattened W
+        absmax_ptr,  # fp32 [nb], or uint8 [nb] codes (DOUBLE_QUANT)
+        absmax2_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
+        offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
+        dynamic_map_ptr,  # fp32 [256] (DOUBLE_QUANT)
+        table_ptr,  # fp32 [16] code values
+        offs_t,  # int64 [BLOCK_T] reduction-axis indices
+        offs_c,  # int64 [BLOCK_C] output-column indices
+        T,
+        C,
+        stride_w_t,  # element stride of W along t (for 4-bit: the logical row-major stride)
+        stride_w_c,
+        COMPUTE_DTYPE: tl.constexpr,  # the decoded value is rounded to this dtype (= dequantize_4bit's)
+        W_QUANT: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        NESTED_KIND: tl.constexpr,  # see nf4._block_constant
+        ROUND_BY_BITS: tl.constexpr,
+    ):
+        mask = (offs_t[:, None] < T) & (offs_c[None, :] < C)
+        element = offs_t[:, None] * stride_w_t + offs_c[None, :] * stride_w_c
+        if W_QUANT:
+            byte = tl.load(w_ptr + (element >> 1), mask=mask, other=0).to(tl.int32)
+            # element 2i sits in the high nibble of byte i
+            code = (byte >> ((1 - (element & 1)) * 4).to(tl.int32)) & 0xF
+            constant = _nf4._block_constant(
+                element // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT,
+                NESTED_KIND,
+            )
+            value = tl.where(mask, tl.load(table_ptr + code) * constant, 0.0)
+        else:
+            value = tl.load(w_ptr + element, mask=mask, other=0.0)
+        return _lora_round(value, COMPUTE_DTYPE, ROUND_BY_BITS)
+
+    @triton.jit
+    def _lora_matmul_kernel(
+        in_ptr,  # [M, T]: x (forward) or dy (dX)
+        lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
+        w_ptr,  # dense W or packed 4-bit codes
+        absmax_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        dynamic_map_ptr,
+        table_ptr,
+        p_ptr,  # [T, R] shrink factor (Aᵀ forward, B for dX)
+        q_ptr,  # [R, C] expand factor (Bᵀ forward, A for dX)
+        low_ptr,  # fp32 [M, R]: written when FUSE_LOW (xa or dS), else read
+        bias_ptr,  # [C] (HAS_BIAS)
+        out_ptr,  # [M, C]
+        M,
+        C,
+        T,
+        R,
+        scale,  # fp32 low-rank scale s
+        stride_in_m,
+        stride_in_t,
+        stride_lin_m,
+        stride_lin_t,
+        stride_w_t,
+        stride_w_c,
+        stride_p_t,
+        stride_p_r,
+        stride_q_r,
+        stride_q_c,
+        stride_low_m,
+        stride_low_r,
+        stride_out_m,
+        stride_out_c,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,  # >= R when FUSE_LOW, else the chunk of R per epilogue step
+        GROUP_M: tl.constexpr,  # row tiles per L2-friendly group
+        W_QUANT: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        FUSE_LOW: tl.constexpr,
+        SEPARATE_LORA_INPUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        NESTED_KIND: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROUND_BY_BITS: tl.constexpr,  # interpreter: round to bf16 on the bits (its cast truncates)
+    ):
+        compute_dtype = in_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_c = tl.cdiv(C, BLOCK_C)
+        group = GROUP_M * num_c
+        first_m = (pid // group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_rows
+        pid_c = (pid % group) // group_rows
+
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        row_ok = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            t_ok = offs_t < T
+            a = tl.load(
+                in_ptr + offs_m[:, None] * stride_in_m + offs_t[None, :] * stride_in_t,
+                mask=row_ok[:, None] & t_ok[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            w = _lora_load_weight_tile(
+                w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t, offs_c, T, C,
+                stride_w_t, stride_w_c, compute_dtype, W_QUANT, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND, ROUND_BY_BITS,
+            ).to(DOT_DTYPE)
+            acc = _lora_mma(a, w, acc, DOT_FP32)
+            if FUSE_LOW:
+                if SEPARATE_LORA_INPUT:
+                    a = tl.load(
+                        lin_ptr + offs_m[:, None] * stride_lin_m + offs_t[None, :] * stride_lin_t,
+                        mask=row_ok[:, None] & t_ok[None, :],
+                        other=0.0,
+                    ).to(DOT_DTYPE)
+                p = tl.load(
+                    p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
+                    mask=t_ok[:, None] & (offs_r[None, :] < R),
+                    other=0.0,
+                )
+                p = _lora_round(p, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+                low = _lora_mma(a, p, low, DOT_FP32)
+
+        lora = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        low_ptrs = low_ptr + offs_m[:, None] * stride_low_m + offs_r[None, :] * stride_low_r
+        if FUSE_LOW:
+            # One column tile writes the shrink result (xa / dS) for the caller.
+            if pid_c == 0:
+                tl.store(low_ptrs, low, mask=row_ok[:, None] & (offs_r[None, :] < R))
+            q = tl.load(
+                q_ptr + offs_r[:, None] * stride_q_r + offs_c[None, :] * stride_q_c,
+                mask=(offs_r[:, None] < R) & (offs_c[None, :] < C),
+                other=0.0,
+            )
+            q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+            low = _lora_round(low, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+            lora = _lora_mma(low, q, lora, DOT_FP32)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + offs_r) < R
+                low = tl.load(low_ptrs + r0 * stride_low_r, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                q = tl.load(
+                    q_ptr + (r0 + offs_r)[:, None] * stride_q_r + offs_c[None, :] * stride_q_c,
+                    mask=r_ok[:, None] & (offs_c[None, :] < C),
+                    other=0.0,
+                )
+                q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+                low = _lora_round(low, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+                lora = _lora_mma(low, q, lora, DOT_FP32)
+        out = acc + scale * lora
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_out_m + offs_c[None, :] * stride_out_c,
+            _lora_round(out, out_ptr.dtype.element_ty, ROUND_BY_BITS),
+            mask=row_ok[:, None] & (offs_c[None, :] < C),
+        )
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        lin_ptr,  # [M, T] (x.dtype)
+        p_ptr,  # [T, R]
+        low_ptr,  # fp32 [M, R]
+        M,
+        T,
+        R,
+        stride_lin_m,
+        stride_lin_t,
+        stride_p_t,
+        stride_p_r,
+        stride_low_m,
+        stride_low_r,
+        BLOCK_M: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROUND_BY_BITS: tl.constexpr,
+    ):
+        compute_dtype = lin_ptr.dtype.element_ty
+        offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            a = tl.load(
+                lin_ptr + offs_m[:, None] * stride_lin_m + offs_t[None, :] * stride_lin_t,
+                mask=(offs_m[:, None] < M) & (offs_t[None, :] < T),
+                other=0.0,
+            ).to(DOT_DTYPE)
+            p = tl.load(
+                p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
+                mask=(offs_t[:, None] < T) & (offs_r[None, :] < R),
+                other=0.0,
+            )
+            acc = _lora_mma(a, _lora_round(p, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE), acc, DOT_FP32)
+        tl.store(
+            low_ptr + offs_m[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
+            acc,
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+        )
+
+    @triton.jit
+    def _lora_grad_kernel(
+        u_ptr,  # [M, P]
+        v_ptr,  # [M, Q]
+        out_ptr,  # [SPLIT, P, Q] fp32 partials, or [P, Q] in the gradient's dtype when SPLIT == 1
+        M,
+        P,
+        Q,
+        rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
+        scale,
+        stride_u_m,
+        stride_u_p,
+        stride_v_m,
+        stride_v_q,
+        stride_out_split,
+        stride_out_p,
+        stride_out_q,
+        COMPUTE_DTYPE: tl.constexpr,  # both operands are rounded to this dtype (x.dtype)
+        BLOCK_P: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROUND_BY_BITS: tl.constexpr,
+    ):
+        # out[p, q] = s · Σ_m u[m, p] · v[m, q]: dB = s·dyᵀ·xa and dA = s·dSᵀ·x_lora.
+        offs_p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        offs_q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+        split = tl.program_id(2)
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        m_start = split * rows_per_split
+        m_end = tl.minimum(m_start + rows_per_split, M)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            m_ok = offs_m < m_end
+            u_t = tl.load(
+                u_ptr + offs_m[None, :] * stride_u_m + offs_p[:, None] * stride_u_p,
+                mask=m_ok[None, :] & (offs_p[:, None] < P),
+                other=0.0,
+            )
+            v = tl.load(
+                v_ptr + offs_m[:, None] * stride_v_m + offs_q[None, :] * stride_v_q,
+                mask=m_ok[:, None] & (offs_q[None, :] < Q),
+                other=0.0,
+            )
+            u_t = _lora_round(u_t, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
+            v = _lora_round(v, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
+            acc = _lora_mma(u_t, v, acc, DOT_FP32)
+        tl.store(
+            out_ptr + split * stride_out_split + offs_p[:, None] * stride_out_p + offs_q[None, :] * stride_out_q,
+            _lora_round(scale * acc, out_ptr.dtype.element_ty, ROUND_BY_BITS),
+            mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers: validate, allocate, grid, launch.
+# ----------------------------------------------------------------------------------------------------
+
+
+def choose_forward_path(M: int, N: int, K: int, device: torch.device | str) -> str:
+    """The forward path for an (M, K) x (N, K)ᵀ product: the ONE place this choice is made.
+
+    ``fused_small_m`` for M <= SMALL_M_MAX (memory-bound: stream and decode the 4-bit weight once),
+    ``fused_tiled`` up to TILED_M_MAX, ``dequant_matmul`` above (cuBLAS wins once the GEMM is
+    compute-bound). The thresholds are to be measured on GPU; N, K and device are accepted so that a
+    measured table can use them.
+    """
+    if M <= SMALL_M_MAX:
+        return "fused_small_m"
+    if M <= TILED_M_MAX:
+        return "fused_tiled"
+    return "dequant_matmul"
+
+
+def _is_quantized(weight) -> bool:
+    return not isinstance(weight, torch.Tensor)
+
+
+def _weight_shape(weight) -> tuple[int, int]:
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+        if weight.dtype not in _nf4.FLOAT_DTYPES:
+            raise TypeError(f"a dense weight must be float32/float16/bfloat16, got {weight.dtype}")
+        return tuple(weight.shape)
+    missing = [f for f in _WEIGHT_FIELDS if not hasattr(weight, f)]
+    if missing:
+        raise TypeError(f"weight must be a dense tensor or have NF4Weight's fields; {type(weight).__name__} lacks {missing}")
+    shape = tuple(weight.shape)
+    if len(shape) != 2:
+        raise ValueError(f"a 4-bit weight must have a 2-D shape (N, K), got {shape}")
+    _nf4.check_quant_type(weight.quant_type)
+    _nf4.check_blocksize(weight.blocksize)
+    n = shape[0] * shape[1]
+    if weight.packed.dtype != torch.uint8 or weight.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with {(n + 1) // 2} bytes for shape {shape}, got {weight.packed.dtype} "
+            f"with {weight.packed.numel()}"
+        )
+    nb = _nf4.num_blocks(n, weight.blocksize)
+    double_quant = weight.nested_absmax is not None
+    want = torch.uint8 if double_quant else torch.float32
+    if weight.absmax.dtype != want or weight.absmax.numel() != nb:
+        raise ValueError(f"absmax must be {want} with {nb} entries, got {weight.absmax.dtype} with {weight.absmax.numel()}")
+    if double_quant and (weight.nested_offset is None or weight.nested_offset.numel() != 1):
+        raise ValueError("a double-quantized weight needs a one-element nested_offset")
+    return shape
+
+
+def _weight_device(weight) -> torch.device:
+    return weight.device if isinstance(weight, torch.Tensor) else weight.packed.device
+
+
+def _check_device(device: torch.device) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the lora_matmul kernels need triton, which is not installed")
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return
+    raise RuntimeError(f"the lora_matmul kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
+
+
+def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
+    """Validate the forward operands; returns (M, N, K, r, float scale, contiguous x, x_lora or None)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D (M, K) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _nf4.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32/float16/bfloat16, got {x.dtype}")
+    N, K = _weight_shape(weight)
+    M = x.shape[0]
+    if x.shape[1] != K:
+        raise ValueError(f"x has K = {x.shape[1]} columns but the weight is (N, K) = ({N}, {K})")
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in _nf4.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a 2-D float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+    r = A.shape[0]
+    if A.shape[1] != K:
+        raise ValueError(f"A must be (r, K) = (r, {K}), got {tuple(A.shape)}")
+    if tuple(B.shape) != (N, r):
+        raise ValueError(f"B must be (N, r) = ({N}, {r}), got {tuple(B.shape)}")
+    if not 1 <= r <= min(N, K):
+        raise ValueError(f"rank r = {r} must be in [1, min(N, K) = {min(N, K)}]")
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.dtype not in _nf4.FLOAT_DTYPES:
+            raise ValueError(f"bias must be a float tensor of shape ({N},), got {getattr(bias, 'shape', bias)}")
+    if x_lora is not None:
+        if not isinstance(x_lora, torch.Tensor) or tuple(x_lora.shape) != tuple(x.shape) or x_lora.dtype != x.dtype:
+            raise ValueError(
+                f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), got "
+                f"{getattr(x_lora, 'shape', type(x_lora).__name__)}, {getattr(x_lora, 'dtype', '')}"
+            )
+    device = x.device
+    tensors = {"weight": _weight_device(weight), "A": A.device, "B": B.device}
+    if bias is not None:
+        tensors["bias"] = bias.device
+    if x_lora is not None:
+        tensors["x_lora"] = x_lora.device
+    wrong = {name: str(d) for name, d in tensors.items() if d != device}
+    if wrong:
+        raise ValueError(f"all operands must be on x's device {device}; got {wrong}")
+    _check_device(device)
+    return M, N, K, r, float(scale), x.contiguous(), (None if x_lora is None else x_lora.contiguous())
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _dot_config(dtype: torch.dtype) -> dict:
+    """DOT_DTYPE / DOT_FP32 for inputs of ``dtype`` (bf16 is upcast under the interpreter)."""
+    interpreting = _interpreting()
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting):
+        return {"DOT_DTYPE": tl.float32, "DOT_FP32": True, "ROUND_BY_BITS": interpreting}
+    return {"DOT_DTYPE": getattr(tl, _TL_DTYPES[dtype]), "DOT_FP32": False, "ROUND_BY_BITS": interpreting}
+
+
+def _weight_args(weight, compute_dtype: torch.dtype) -> tuple[list, dict]:
+    """Kernel pointer args and constexprs for W; the strides are (along n, along k)."""
+    if not _is_quantized(weight):
+        args = [weight, weight, weight, weight, weight, weight]
+        meta = {"W_QUANT": False, "BLOCKSIZE": 64, "DOUBLE_QUANT": False, "NESTED_KIND": 0}
+        return args, {**meta, "strides": weight.stride()}
+    device = weight.packed.device
+    double_quant = weight.nested_absmax is not None
+    absmax = weight.absmax.contiguous()
+    args = [
+        weight.packed.contiguous(),
+        absmax,
+        weight.nested_absmax.contiguous() if double_quant else absmax,
+        weight.nested_offset.reshape(1).float() if double_quant else absmax,
+        _nf4._device_table("dynamic", device),
+        _nf4._device_table(weight.quant_type, device),
+    ]
+    K = weight.shape[1]
+    nested_kind = _nf4._NESTED_KIND[getattr(weight, "nested_dtype", torch.float32)]
+    meta = {"W_QUANT": True, "BLOCKSIZE": weight.blocksize, "DOUBLE_QUANT": double_quant, "NESTED_KIND": nested_kind}
+    return args, {**meta, "strides": (K, 1)}
+
+
+def _block_r(r: int) -> int:
+    return max(16, min(triton.next_power_of_2(r), FUSED_RANK_MAX))
+
+
+def _tile_config(M: int, small: bool) -> dict:
+    if small:
+        block_m = max(16, triton.next_power_of_2(M))
+        return {"BLOCK_M": block_m, "BLOCK_C": 32 if block_m <= 32 else 64, "BLOCK_T": 128, "GROUP_M": 1, "num_warps": 4}
+    return {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
+    """``lin · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r)."""
+    M, T = lin.shape
+    low = torch.empty((M, r), dtype=torch.float32, device=lin.device)
+    block_r = _block_r(r)
+    block_m = 64 if M > 32 else max(16, triton.next_power_of_2(M))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(r, block_r))
+    with _nf4._device_context(lin.device):
+        _lora_shrink_kernel[grid](
+            lin, p, low, M, T, r, *lin.stride(), *p.stride(), *low.stride(),
+            BLOCK_M=block_m, BLOCK_T=64, BLOCK_R=block_r, **_dot_config(lin.dtype),
+        )
+    return low
+
+
+def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small):
+    """Launch ``_lora_matmul_kernel``: out = inp · Wop + s · low · q (+ bias), low = lin · p if fuse_low."""
+    M, T = inp.shape
+    C = out.shape[1]
+    R = p.shape[1]
+    w_args, w_meta = _weight_args(weight, inp.dtype)
+    stride_n, stride_k = w_meta.pop("strides")
+    # forward: t = k, c = n; dX: t = n, c = k
+    stride_w_t, stride_w_c = (stride_k, stride_n) if transpose_weight else (stride_n, stride_k)
+    config = _tile_config(M, small)
+    block_r = triton.next_power_of_2(max(R, 16)) if fuse_low else _block_r(R)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C, config["BLOCK_C"]),)
+    with _nf4._device_context(inp.device):
+        _lora_matmul_kernel[grid](
+            inp, lin, *w_args, p, q, low, bias if bias is not None else out, out,
+            M, C, T, R, scale,
+            *inp.stride(), *lin.stride(), stride_w_t, stride_w_c, *p.stride(), *q.stride(), *low.stride(), *out.stride(),
+            BLOCK_R=block_r, FUSE_LOW=fuse_low, SEPARATE_LORA_INPUT=lin is not inp, HAS_BIAS=bias is not None,
+            **config, **w_meta, **_dot_config(inp.dtype), **_nf4._launch_options(inp.device),
+        )
+    return out
+
+
+def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
+    if not _is_quantized(weight):
+        return weight.to(dtype)
+    return _nf4.dequantize_4bit(
+        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, tuple(weight.shape), dtype,
+        weight.blocksize, weight.quant_type, getattr(weight, "nested_dtype", torch.float32),
+    )
+
+
+def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
+    """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
+
+    x: (M, K); weight: dense (N, K) tensor or an object with NF4Weight's fields; A: (r, K); B: (N, r);
+    bias: (N,) or None; x_lora: (M, K) or None (= x). Returns y (M, N) in x.dtype and xa (M, r) fp32.
+    ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`).
+    """
+    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, bias, x_lora)
+    if path is None:
+        path = choose_forward_path(M, N, K, x.device)
+    elif path not in FORWARD_PATHS:
+        raise ValueError(f"path must be one of {FORWARD_PATHS} or None, got {path!r}")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    xa = torch.empty((M, r), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, xa
+    lin = x if x_lora is None else x_lora
+    if path == "dequant_matmul":
+        xa = _shrink(lin, A.T, r)
+        w = _dequantize(weight, x.dtype)  # transient: freed when this function returns
+        y = torch.addmm(bias.to(x.dtype), x, w.T) if bias is not None else x @ w.T
+        del w
+        y.addmm_(xa.to(x.dtype), B.to(x.dtype).T, alpha=scale)
+        return y, xa
+    fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX
+    if not fuse_low:
+        xa = _shrink(lin, A.T, r)
+    _matmul(x, lin, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m")
+    return y, xa
+
+
+def lora_backward(
+    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True
+):
+    """Gradients of :func:`lora_forward` (bias gradient excluded: it is ``dy.sum(0)``).
+
+    dy: (M, N) in x.dtype; xa: (M, r) fp32 from the forward. Returns (dx (M, K) x.dtype or None,
+    dA (r, K) A.dtype or None, dB (N, r) B.dtype or None). ``dS = dy · B`` is computed once (inside the
+    dX kernel when M is small) and reused for dA; W is decoded tile by tile, never materialized.
+    """
+    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, None, x_lora)
+    if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
+        raise ValueError(f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}")
+    if need_dB and (not isinstance(xa, torch.Tensor) or tuple(xa.shape) != (M, r) or xa.dtype != torch.float32):
+        raise ValueError(f"xa must be the forward's fp32 ({M}, {r}) tensor, got {getattr(xa, 'shape', xa)}")
+    for name, t in (("dy", dy), ("xa", xa)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    dy = dy.contiguous()
+    lin = x if x_lora is None else x_lora
+    dx = dA = dB = None
+    if M == 0:
+        return (
+            torch.empty_like(x) if need_dx else None,
+            torch.zeros_like(A) if need_dA else None,
+            torch.zeros_like(B) if need_dB else None,
+        )
+    small = choose_forward_path(M, N, K, x.device) == "fused_small_m"
+    ds = None
+    if need_dx:
+        dx = torch.empty_like(x)
+        fuse = small and r <= FUSED_RANK_MAX
+        ds = torch.empty((M, r), dtype=torch.float32, device=x.device) if fuse else _shrink(dy, B, r)
+        _matmul(dy, dy, weight, False, B, A, ds, fuse, None, dx, scale, small)
+    elif need_dA:
+        ds = _shrink(dy, B, r)
+    if need_dA:
+        dA = _grad(ds, lin, scale, A.dtype, x.dtype)
+    if need_dB:
+        dB = _grad(dy, xa, scale, B.dtype, x.dtype)
+    return dx, dA, dB
+
+
+def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype, compute_dtype: torch.dtype):
+    """``s · uᵀ · v`` for u (M, P), v (M, Q), reduced over M (split over programs when M is large)."""
+    M, P = u.shape
+    Q = v.shape[1]
+    block_p = 64 if P > 32 else max(16, triton.next_power_of_2(P))
+    block_q = 64 if Q > 32 else max(16, triton.next_power_of_2(Q))
+    block_m = 64
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    # Enough programs to fill a GPU (~2 waves of 132 SMs), each reducing at least 512 rows.
+    split = 1 if u.device.type == "cpu" else max(1, min(triton.cdiv(264, tiles), M // 512))
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
+    split = triton.cdiv(M, rows_per_split)
+    if split == 1:
+        out = torch.empty((P, Q), dtype=out_dtype, device=u.device)
+        strides = (0, *out.stride())
+    else:
+        out = torch.empty((split, P, Q), dtype=torch.float32, device=u.device)
+        strides = out.stride()
+    grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), split)
+    tl_compute = getattr(tl, _TL_DTYPES[compute_dtype])
+    with _nf4._device_context(u.device):
+        _lora_grad_kernel[grid](
+            u, v, out, M, P, Q, rows_per_split, scale, *u.stride(), *v.stride(), *strides,
+            COMPUTE_DTYPE=tl_compute, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=block_m, **_dot_config(compute_dtype),
+        )
+    return out if split == 1 else out.sum(0).to(out_dtype)
