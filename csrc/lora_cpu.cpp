@@ -1,0 +1,227 @@
+// CPU forward and backward of a LoRA linear layer on a frozen 4-bit (or dense) base weight.
+//
+//   forward:  y  = x W^T + scale * (x_lora A^T) B^T + bias        x (M, K), W (N, K), A (r, K), B (N, r)
+//             xa = x_lora A^T (float32, saved for the backward)
+//   backward: dx = dy W + scale * (dy B) A
+//             dA = scale * (dy B)^T x_lora,  dB = scale * dy^T xa
+//
+// Strategy: never materialise the whole dequantized W. The forward decodes a panel of kPanelRows rows of
+// W (a contiguous range of the flattened tensor) into a small buffer in x's dtype that stays in cache
+// and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has them),
+// writing straight into the matching columns of y. The backward does the same with slabs of kSlabCols
+// columns of W, so every dx column block is one GEMM with no cross-panel accumulation (one rounding in
+// low precision). The rank-r terms are thin GEMMs in float32 over row chunks of x / dy (so no full fp32
+// copy of x or dy is made); their result is added to the low-precision output with one more rounding.
+// Extra memory: one panel (kPanelRows x K) or slab (N x kSlabCols) in x's dtype, plus O((M + N + K) r).
+#include "nf4_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace lowrank_ext {
+namespace {
+
+constexpr int64_t kPanelRows = 128;  // rows of W decoded per forward GEMM
+constexpr int64_t kSlabCols = 256;   // columns of W decoded per backward GEMM
+constexpr int64_t kRowChunk = 128;   // rows of x / dy converted to float32 at a time for the rank-r GEMMs
+constexpr int64_t kDecodeGrain = 1 << 15;  // elements per parallel decode task
+
+// The frozen base weight: a 4-bit view, or a dense (N, K) tensor converted to the compute dtype.
+struct BaseWeight {
+  bool quantized = false;
+  Nf4View view;
+  at::Tensor dense;
+  std::vector<at::Tensor> keep;
+};
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the ext CPU kernels, got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", dt);
+}
+
+BaseWeight make_base(const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
+                     const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                     int64_t blocksize, const std::string& quant_type, at::ScalarType nested_dtype, int64_t N,
+                     int64_t K, at::ScalarType dtype) {
+  BaseWeight base;
+  if (absmax.has_value()) {
+    base.quantized = true;
+    base.view = make_view(weight, *absmax, absmax2, offset, N * K, blocksize, quant_type, nested_dtype, base.keep);
+  } else {
+    check_float(weight, "weight");
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == K, "dense weight must have shape (",
+                N, ", ", K, ") = (B.shape[0], x.shape[1]), got ", weight.sizes());
+    TORCH_CHECK(!absmax2.has_value() && !offset.has_value(), "absmax2/offset given for a dense weight");
+    base.dense = weight.to(dtype);
+  }
+  return base;
+}
+
+// Rows [n0, n0 + rows) of W (N, K) into buffer[:rows] (contiguous, x's dtype).
+at::Tensor decode_rows(const BaseWeight& w, int64_t n0, int64_t rows, int64_t K, at::Tensor& buffer) {
+  at::Tensor panel = buffer.narrow(0, 0, rows);
+  char* dst = static_cast<char*>(panel.data_ptr());
+  const int64_t esize = panel.element_size();
+  const auto dtype = panel.scalar_type();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / K), [&](int64_t r0, int64_t r1) {
+    decode_range(w.view, (n0 + r0) * K, (r1 - r0) * K, dst + r0 * K * esize, dtype);
+  });
+  return panel;
+}
+
+// Columns [k0, k0 + cols) of W (N, K) into buffer (N, cols), contiguous.
+at::Tensor decode_columns(const BaseWeight& w, int64_t k0, int64_t cols, int64_t N, int64_t K,
+                          at::Tensor& buffer) {
+  // The last slab may be narrower: reuse the buffer's memory as a contiguous (N, cols) matrix.
+  at::Tensor slab = buffer.view(-1).narrow(0, 0, N * cols).view({N, cols});
+  char* dst = static_cast<char*>(slab.data_ptr());
+  const int64_t esize = slab.element_size();
+  const auto dtype = slab.scalar_type();
+  at::parallel_for(0, N, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) decode_range(w.view, n * K + k0, cols, dst + n * cols * esize, dtype);
+  });
+  return slab;
+}
+
+struct Shapes {
+  int64_t M, K, N, r;
+};
+
+Shapes check_lora_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                       const std::optional<at::Tensor>& x_lora) {
+  check_float(x, "x");
+  check_float(A, "A");
+  check_float(B, "B");
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (M, K), got shape ", x.sizes());
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == x.size(1), "A must have shape (r, K) with K = ", x.size(1),
+              ", got ", A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(1) == A.size(0), "B must have shape (N, r) with r = ", A.size(0), ", got ",
+              B.sizes());
+  TORCH_CHECK(x.size(1) > 0 && B.size(0) > 0, "K and N must be positive, got K = ", x.size(1), ", N = ", B.size(0));
+  if (x_lora.has_value()) {
+    check_float(*x_lora, "x_lora");
+    TORCH_CHECK(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
+                x_lora->sizes());
+  }
+  return {x.size(0), x.size(1), B.size(0), A.size(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& absmax,
+                                                    const std::optional<at::Tensor>& absmax2,
+                                                    const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                                    c10::string_view quant_type, at::ScalarType nested_dtype,
+                                                    const at::Tensor& A,
+                                                    const at::Tensor& B, double scale,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& x_lora) {
+  const Shapes s = check_lora_args(x_in, A, B, x_lora);
+  const auto dtype = x_in.scalar_type();
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N, "bias must have shape (", s.N, "), got ", bias->sizes());
+  }
+  BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor xl = x_lora.has_value() ? x_lora->contiguous() : x;
+  const at::Tensor A32 = A.to(at::kFloat);
+  const at::Tensor B32 = B.to(at::kFloat);
+
+  at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(at::kFloat));
+  for (int64_t m0 = 0; m0 < s.M; m0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, s.M - m0);
+    at::Tensor xa_rows = xa.narrow(0, m0, rows);
+    at::mm_out(xa_rows, xl.narrow(0, m0, rows).to(at::kFloat), A32.t());
+  }
+  const at::Tensor xa_scaled = xa * scale;
+
+  at::Tensor y = at::empty({s.M, s.N}, x.options());
+  const std::optional<at::Tensor> bias_c =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(dtype)) : std::nullopt;
+  const int64_t panel_rows = w.quantized ? kPanelRows : s.N;
+  at::Tensor buffer;
+  if (w.quantized) buffer = at::empty({std::min(panel_rows, s.N), s.K}, x.options());
+  for (int64_t n0 = 0; n0 < s.N; n0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, s.N - n0);
+    const at::Tensor panel = w.quantized ? decode_rows(w, n0, rows, s.K, buffer) : w.dense.narrow(0, n0, rows);
+    at::Tensor y_panel = y.narrow(1, n0, rows);  // strided (M, rows) view: the GEMM writes in place
+    if (bias_c.has_value()) {
+      at::addmm_out(y_panel, bias_c->narrow(0, n0, rows), x, panel.t());
+    } else {
+      at::mm_out(y_panel, x, panel.t());
+    }
+    y_panel.add_(at::mm(xa_scaled, B32.narrow(0, n0, rows).t()));
+  }
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
+    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    c10::string_view quant_type, at::ScalarType nested_dtype, const at::Tensor& A, const at::Tensor& B, double scale,
+    const at::Tensor& xa,
+    const std::optional<at::Tensor>& x_lora, bool need_dx, bool need_dA, bool need_dB) {
+  const Shapes s = check_lora_args(x, A, B, x_lora);
+  check_float(dy_in, "dy");
+  TORCH_CHECK(dy_in.dim() == 2 && dy_in.size(0) == s.M && dy_in.size(1) == s.N, "dy must have shape (", s.M, ", ",
+              s.N, "), got ", dy_in.sizes());
+  TORCH_CHECK(xa.scalar_type() == at::kFloat && xa.dim() == 2 && xa.size(0) == s.M && xa.size(1) == s.r,
+              "xa must be float32 of shape (", s.M, ", ", s.r, ") (the forward's second output), got ",
+              xa.scalar_type(), " ", xa.sizes());
+  const auto dtype = x.scalar_type();
+  const at::Tensor dy = dy_in.to(dtype).contiguous();
+  const at::Tensor xl = x_lora.has_value() ? x_lora->contiguous() : x.contiguous();
+  const at::Tensor A32 = A.to(at::kFloat);
+  const at::Tensor B32 = B.to(at::kFloat);
+  const at::Tensor empty = at::empty({0}, x.options());
+
+  // Rank-r terms over row chunks: g = dy B (M, r); dA += g^T x_lora; dB += dy^T xa (all float32).
+  const bool need_g = need_dx || need_dA;
+  at::Tensor g = need_g ? at::empty({s.M, s.r}, x.options().dtype(at::kFloat)) : empty;
+  at::Tensor dA32 = need_dA ? at::zeros({s.r, s.K}, x.options().dtype(at::kFloat)) : empty;
+  at::Tensor dB32 = need_dB ? at::zeros({s.N, s.r}, x.options().dtype(at::kFloat)) : empty;
+  if (need_g || need_dB) {
+    for (int64_t m0 = 0; m0 < s.M; m0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, s.M - m0);
+      const at::Tensor dy32 = dy.narrow(0, m0, rows).to(at::kFloat);
+      at::Tensor g_rows = need_g ? g.narrow(0, m0, rows) : empty;
+      if (need_g) at::mm_out(g_rows, dy32, B32);
+      if (need_dA) dA32.addmm_(g_rows.t(), xl.narrow(0, m0, rows).to(at::kFloat));
+      if (need_dB) dB32.addmm_(dy32.t(), xa.narrow(0, m0, rows));
+    }
+  }
+  const at::Tensor dA = need_dA ? (dA32 * scale).to(A.scalar_type()) : empty;
+  const at::Tensor dB = need_dB ? (dB32 * scale).to(B.scalar_type()) : empty;
+
+  at::Tensor dx = empty;
+  if (need_dx) {
+    BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
+    const at::Tensor g_scaled = g * scale;
+    dx = at::empty({s.M, s.K}, x.options());
+    const int64_t slab_cols = w.quantized ? kSlabCols : s.K;
+    at::Tensor buffer;
+    if (w.quantized) buffer = at::empty({s.N, std::min(slab_cols, s.K)}, x.options());
+    for (int64_t k0 = 0; k0 < s.K; k0 += slab_cols) {
+      const int64_t cols = std::min(slab_cols, s.K - k0);
+      const at::Tensor slab =
+          w.quantized ? decode_columns(w, k0, cols, s.N, s.K, buffer) : w.dense.narrow(1, k0, cols);
+      at::Tensor dx_slab = dx.narrow(1, k0, cols);
+      at::mm_out(dx_slab, dy, slab);
+      dx_slab.add_(at::mm(g_scaled, A32.narrow(1, k0, cols)));
+    }
+  }
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
+  m.impl("lora_forward", &lora_forward_cpu);
+  m.impl("lora_backward", &lora_backward_cpu);
+}
+
+}  // namespace lowrank_ext

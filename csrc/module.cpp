@@ -1,0 +1,36 @@
+// The lowrank._C extension module: operator schemas of the `lowrank_ext` namespace.
+//
+// Importing `lowrank._C` runs the static registrations below (schemas) and in nf4_cpu.cpp / lora_cpu.cpp
+// (CPU kernels). Fake (meta) implementations are registered in Python by lowrank._ext, next to the
+// wrappers that adapt these ops to the dispatch point's signatures.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowrank_ext, m) {
+  // x: any shape, float32/float16/bfloat16 -> packed uint8 ((n + 1) // 2, 1), absmax float32 [ceil(n / blocksize)]
+  m.def("quantize_4bit(Tensor x, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  // absmax float32 [nb] -> nested codes uint8 [nb], absmax2 float32 [ceil(nb / 256)], offset float32 0-dim
+  m.def("double_quantize(Tensor absmax) -> (Tensor, Tensor, Tensor)");
+  // -> float32 [nb]: fp32(dyn[q] * absmax2[i // 256]) + offset (bf16/fp16 nested_dtype: T(T(p) + T(offset)))
+  m.def("double_dequantize(Tensor qabsmax, Tensor absmax2, Tensor offset, ScalarType nested_dtype) -> Tensor");
+  // absmax is float32 [nb], or uint8 [nb] nested codes when absmax2/offset are given -> `shape` in `dtype`
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? offset, int[] shape, "
+      "ScalarType dtype, int blocksize, str quant_type, ScalarType nested_dtype) -> Tensor");
+  // y = x W^T + scale (x_lora A^T) B^T + bias, W (N, K) 4-bit (packed uint8 + constants) or dense when absmax
+  // is None. x (M, K), A (r, K), B (N, r) -> y (M, N) in x.dtype, xa = x_lora A^T (M, r) float32.
+  m.def(
+      "lora_forward(Tensor x, Tensor weight, Tensor? absmax, Tensor? absmax2, Tensor? offset, int blocksize, "
+      "str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor? bias, Tensor? x_lora) -> (Tensor, Tensor)");
+  // dx = dy W + scale (dy B) A, dA = scale (dy B)^T x_lora, dB = scale dy^T xa; a gradient that is not
+  // needed comes back as an empty (0-element) tensor.
+  m.def(
+      "lora_backward(Tensor dy, Tensor x, Tensor weight, Tensor? absmax, Tensor? absmax2, Tensor? offset, "
+      "int blocksize, str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor xa, Tensor? x_lora, bool need_dx, "
+      "bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+}
+
+static PyModuleDef lowrank_c_module = {PyModuleDef_HEAD_INIT, "lowrank._C",
+                                       "lowrank's optional C++ kernels (torch.ops.lowrank_ext)", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lowrank_c_module); }

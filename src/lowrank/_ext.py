@@ -1,0 +1,223 @@
+"""Loads the optional C++ extension ``lowrank._C`` once and adapts it to the dispatch point.
+
+:func:`load` returns ``None`` when the extension is not built, failed to load (one warning is logged,
+nothing is raised at import) or is disabled with ``LOWRANK_DISABLE_EXT=1``; otherwise an
+:class:`Extension` whose methods have the signatures of the torch implementations registered in
+``lowrank.ops.nf4`` and ``lowrank.ops.lora``. The kernels themselves are ``torch.ops.lowrank_ext.*``
+(schemas in ``csrc/module.cpp``); their fake (meta) implementations are registered here, so
+``torch.compile`` and ``torch.library.opcheck`` can trace them.
+
+Why it is unavailable, when it is: :func:`load_error`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+from lowrank.kernels import nf4 as K
+
+log = logging.getLogger(__name__)
+
+#: Ops with a CPU kernel in the extension (device type -> op names).
+_SUPPORTED = {
+    "cpu": frozenset(
+        {"quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward"}
+    ),
+}
+
+
+def disabled() -> bool:
+    """True when ``LOWRANK_DISABLE_EXT=1`` asks lowrank to ignore the extension."""
+    return os.environ.get("LOWRANK_DISABLE_EXT", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _import() -> tuple[object | None, str | None]:
+    """(module, None) or (None, reason). Runs once; a failure is logged once as a warning."""
+    try:
+        module = importlib.import_module("lowrank._C")
+    except ModuleNotFoundError as err:
+        if err.name != "lowrank._C":
+            log.warning("lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err)
+        return None, f"lowrank._C is not built ({err})"
+    except Exception as err:  # noqa: BLE001 - an incompatible binary can raise anything; never fail the import
+        log.warning("lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err)
+        return None, f"lowrank._C failed to load: {type(err).__name__}: {err}"
+    _register_fakes()
+    return module, None
+
+
+def load() -> Extension | None:
+    """The extension, or None when it is absent, failed to load or is disabled (``LOWRANK_DISABLE_EXT=1``)."""
+    if disabled():
+        return None
+    module, _ = _import()
+    return None if module is None else _EXTENSION
+
+
+def load_error() -> str | None:
+    """Why :func:`load` returns None (None when the extension is usable)."""
+    if disabled():
+        return "disabled by LOWRANK_DISABLE_EXT=1"
+    return _import()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _register_fakes() -> None:
+    lib = "lowrank_ext::"
+
+    @torch.library.register_fake(lib + "quantize_4bit")
+    def _(x, blocksize, quant_type):
+        n = x.numel()
+        return x.new_empty(K.packed_shape(n), dtype=torch.uint8), x.new_empty((K.num_blocks(n, blocksize),), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "double_quantize")
+    def _(absmax):
+        nb = absmax.numel()
+        return (
+            absmax.new_empty((nb,), dtype=torch.uint8),
+            absmax.new_empty((K.num_blocks(nb, K.NESTED_BLOCKSIZE),), dtype=torch.float32),
+            absmax.new_empty((), dtype=torch.float32),
+        )
+
+    @torch.library.register_fake(lib + "double_dequantize")
+    def _(qabsmax, absmax2, offset, nested_dtype):
+        return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "dequantize_4bit")
+    def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
+        return packed.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake(lib + "lora_forward")
+    def _(x, weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, A, B, scale, bias, x_lora):
+        return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "lora_backward")
+    def _(dy, x, weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, A, B, scale, xa, x_lora,
+          need_dx, need_dA, need_dB):  # fmt: skip
+        return (
+            x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            A.new_empty(A.shape) if need_dA else x.new_empty((0,)),
+            B.new_empty(B.shape) if need_dB else x.new_empty((0,)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The object the dispatch point calls.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _weight_args(weight, n: int, k: int) -> tuple:
+    """(tensor, absmax, absmax2, offset, blocksize, quant_type, nested_dtype) for the lora ops."""
+    if isinstance(weight, torch.Tensor):
+        if weight.shape != (n, k):
+            raise ValueError(f"weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {tuple(weight.shape)}")
+        return weight, None, None, None, 64, "nf4", torch.float32
+    shape = tuple(weight.shape)
+    if shape != (n, k):
+        raise ValueError(f"4-bit weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {shape}")
+    nested_dtype = getattr(weight, "nested_dtype", torch.float32)
+    K.check_dequantize_args(
+        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, shape, torch.float32,
+        weight.blocksize, weight.quant_type, nested_dtype,
+    )  # fmt: skip
+    return (
+        weight.packed,
+        weight.absmax,
+        weight.nested_absmax,
+        weight.nested_offset,
+        weight.blocksize,
+        weight.quant_type,
+        nested_dtype,
+    )
+
+
+def _check_lora_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int]:
+    if x.dim() != 2 or A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"x, A, B must be 2-D, got shapes {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
+    return B.shape[0], x.shape[1]
+
+
+class Extension:
+    """The loaded extension, seen through the dispatch point's signatures (CPU kernels only)."""
+
+    @staticmethod
+    def supports(op: str, device_type: str) -> bool:
+        return op in _SUPPORTED.get(device_type, ())
+
+    # -- 4-bit quantization -------------------------------------------------------------------------
+
+    @staticmethod
+    def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+        """x: any shape, fp32/fp16/bf16 -> (packed uint8 ((n + 1) // 2, 1), absmax fp32 [ceil(n / blocksize)])."""
+        K.check_float_input(x)
+        K.check_blocksize(blocksize)
+        K.check_quant_type(quant_type)
+        return torch.ops.lowrank_ext.quantize_4bit(x, blocksize, quant_type)
+
+    @staticmethod
+    def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """absmax fp32 [nb] -> (codes uint8 [nb], absmax2 fp32 [ceil(nb / 256)], offset fp32 0-dim)."""
+        K.check_absmax_for_double_quant(absmax)
+        return torch.ops.lowrank_ext.double_quantize(absmax)
+
+    @staticmethod
+    def double_dequantize(
+        qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """-> fp32 [nb] block constants (see ``double_dequantize_ref``)."""
+        K.check_nested_args(qabsmax, absmax2, offset, nested_dtype)
+        return torch.ops.lowrank_ext.double_dequantize(qabsmax.reshape(-1), absmax2, offset, nested_dtype)
+
+    @staticmethod
+    def dequantize_4bit(
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        absmax2: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        shape,
+        dtype: torch.dtype,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        nested_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """One pass: nested constants decoded per block, then ``dtype(code * absmax)`` -> ``shape``."""
+        K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+        return torch.ops.lowrank_ext.dequantize_4bit(
+            packed, absmax, absmax2, offset, [int(d) for d in shape], dtype, blocksize, quant_type, nested_dtype
+        )
+
+    # -- LoRA linear on a 4-bit or dense base -------------------------------------------------------
+
+    @staticmethod
+    def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K), weight (N, K) 4-bit or dense, A (r, K), B (N, r) -> (y (M, N) x.dtype, xa (M, r) fp32)."""
+        n, k = _check_lora_shapes(x, A, B)
+        w = _weight_args(weight, n, k)
+        return torch.ops.lowrank_ext.lora_forward(x, *w, A, B, float(scale), bias, x_lora)
+
+    @staticmethod
+    def lora_backward(
+        dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx: bool = True, need_dA: bool = True, need_dB: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """-> (dx (M, K), dA (r, K), dB (N, r)); None for a gradient that was not asked for."""
+        n, k = _check_lora_shapes(x, A, B)
+        w = _weight_args(weight, n, k)
+        dx, dA, dB = torch.ops.lowrank_ext.lora_backward(
+            dy, x, *w, A, B, float(scale), xa, x_lora, bool(need_dx), bool(need_dA), bool(need_dB)
+        )
+        return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
+
+
+_EXTENSION = Extension()
+
+__all__ = ["Extension", "disabled", "load", "load_error"]

@@ -1,0 +1,209 @@
+"""The optional C++ extension (``lowrank._C`` via ``lowrank._ext``): bit-exact 4-bit kernels, fused LoRA
+matmuls within the tolerance policy, opcheck on every registered op, and ``LOWRANK_DISABLE_EXT=1``.
+
+Tests that need the extension skip when it is not built; CI builds it, so they run there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowrank
+from lowrank import _ext
+from lowrank.kernels import nf4 as K
+from lowrank.ops import _dispatch
+
+EXT = _ext.load()
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"C++ extension unavailable: {_ext.load_error()}")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes, so -0.0 vs +0.0 and NaN payloads count as differences."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape, f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    mismatch = (bits(out).view(-1) != bits(ref).view(-1)).nonzero()
+    assert mismatch.numel() == 0, f"{what}: {mismatch.numel()} differing bytes, first at byte {mismatch[:5].view(-1).tolist()}"
+
+
+def sample(shape, dtype, seed: int) -> torch.Tensor:
+    """randn over several decades with a run of exact zeros and an all-zero first block where it fits."""
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    x = torch.randn(n, generator=gen) * torch.logspace(-3, 2, n)[torch.randperm(n, generator=gen)]
+    if n >= 96:
+        x[:64] = 0.0
+        x[80:90] = 0.0
+    return x.to(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization: bit-exact against the references.
+# ---------------------------------------------------------------------------------------------------
+
+SHAPES = [(1,), (7,), (64,), (3, 129), (33, 96), (5, 7, 11), (2, 4097)]
+
+
+@needs_ext
+@pytest.mark.parametrize("quant_type", K.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", K.BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_and_double_quant_bit_exact(dtype, blocksize, quant_type):
+    for i, shape in enumerate(SHAPES):
+        x = sample(shape, dtype, seed=i + blocksize)
+        packed, absmax = EXT.quantize_4bit(x, blocksize, quant_type)
+        packed_ref, absmax_ref = K.quantize_4bit_ref(x, blocksize, quant_type)
+        assert_bit_equal(packed, packed_ref, f"packed {shape}")
+        assert_bit_equal(absmax, absmax_ref, f"absmax {shape}")
+        for out, ref, name in zip(EXT.double_quantize(absmax), K.double_quantize_ref(absmax_ref), ("codes", "absmax2", "offset")):
+            assert_bit_equal(out, ref, f"double quant {name} {shape}")
+
+
+@needs_ext
+@pytest.mark.parametrize("quant_type", K.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", (32, 64, 256, 4096))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_bit_exact(out_dtype, blocksize, quant_type):
+    for i, shape in enumerate(SHAPES):
+        x = sample(shape, torch.float32, seed=100 + i)
+        packed, absmax = K.quantize_4bit_ref(x, blocksize, quant_type)
+        out = EXT.dequantize_4bit(packed, absmax, None, None, shape, out_dtype, blocksize, quant_type)
+        assert_bit_equal(out, K.dequantize_4bit_ref(packed, absmax, shape, out_dtype, blocksize, quant_type), f"plain {shape}")
+        q, a2, off = K.double_quantize_ref(absmax)
+        for nested_dtype in DTYPES:
+            constants = K.double_dequantize_ref(q, a2, off, nested_dtype)
+            assert_bit_equal(EXT.double_dequantize(q, a2, off, nested_dtype), constants, f"constants {nested_dtype}")
+            out = EXT.dequantize_4bit(packed, q, a2, off, shape, out_dtype, blocksize, quant_type, nested_dtype)
+            ref = K.dequantize_4bit_ref(packed, constants, shape, out_dtype, blocksize, quant_type)
+            assert_bit_equal(out, ref, f"double quant {shape} nested {nested_dtype}")
+
+
+@needs_ext
+@pytest.mark.parametrize("quant_type", K.QUANT_TYPES)
+def test_ties_subnormals_and_zero_blocks(quant_type):
+    # Values exactly on each threshold (block absmax 1.0, so s == x) go to the lower code; the next float
+    # up goes to the upper one. Subnormal and all-zero blocks follow the reference's reciprocal clamp.
+    mids = torch.tensor(K.thresholds(quant_type), dtype=torch.float32)
+    above = torch.nextafter(mids, torch.full_like(mids, 2.0))
+    ties = torch.cat([torch.tensor([1.0]), mids, above, torch.tensor([-1.0])])
+    block = torch.nn.functional.pad(ties, (0, 64 - ties.numel()))
+    subnormal = torch.full((64,), 1e-40) * torch.linspace(-1, 1, 64)
+    x = torch.cat([block, subnormal, torch.zeros(64), torch.zeros(33)])
+    packed, absmax = EXT.quantize_4bit(x, 64, quant_type)
+    packed_ref, absmax_ref = K.quantize_4bit_ref(x, 64, quant_type)
+    assert_bit_equal(packed, packed_ref, "packed")
+    assert_bit_equal(absmax, absmax_ref, "absmax")
+    # Nested: all constants equal (centred values all zero) and a single constant.
+    for constants in (torch.full((300,), 0.5), torch.tensor([2.0])):
+        for out, ref in zip(EXT.double_quantize(constants), K.double_quantize_ref(constants)):
+            assert_bit_equal(out, ref, "nested")
+
+
+@needs_ext
+def test_quantize_non_contiguous_input_uses_logical_order():
+    x = sample((96, 130), torch.bfloat16, seed=7).t()
+    for out, ref in zip(EXT.quantize_4bit(x, 64, "nf4"), K.quantize_4bit_ref(x.contiguous(), 64, "nf4")):
+        assert_bit_equal(out, ref, "transposed input")
+
+
+@needs_ext
+def test_public_api_with_ext_matches_torch_backend():
+    w = sample((48, 200), torch.bfloat16, seed=3)
+    assert _dispatch.resolve("quantize_4bit", "cpu") == "ext"
+    q_ext = lowrank.quantize(w, backend="ext")
+    q_torch = lowrank.quantize(w, backend="torch")
+    for name, t in q_torch.tensors().items():
+        assert_bit_equal(q_ext.tensors()[name], t, name)
+    assert_bit_equal(lowrank.dequantize(q_ext, backend="ext"), lowrank.dequantize(q_torch, backend="torch"), "dequantize")
+
+
+@needs_ext
+def test_bad_input_gives_clear_errors():
+    x = torch.randn(128)
+    with pytest.raises(ValueError, match="blocksize"):
+        EXT.quantize_4bit(x, 48, "nf4")
+    with pytest.raises(ValueError, match="quant_type"):
+        EXT.quantize_4bit(x, 64, "int4")
+    with pytest.raises(TypeError, match="dtype"):
+        EXT.quantize_4bit(x.double(), 64, "nf4")
+    packed, absmax = EXT.quantize_4bit(x, 64, "nf4")
+    with pytest.raises(ValueError, match="packed"):
+        EXT.dequantize_4bit(packed[:-1], absmax, None, None, (128,), torch.float32, 64, "nf4")
+    # The raw ops check too, naming the value, when called without the Python wrapper.
+    with pytest.raises(RuntimeError, match="blocksize must be one of .* got 48"):
+        torch.ops.lowrank_ext.quantize_4bit(x, 48, "nf4")
+    with pytest.raises(RuntimeError, match="absmax must be float32 with 2 entries"):
+        torch.ops.lowrank_ext.dequantize_4bit(packed, absmax[:1], None, None, [128], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="empty"):
+        torch.ops.lowrank_ext.quantize_4bit(torch.empty(0), 64, "nf4")
+
+
+@needs_ext
+def test_code_tables_match_the_references():
+    # csrc/tables.h is generated from lowrank.kernels.nf4; decoding every code with scale 1 shows its values.
+    codes = torch.arange(256, dtype=torch.uint8)
+    ones = torch.ones(1)
+    zero = torch.zeros(())
+    assert_bit_equal(EXT.double_dequantize(codes, ones, zero), K.dynamic_map(), "dynamic map")
+    for quant_type in K.QUANT_TYPES:
+        packed = (torch.arange(16, dtype=torch.uint8) * 17).view(-1, 1)  # byte 0xcc holds code c twice
+        out = EXT.dequantize_4bit(packed, torch.ones(1), None, None, (32,), torch.float32, 32, quant_type)
+        assert_bit_equal(out[0::2], K.code_table(quant_type), quant_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registered ops: schema, fake tensors, autograd registration.
+# ---------------------------------------------------------------------------------------------------
+
+
+@needs_ext
+def test_opcheck_quantization_ops():
+    x = sample((40, 70), torch.bfloat16, seed=11)
+    packed, absmax = EXT.quantize_4bit(x, 64, "nf4")
+    q, a2, off = EXT.double_quantize(absmax)
+    ops = torch.ops.lowrank_ext
+    torch.library.opcheck(ops.quantize_4bit, (x, 64, "nf4"))
+    torch.library.opcheck(ops.double_quantize, (absmax,))
+    torch.library.opcheck(ops.double_dequantize, (q, a2, off, torch.bfloat16))
+    torch.library.opcheck(ops.dequantize_4bit, (packed, q, a2, off, [40, 70], torch.float16, 64, "nf4", torch.float32))
+    torch.library.opcheck(ops.dequantize_4bit, (packed, absmax, None, None, [40, 70], torch.float32, 64, "nf4", torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# LOWRANK_DISABLE_EXT=1 (subprocess: the switch is read by a fresh interpreter).
+# ---------------------------------------------------------------------------------------------------
+
+_DISABLED_SCRIPT = """
+import torch, lowrank
+from lowrank import _ext
+from lowrank.ops import _dispatch
+assert _ext.load() is None and "LOWRANK_DISABLE_EXT" in _ext.load_error()
+assert _dispatch.resolve("quantize_4bit", "cpu") == "torch"
+w = torch.randn(64, 96)
+qw = lowrank.quantize(w)
+assert lowrank.dequantize(qw).shape == (64, 96)
+try:
+    lowrank.quantize(w, backend="ext")
+except _dispatch.BackendUnavailableError as err:
+    assert "LOWRANK_DISABLE_EXT" in str(err)
+else:
+    raise AssertionError("backend='ext' was honoured although the extension is disabled")
+print("ok")
+"""
+
+
+def test_disable_switch_is_honoured_and_library_still_works():
+    env = dict(os.environ, LOWRANK_DISABLE_EXT="1", TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _DISABLED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
