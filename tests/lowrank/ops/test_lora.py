@@ -1,0 +1,358 @@
+"""LoRA ops (``lowrank.ops.lora``): forward and gradients against fp64 references, dropout, multi-projection,
+multi-adapter serving, op registration (opcheck, torch.compile) and input validation.
+
+Tolerance rule: ``max|out - ref64| <= 2 * max|out_torch_same_precision - ref64| + atol(dtype)``, where the
+PyTorch comparison is PEFT's computation at x's precision: base ``F.linear`` in x.dtype on the dequantized
+weight, LoRA branch in the adapters' fp32, summed in x.dtype; gradients by autograd through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowrank.nf4 import dequantize, quantize
+from lowrank.ops import _dispatch
+from lowrank.ops import lora as L
+from lowrank.ops import lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
+
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+N, KDIM, RANK = 40, 96, 5  # K = 96 with blocksize 64: quantization blocks span two rows of W; odd rank
+ALPHA = 16.0
+
+
+def usable(backend: str) -> bool:
+    return backend in _dispatch.usable_backends("lora_forward", "cpu") and backend in _dispatch.usable_backends("lora_backward", "cpu")
+
+
+def make_problem(M, dtype, kind="nf4", bias=True, seed=0, lead=None, n=N, k=KDIM, r=RANK):
+    gen = torch.Generator().manual_seed(seed)
+    w32 = torch.randn(n, k, generator=gen) * 0.2
+    if kind == "nf4":
+        w = quantize(w32, blocksize=64, double_quant=True, backend="torch")
+        dense = dequantize(w, torch.float32, backend="torch")
+    else:
+        w = w32.to(dtype)
+        dense = w.float()
+    shape = (M, k) if lead is None else (*lead, M, k)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    A = torch.randn(r, k, generator=gen) * 0.1
+    B = torch.randn(n, r, generator=gen) * 0.1
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return w, dense, x, A, B, b
+
+
+def peft_style(x, dense, A, B, scale, bias, keep, p, dtype):
+    """PEFT's forward at ``dtype`` (or fp64): y and grads (x, A, B, bias) for the loss sum(y * g)."""
+    x = x.detach().to(dtype).requires_grad_(True)
+    A = A.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+    B = B.detach().to(A.dtype).requires_grad_(True)
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_(True)
+    base = F.linear(x, dense.to(dtype), b)
+    x_l = x.to(A.dtype)
+    if keep is not None:
+        x_l = x_l * keep / (1.0 - p)
+    y = base + (scale * F.linear(F.linear(x_l, A), B)).to(dtype)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+    (y * g).sum().backward()
+    return y, x.grad, A.grad, B.grad, (None if b is None else b.grad)
+
+
+def assert_within_rule(ours, torch_same, ref64, dtype, what):
+    err = (ours.double() - ref64.double()).abs().max().item()
+    base = (torch_same.double() - ref64.double()).abs().max().item()
+    bound = 2 * base + ATOL[dtype]
+    assert err <= bound, f"{what}: max err {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]:.0e}"
+
+
+def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0):
+    w, dense, x, A, B, b = make_problem(M, dtype, kind, bias, seed=seed, lead=lead)
+    scale = ALPHA / math.sqrt(RANK) if rslora else ALPHA / RANK
+    keep = L.dropout_mask(x.reshape(-1, KDIM).shape, p, 1234, "cpu").reshape(x.shape) if p else None
+    xs, As, Bs = x.clone().requires_grad_(True), A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    bs = None if b is None else b.clone().requires_grad_(True)
+    fn = lora_linear_nf4 if kind == "nf4" else lora_linear
+    y = fn(xs, w, As, Bs, scale, bs, dropout=p, backend=backend, dropout_seed=1234)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
+    (y * g).sum().backward()
+    ref = peft_style(x, dense.double(), A.double(), B.double(), scale, b, keep, p, torch.float64)
+    same = peft_style(x, dense, A, B, scale, b, keep, p, dtype)
+    ours = (y, xs.grad, As.grad, Bs.grad, None if bs is None else bs.grad)
+    for name, o, s, r in zip(("y", "dx", "dA", "dB", "dbias"), ours, same, ref):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == s.dtype, f"{name} dtype {o.dtype} != {s.dtype}"
+        assert_within_rule(o, s, r, dtype, f"{name} ({backend}, M={M}, {dtype}, {kind})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward and gradients
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 67])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+def test_torch_backend_matches_reference(M, dtype, kind):
+    run_and_check(M, dtype, kind, bias=True, p=0.0, rslora=False, backend="torch")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_torch_backend_bias_dropout_rslora(bias, p, rslora):
+    run_and_check(16, torch.bfloat16, "nf4", bias, p, rslora, backend="torch", lead=(2,))
+
+
+@pytest.mark.parametrize("M,dtype,kind,p", [(1, torch.float32, "nf4", 0.0), (67, torch.float16, "nf4", 0.25), (3, torch.float32, "dense", 0.0)])
+def test_triton_backend_matches_reference(M, dtype, kind, p):
+    if not usable("triton"):
+        pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
+    run_and_check(M, dtype, kind, bias=True, p=p, rslora=True, backend="triton")
+
+
+@pytest.mark.parametrize("M,dtype,p", [(3, torch.float32, 0.0), (67, torch.bfloat16, 0.2)])
+def test_ext_backend_matches_reference(M, dtype, p):
+    if not usable("ext"):
+        pytest.skip("the C++ extension is not built or has no CPU lora kernels")
+    run_and_check(M, dtype, "nf4", bias=True, p=p, rslora=False, backend="ext")
+
+
+def test_non_contiguous_x_is_handled():
+    w, dense, x, A, B, b = make_problem(8, torch.float32, "nf4")
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    assert not xt.is_contiguous()
+    y = lora_linear_nf4(xt, w, A, B, 2.0, b, backend="torch")
+    torch.testing.assert_close(y, lora_linear_nf4(x, w, A, B, 2.0, b, backend="torch"), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_dropout_mask_is_seeded_and_has_rate_p():
+    m1 = L.dropout_mask((64, 96), 0.3, 7, "cpu")
+    assert torch.equal(m1, L.dropout_mask((64, 96), 0.3, 7, "cpu"))
+    assert not torch.equal(m1, L.dropout_mask((64, 96), 0.3, 8, "cpu"))
+    assert abs((~m1).float().mean().item() - 0.3) < 0.03
+
+
+def test_dropout_unseeded_follows_torch_manual_seed_and_only_touches_lora_branch():
+    w, dense, x, A, B, b = make_problem(16, torch.float32, "nf4")
+    torch.manual_seed(3)
+    y1 = lora_linear_nf4(x, w, A, B, 2.0, b, dropout=0.5, backend="torch")
+    torch.manual_seed(3)
+    y2 = lora_linear_nf4(x, w, A, B, 2.0, b, dropout=0.5, backend="torch")
+    y3 = lora_linear_nf4(x, w, A, B, 2.0, b, dropout=0.5, backend="torch")
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    # With B = 0 the LoRA branch is zero: dropout must not change the output at all.
+    zero_b = torch.zeros_like(B)
+    base = lora_linear_nf4(x, w, A, zero_b, 2.0, b, backend="torch")
+    torch.testing.assert_close(lora_linear_nf4(x, w, A, zero_b, 2.0, b, dropout=0.5, backend="torch"), base, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What autograd keeps, and what it never touches
+# ---------------------------------------------------------------------------------------------------
+
+
+def saved_tensors_of(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_saves_packed_weight_x_and_adapters_only(p):
+    w, dense, x, A, B, b = make_problem(67, torch.float32, "nf4")
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    y, saved = saved_tensors_of(lambda: lora_linear_nf4(x, w, A, B.requires_grad_(True), 2.0, b, dropout=p, backend="torch"))
+    y.sum().backward()
+    for t in saved:
+        assert not (t.dtype.is_floating_point and t.shape == (N, KDIM)), "a dense copy of W was saved"
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), "only x itself may be saved at (M, K) size (no drop(x))"
+    assert any(t.dtype == torch.uint8 and t.data_ptr() == w.packed.data_ptr() for t in saved)
+
+
+def test_no_gradient_reaches_the_base_weight():
+    w, dense, x, A, B, b = make_problem(4, torch.float32, "dense")
+    w.requires_grad_(True)
+    with pytest.raises(ValueError, match="requires grad.*frozen"):
+        lora_linear(x, w, A, B, 1.0)
+    w.requires_grad_(False)
+    A.requires_grad_(True)
+    lora_linear(x, w, A, B, 1.0, backend="torch").sum().backward()
+    assert w.grad is None and A.grad is not None
+    qw, *_ = make_problem(4, torch.float32, "nf4")
+    before = qw.packed.clone()
+    lora_linear_nf4(x, qw, A, B, 1.0, backend="torch").sum().backward()
+    assert torch.equal(qw.packed, before) and qw.packed.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_opcheck_lora_linear(kind, p):
+    w, dense, x, A, B, b = make_problem(5, torch.float32, kind)
+    fields = L._weight_fields(w)
+    seed = torch.tensor(11) if p else None
+    args = (x.requires_grad_(True), *fields, A.requires_grad_(True), B.requires_grad_(True), 0.7, b, p, seed, "torch")
+    torch.library.opcheck(L.lora_linear_op, args)
+
+
+def test_opcheck_lora_linear_multi():
+    w1, _, x, A1, B1, b1 = make_problem(5, torch.float32, "nf4", seed=1)
+    w2, _, _, A2, B2, _ = make_problem(5, torch.float32, "dense", seed=2, n=24)
+    f1, f2 = L._weight_fields(w1), L._weight_fields(w2)
+    lists = [[torch.empty(0) if a is None else a, torch.empty(0) if c is None else c] for a, c in zip(f1, f2)]
+    kinds = "nf4:float32,none:float32"
+    args = (
+        x.requires_grad_(True), lists[0], lists[1], lists[2], lists[3], lists[4][0] + lists[4][1], lists[5], kinds,
+        [A1.requires_grad_(True), A2.requires_grad_(True)], [B1.requires_grad_(True), B2], [0.5, 2.0], [b1.requires_grad_(True), torch.empty(0)],
+        0.1, torch.tensor(5), "torch",
+    )  # fmt: skip
+    torch.library.opcheck(L.lora_linear_multi_op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    w, dense, x, A, B, b = make_problem(6, torch.float32, "nf4", lead=(2,))
+
+    def step(x, A, B):
+        return lora_linear_nf4(x, w, A, B, 2.0, b, dropout=0.1, backend="torch", dropout_seed=torch.tensor(9))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (step, compiled):
+        xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+        y = f(xs, As, Bs)
+        y.square().sum().backward()
+        grads.append((y, xs.grad, As.grad, Bs.grad))
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several projections of one input
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_multi_equals_separate_calls(p):
+    x = torch.randn(2, 7, KDIM)
+    projections = []
+    for i, (kind, n) in enumerate([("nf4", 40), ("nf4", 24), ("dense", 24)]):
+        w, _, _, A, B, b = make_problem(1, torch.float32, kind, bias=(i != 1), seed=i, n=n)
+        projections.append((w, A.requires_grad_(True), B.requires_grad_(True), 0.5 + i, b))
+    xm = x.clone().requires_grad_(True)
+    outs, saved = saved_tensors_of(lambda: lora_linear_multi(xm, projections, dropout=p, backend="torch", dropout_seed=21))
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    assert sum(t.data_ptr() == xm.data_ptr() for t in saved) == 1, "x must be saved exactly once"
+    multi_grads = [(A.grad.clone(), B.grad.clone()) for _, A, B, _, _ in projections]
+    for _, A, B, _, _ in projections:
+        A.grad = B.grad = None
+    xs = x.clone().requires_grad_(True)
+    for i, (w, A, B, s, b) in enumerate(projections):
+        fn = lora_linear if isinstance(w, torch.Tensor) else lora_linear_nf4
+        y = fn(xs, w, A, B, s, b, dropout=p, backend="torch", dropout_seed=21 + i)
+        torch.testing.assert_close(outs[i], y, rtol=1e-6, atol=1e-6)
+        (y * (i + 1)).sum().backward()
+    torch.testing.assert_close(xm.grad, xs.grad, rtol=1e-5, atol=1e-5)
+    for (dA, dB), (_, A, B, _, _) in zip(multi_grads, projections):
+        torch.testing.assert_close(dA, A.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dB, B.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_multi_with_unused_output_and_errors():
+    w, _, x, A, B, b = make_problem(3, torch.float32, "nf4")
+    A.requires_grad_(True)
+    q, k = lora_linear_multi(x, [(w, A, B, 1.0, b), (w, A, B, 1.0, None)], backend="torch")
+    q.sum().backward()  # k never reaches the loss
+    assert A.grad is not None
+    with pytest.raises(ValueError, match="empty"):
+        lora_linear_multi(x, [])
+    with pytest.raises(ValueError, match=r"projections\[0\] must be"):
+        lora_linear_multi(x, [(w, A, B)])
+    with pytest.raises(ValueError, match=r"A\[1\] must be"):
+        lora_linear_multi(x, [(w, A, B, 1.0, b), (w, A[:, :10], B, 1.0, None)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-adapter serving forward
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+def test_multi_adapter_matches_per_sequence_loop(kind):
+    w, _, _, _, _, b = make_problem(1, torch.float32, kind)
+    gen = torch.Generator().manual_seed(5)
+    n_adapters, r = 3, 4
+    x = torch.randn(5, 6, KDIM, generator=gen)
+    A_stack = torch.randn(n_adapters, r, KDIM, generator=gen) * 0.1
+    B_stack = torch.randn(n_adapters, N, r, generator=gen) * 0.1
+    scales = [0.5, 1.0, 4.0]
+    ids = torch.tensor([2, 0, -1, 2, 1])
+    y = lora_linear_multi_adapter(x, w, A_stack, B_stack, scales, ids, b, backend="torch")
+    fn = lora_linear if kind == "dense" else lora_linear_nf4
+    for i, a in enumerate(ids.tolist()):
+        if a < 0:
+            ref = fn(x[i], w, A_stack[0], torch.zeros_like(B_stack[0]), 1.0, b, backend="torch")
+        else:
+            ref = fn(x[i], w, A_stack[a], B_stack[a], scales[a], b, backend="torch")
+        torch.testing.assert_close(y[i], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="adapter_ids must be in"):
+        lora_linear_multi_adapter(x, w, A_stack, B_stack, scales, torch.tensor([0, 1, 3, 0, 0]))
+    with pytest.raises(ValueError, match="scales must have one entry"):
+        lora_linear_multi_adapter(x, w, A_stack, B_stack, [1.0], ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the value
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    w, _, x, A, B, b = make_problem(3, torch.float32, "nf4")
+    with pytest.raises(ValueError, match="expects 96"):
+        lora_linear_nf4(x[:, :50], w, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"rank r=0"):
+        lora_linear_nf4(x, w, A[:0], B[:, :0], 1.0)
+    with pytest.raises(ValueError, match=r"rank r=41"):
+        lora_linear_nf4(x, w, torch.randn(41, KDIM), torch.randn(N, 41), 1.0)
+    with pytest.raises(ValueError, match=r"B must be \(out, r\)"):
+        lora_linear_nf4(x, w, A, B.t(), 1.0)
+    with pytest.raises(TypeError, match="x dtype"):
+        lora_linear_nf4(x.to(torch.int32), w, A, B, 1.0)
+    with pytest.raises(TypeError, match="A dtype"):
+        lora_linear_nf4(x, w, A.double(), B, 1.0)
+    with pytest.raises(ValueError, match="bias must have 40"):
+        lora_linear_nf4(x, w, A, B, 1.0, torch.zeros(39))
+    with pytest.raises(ValueError, match="dropout must be"):
+        lora_linear_nf4(x, w, A, B, 1.0, dropout=1.0)
+    with pytest.raises(ValueError, match="scale must be a finite"):
+        lora_linear_nf4(x, w, A, B, float("nan"))
+    with pytest.raises(ValueError, match="is on meta"):
+        lora_linear_nf4(x, w, A.to("meta"), B, 1.0)
+    with pytest.raises(TypeError, match="use lora_linear_nf4"):
+        lora_linear(x, w, A, B, 1.0)
+    with pytest.raises(TypeError, match="expects an NF4Weight"):
+        lora_linear_nf4(x, torch.randn(N, KDIM), A, B, 1.0)
+    with pytest.raises(ValueError, match="'gpu' is not a backend"):
+        lora_linear_nf4(x, w, A, B, 1.0, backend="gpu")
