@@ -5,3 +5,26 @@ from lowrank.nf4 import NF4Weight, dequantize, quantize
 
 __version__ = "0.1.0"
 __all__ = ["NF4Weight", "dequantize", "nf4", "quantize", "__version__"]
+
+# Model surgery, freezing, files and the paged optimizer (issue 4).
+from lowrank import freeze, optim  # noqa: E402
+from lowrank.adapters import (  # noqa: E402
+    load_adapter,
+    load_quantized,
+    merge_adapters,
+    save_adapter,
+    save_quantized,
+)
+from lowrank.models import prepare_model, summary  # noqa: E402
+
+__all__ += [
+    "freeze",
+    "load_adapter",
+    "load_quantized",
+    "merge_adapters",
+    "optim",
+    "prepare_model",
+    "save_adapter",
+    "save_quantized",
+    "summary",
+]
