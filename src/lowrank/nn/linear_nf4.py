@@ -73,10 +73,16 @@ class LinearNF4(nn.Module):
         return cls(weight, None if linear.bias is None else linear.bias.detach(), compute_dtype, backend=backend)
 
     @classmethod
-    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", compute_dtype: torch.dtype | None = None) -> LinearNF4:
+    def from_bnb_state_dict(
+        cls,
+        sd: dict[str, torch.Tensor],
+        prefix: str = "",
+        compute_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> LinearNF4:
         """Build from the tensors a bitsandbytes ``Linear4bit`` (or :meth:`state_dict`) wrote under ``prefix``."""
         weight = nf4.NF4Weight.from_bnb_state_dict(sd, prefix=f"{prefix}weight")
-        return cls(weight, sd.get(f"{prefix}bias"), compute_dtype)
+        return cls(weight, sd.get(f"{prefix}bias"), compute_dtype, backend=backend)
 
     def _set_weight(self, weight: nf4.NF4Weight) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
