@@ -153,7 +153,8 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     for module_name, module in model.named_modules():
         adapter_params = getattr(module, "adapter_params", None)
         if callable(adapter_params):
-            ids = {id(p) for p in adapter_params()}
+            found = adapter_params()
+            ids = {id(p) for p in (found.values() if isinstance(found, dict) else found)}
             prefix = f"{module_name}." if module_name else ""
             names += [prefix + n for n, p in module.named_parameters() if id(p) in ids]
     return names
