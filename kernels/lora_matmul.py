@@ -70,6 +70,13 @@ SMALL_M_MAX = 64
 TILED_M_MAX = 1024
 #: Largest rank whose shrink is accumulated inside the main loop (its accumulator lives in registers).
 FUSED_RANK_MAX = 64
+#: Smallest reduction length one program of the split shrink (x·Aᵀ, dy·B) handles.
+SHRINK_MIN_T_PER_SPLIT = 256
+#: Whether the small-M kernels accumulate the shrink (xa, dS) in their own loop (one launch; every
+#: column tile recomputes it) instead of a split shrink launch before them. To be measured on GPU.
+FUSE_SHRINK_SMALL_M = True
+#: Per-path tile overrides for tuning runs ({"small": {...}, "tiled": {...}}); empty in normal use.
+TILE_OVERRIDES: dict[str, dict] = {}
 
 _WEIGHT_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "shape", "blocksize", "quant_type")
 
@@ -168,6 +175,46 @@ if HAS_TRITON:
         return _lora_round(value, COMPUTE_DTYPE, ROUND_BY_BITS)
 
     @triton.jit
+    def _lora_load_4bit_rows(
+        packed_ptr,  # uint8 packed codes of the flattened (N, K) weight
+        absmax_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        dynamic_map_ptr,
+        table_ptr,
+        offs_n,  # int64 [ROWS] weight rows
+        k0,  # first column; a multiple of DECODE_SUB
+        N,
+        K,  # a multiple of BLOCKSIZE (so K is even and no run of DECODE_SUB columns crosses a block)
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        DECODE_SUB: tl.constexpr,  # min(BLOCKSIZE, COLS): columns sharing one block constant
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        NESTED_KIND: tl.constexpr,
+    ):
+        # [ROWS, COLS] fp32 tile W[n, k0:k0+COLS]: contiguous byte loads, one block constant per
+        # DECODE_SUB columns, hi/lo nibbles interleaved back into element order (as nf4's dequant kernel).
+        NB: tl.constexpr = COLS // DECODE_SUB
+        pair = tl.arange(0, COLS // 2)
+        row_ok = offs_n[:, None] < N
+        byte = tl.load(
+            packed_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + pair)[None, :],
+            mask=row_ok & ((k0 + 2 * pair)[None, :] < K),
+            other=0,
+        ).to(tl.int32)
+        sub = tl.arange(0, NB)
+        constant = _nf4._block_constant(
+            (offs_n[:, None] * K + k0) // BLOCKSIZE + sub[None, :],
+            row_ok & ((k0 + sub * DECODE_SUB)[None, :] < K),
+            absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT, NESTED_KIND,
+        )
+        hi = tl.reshape(tl.load(table_ptr + (byte >> 4)), (ROWS, NB, DECODE_SUB // 2)) * constant[:, :, None]
+        lo = tl.reshape(tl.load(table_ptr + (byte & 0xF)), (ROWS, NB, DECODE_SUB // 2)) * constant[:, :, None]
+        values = tl.interleave(tl.reshape(hi, (ROWS, COLS // 2)), tl.reshape(lo, (ROWS, COLS // 2)))
+        return tl.where(row_ok & ((k0 + tl.arange(0, COLS))[None, :] < K), values, 0.0)
+
+    @triton.jit
     def _lora_matmul_kernel(
         in_ptr,  # [M, T]: x (forward) or dy (dX)
         lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
@@ -213,6 +260,9 @@ if HAS_TRITON:
         SEPARATE_LORA_INPUT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         NESTED_KIND: tl.constexpr,
+        FAST_DECODE: tl.constexpr,  # 4-bit W with K % BLOCKSIZE == 0: _lora_load_4bit_rows
+        T_IS_K: tl.constexpr,  # forward (t = k, c = n); else dX (t = n, c = k)
+        DECODE_SUB: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,  # interpreter: round to bf16 on the bits (its cast truncates)
@@ -241,10 +291,25 @@ if HAS_TRITON:
                 mask=row_ok[:, None] & t_ok[None, :],
                 other=0.0,
             ).to(DOT_DTYPE)
-            w = _lora_load_weight_tile(
-                w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t, offs_c, T, C,
-                stride_w_t, stride_w_c, compute_dtype, W_QUANT, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND, ROUND_BY_BITS,
-            ).to(DOT_DTYPE)
+            if FAST_DECODE:
+                if T_IS_K:
+                    w = tl.trans(
+                        _lora_load_4bit_rows(
+                            w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_c, t0, C, T,
+                            BLOCK_C, BLOCK_T, DECODE_SUB, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND,
+                        )
+                    )
+                else:
+                    w = _lora_load_4bit_rows(
+                        w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t,
+                        pid_c * BLOCK_C, T, C, BLOCK_T, BLOCK_C, DECODE_SUB, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND,
+                    )
+                w = _lora_round(w, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+            else:
+                w = _lora_load_weight_tile(
+                    w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t, offs_c, T, C,
+                    stride_w_t, stride_w_c, compute_dtype, W_QUANT, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND, ROUND_BY_BITS,
+                ).to(DOT_DTYPE)
             acc = _lora_mma(a, w, acc, DOT_FP32)
             if FUSE_LOW:
                 if SEPARATE_LORA_INPUT:
@@ -273,20 +338,19 @@ if HAS_TRITON:
                 other=0.0,
             )
             q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
-            low = _lora_round(low, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
-            lora = _lora_mma(low, q, lora, DOT_FP32)
+            lora = _lora_mma(_lora_round(low, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE), q, lora, DOT_FP32)
         else:
             for r0 in range(0, R, BLOCK_R):
                 r_ok = (r0 + offs_r) < R
-                low = tl.load(low_ptrs + r0 * stride_low_r, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                low_chunk = tl.load(low_ptrs + r0 * stride_low_r, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 q = tl.load(
                     q_ptr + (r0 + offs_r)[:, None] * stride_q_r + offs_c[None, :] * stride_q_c,
                     mask=r_ok[:, None] & (offs_c[None, :] < C),
                     other=0.0,
                 )
                 q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
-                low = _lora_round(low, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
-                lora = _lora_mma(low, q, lora, DOT_FP32)
+                low_chunk = _lora_round(low_chunk, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
+                lora = _lora_mma(low_chunk, q, lora, DOT_FP32)
         out = acc + scale * lora
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
@@ -300,14 +364,16 @@ if HAS_TRITON:
     def _lora_shrink_kernel(
         lin_ptr,  # [M, T] (x.dtype)
         p_ptr,  # [T, R]
-        low_ptr,  # fp32 [M, R]
+        low_ptr,  # fp32 [SPLIT, M, R] partial sums over T chunks (SPLIT = grid axis 2)
         M,
         T,
         R,
+        t_per_split,  # a multiple of BLOCK_T
         stride_lin_m,
         stride_lin_t,
         stride_p_t,
         stride_p_r,
+        stride_low_split,
         stride_low_m,
         stride_low_r,
         BLOCK_M: tl.constexpr,
@@ -321,7 +387,9 @@ if HAS_TRITON:
         offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        t_start = tl.program_id(2) * t_per_split
+        t_end = tl.minimum(t_start + t_per_split, T)
+        for t0 in range(t_start, t_end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             a = tl.load(
                 lin_ptr + offs_m[:, None] * stride_lin_m + offs_t[None, :] * stride_lin_t,
@@ -335,7 +403,7 @@ if HAS_TRITON:
             )
             acc = _lora_mma(a, _lora_round(p, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE), acc, DOT_FP32)
         tl.store(
-            low_ptr + offs_m[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
+            low_ptr + tl.program_id(2) * stride_low_split + offs_m[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
             acc,
             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
         )
@@ -545,25 +613,34 @@ def _block_r(r: int) -> int:
 
 
 def _tile_config(M: int, small: bool) -> dict:
-    if small:
-        block_m = max(16, triton.next_power_of_2(M))
-        return {"BLOCK_M": block_m, "BLOCK_C": 32 if block_m <= 32 else 64, "BLOCK_T": 128, "GROUP_M": 1, "num_warps": 4}
-    return {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if small:  # one row tile for M <= SMALL_M_MAX; a forced small-M path with larger M gets more
+        block_m = max(16, min(triton.next_power_of_2(M), SMALL_M_MAX))
+        config = {"BLOCK_M": block_m, "BLOCK_C": 32 if block_m <= 32 else 64, "BLOCK_T": 128, "GROUP_M": 1}
+        config.update(num_warps=4, num_stages=2)
+        return {**config, **TILE_OVERRIDES.get("small", {})}
+    config = {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {**config, **TILE_OVERRIDES.get("tiled", {})}
 
 
 def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
     """``lin · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r)."""
     M, T = lin.shape
-    low = torch.empty((M, r), dtype=torch.float32, device=lin.device)
-    block_r = _block_r(r)
+    block_r, block_t = _block_r(r), 64
     block_m = 64 if M > 32 else max(16, triton.next_power_of_2(M))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(r, block_r))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(r, block_r)
+    # Split the long T reduction (deterministically: fp32 partials, then one sum) until ~2 waves of
+    # programs run on a 132-SM GPU, each over at least SHRINK_MIN_T_PER_SPLIT columns.
+    split = max(1, min(triton.cdiv(2 * 132, tiles), T // SHRINK_MIN_T_PER_SPLIT))
+    t_per_split = triton.cdiv(triton.cdiv(T, split), block_t) * block_t
+    split = triton.cdiv(T, t_per_split)
+    low = torch.empty((split, M, r), dtype=torch.float32, device=lin.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(r, block_r), split)
     with _nf4._device_context(lin.device):
         _lora_shrink_kernel[grid](
-            lin, p, low, M, T, r, *lin.stride(), *p.stride(), *low.stride(),
-            BLOCK_M=block_m, BLOCK_T=64, BLOCK_R=block_r, **_dot_config(lin.dtype),
+            lin, p, low, M, T, r, t_per_split, *lin.stride(), *p.stride(), *low.stride(),
+            BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_R=block_r, **_dot_config(lin.dtype),
         )
-    return low
+    return low[0] if split == 1 else low.sum(0)
 
 
 def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small):
@@ -577,6 +654,10 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
     stride_w_t, stride_w_c = (stride_k, stride_n) if transpose_weight else (stride_n, stride_k)
     config = _tile_config(M, small)
     block_r = triton.next_power_of_2(max(R, 16)) if fuse_low else _block_r(R)
+    # Aligned 4-bit rows decode with contiguous byte loads and one constant per run (see _lora_load_4bit_rows).
+    k_cols = config["BLOCK_T"] if transpose_weight else config["BLOCK_C"]
+    fast = w_meta["W_QUANT"] and weight.shape[1] % weight.blocksize == 0
+    decode = {"FAST_DECODE": fast, "T_IS_K": transpose_weight, "DECODE_SUB": min(w_meta["BLOCKSIZE"], k_cols)}
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C, config["BLOCK_C"]),)
     with _nf4._device_context(inp.device):
         _lora_matmul_kernel[grid](
@@ -584,7 +665,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             M, C, T, R, scale,
             *inp.stride(), *lin.stride(), stride_w_t, stride_w_c, *p.stride(), *q.stride(), *low.stride(), *out.stride(),
             BLOCK_R=block_r, FUSE_LOW=fuse_low, SEPARATE_LORA_INPUT=lin is not inp, HAS_BIAS=bias is not None,
-            **config, **w_meta, **_dot_config(inp.dtype), **_nf4._launch_options(inp.device),
+            **config, **w_meta, **decode, **_dot_config(inp.dtype), **_nf4._launch_options(inp.device),
         )
     return out
 
@@ -622,7 +703,7 @@ def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path:
         del w
         y.addmm_(xa.to(x.dtype), B.to(x.dtype).T, alpha=scale)
         return y, xa
-    fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX
+    fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
     if not fuse_low:
         xa = _shrink(lin, A.T, r)
     _matmul(x, lin, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m")
@@ -659,7 +740,7 @@ def lora_backward(
     ds = None
     if need_dx:
         dx = torch.empty_like(x)
-        fuse = small and r <= FUSED_RANK_MAX
+        fuse = small and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
         ds = torch.empty((M, r), dtype=torch.float32, device=x.device) if fuse else _shrink(dy, B, r)
         _matmul(dy, dy, weight, False, B, A, ds, fuse, None, dx, scale, small)
     elif need_dA:

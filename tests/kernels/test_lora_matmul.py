@@ -166,6 +166,30 @@ def test_large_rank_is_chunked(device):
         assert_close_by_rule(g, t, r64, torch.float32, f"{name} with r=72")
 
 
+@pytest.mark.parametrize("M", [3, 67])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_aligned_fast_decode(blocksize, M, device):
+    # K % blocksize == 0: rows decode through contiguous byte loads and per-run block constants,
+    # for runs shorter than, equal to and longer than the kernel's K tile.
+    kind = "fp4" if blocksize == 128 else "nf4_dq"
+    check_forward(M, torch.float16, kind, device, bias=True, separate=True, k=128, n=40, blocksize=blocksize)
+    check_backward(M, torch.float16, kind, device, separate=M == 3, k=128, n=40, blocksize=blocksize)
+
+
+@pytest.mark.parametrize("M", [3, 20])
+def test_unfused_shrink_small_m(M, device, monkeypatch):
+    # The small-M kernels with xa / dS from the split shrink launch instead of their own loop.
+    monkeypatch.setattr(L, "FUSE_SHRINK_SMALL_M", False)
+    check_forward(M, torch.float16, "nf4_dq", device, bias=True, separate=True)
+    check_backward(M, torch.float16, "nf4_dq", device, separate=True)
+
+
+def test_split_reductions(device):
+    # K = 600 splits the shrink over 2 programs' partials; M = 1100 splits the dA / dB reductions.
+    check_forward(3, torch.float32, "nf4", device, bias=False, separate=True, k=600, n=24)
+    check_backward(1100, torch.float32, "dense", device, separate=True, k=600, n=24)
+
+
 @pytest.mark.parametrize("nested_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_nested_constants(nested_dtype, device):
     weight, dense = make_weight("nf4_dq", N, KDIM, device, nested_dtype=nested_dtype)
@@ -176,16 +200,15 @@ def test_half_precision_nested_constants(nested_dtype, device):
     assert_close_by_rule(y, y32, y64, torch.float32, f"y with nested_dtype={nested_dtype}")
 
 
+@pytest.mark.parametrize("k", [KDIM, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("M", [3, 67])
-def test_decoded_tiles_equal_dequantized_weight(M, dtype, device):
-    # The 4-bit decode in the tile loop must give exactly dequantize_4bit's values: the same kernel run
-    # on the dequantized dense weight returns the same bits.
-    weight, _ = make_weight("nf4_dq", N, KDIM, device)
-    dense = K.dequantize_4bit(
-        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, (N, KDIM), dtype, 64, "nf4"
-    )
-    x, A, B, b, x_lora = make_operands(M, dtype, device, True, True)
+def test_decoded_tiles_equal_dequantized_weight(M, dtype, k, device):
+    # The 4-bit decode in the tile loop (generic and aligned) must give exactly dequantize_4bit's values:
+    # the same kernel run on the dequantized dense weight returns the same bits.
+    weight, _ = make_weight("nf4_dq", N, k, device)
+    dense = K.dequantize_4bit(weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, (N, k), dtype, 64, "nf4")
+    x, A, B, b, x_lora = make_operands(M, dtype, device, True, True, k=k)
     y_q, xa_q = L.lora_forward(x, weight, A, B, 2.0, b, x_lora)
     y_d, xa_d = L.lora_forward(x, dense, A, B, 2.0, b, x_lora)
     assert torch.equal(y_q, y_d) and torch.equal(xa_q, xa_d)
