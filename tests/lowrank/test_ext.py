@@ -207,3 +207,131 @@ def test_disable_switch_is_honoured_and_library_still_works():
     env = dict(os.environ, LOWRANK_DISABLE_EXT="1", TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", _DISABLED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused LoRA linear on a 4-bit (or dense) base: forward and backward within the tolerance policy.
+# ---------------------------------------------------------------------------------------------------
+
+# (M, K, N, r): N = 130 and K = 300 cross the kernel's 128-row panels and 256-column slabs, and N * K
+# is not a multiple of the blocksize, so panels start in the middle of a quantization block.
+LORA_SHAPES = [(1, 64, 96, 4), (3, 300, 130, 8), (67, 256, 300, 16)]
+WEIGHTS = ["nf4-dq-64", "fp4-128", "nf4-dq-bf16-nested", "dense"]
+
+
+def make_weight(kind: str, w: torch.Tensor):
+    """(weight argument, its exact fp32 value)."""
+    if kind == "dense":
+        return w, w.float()
+    quant_type, *flags, blocksize = kind.split("-")
+    qw = lowrank.quantize(w, blocksize=64 if blocksize == "nested" else int(blocksize), double_quant="dq" in flags,
+                          quant_type=quant_type, backend="torch")  # fmt: skip
+    if blocksize == "nested":  # a transformers-written state: constants reconstructed in bf16
+        qw = lowrank.NF4Weight(qw.packed, qw.absmax, qw.shape, qw.dtype, qw.blocksize, qw.quant_type,
+                               qw.nested_absmax, qw.nested_offset, nested_dtype=torch.bfloat16)  # fmt: skip
+    return qw, lowrank.dequantize(qw, torch.float32, backend="torch")
+
+
+def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * std).to(dt)
+
+    x = randn(M, K)
+    w = randn(N, K, std=K**-0.5)
+    A = randn(r, K, std=K**-0.5, dt=lora_dtype)
+    B = randn(N, r, std=0.5, dt=lora_dtype)
+    bias = randn(N, std=0.1)
+    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)  # a dropped-out LoRA input
+    dy = randn(M, N)
+    return x, w, A, B, bias, x_lora, dy
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def check_rule(name, out, ref32, low, dtype):
+    """max|out - ref32| <= 2 max|low - ref32| + atol(dtype): as good as torch at the same precision."""
+    assert out.dtype == low.dtype and out.shape == ref32.shape, f"{name}: {out.dtype}{tuple(out.shape)}"
+    bound = 2 * max_err(low, ref32) + ATOL[dtype]
+    assert max_err(out, ref32) <= bound, f"{name}: error {max_err(out, ref32):.3g} > bound {bound:.3g}"
+
+
+@needs_ext
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
+    M, K, N, r = shape
+    scale = 2.0
+    use_bias = use_x_lora = N != 96
+    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
+    weight, w32 = make_weight(weight_kind, w)
+    bias = bias if use_bias else None
+    x_lora = x_lora if use_x_lora else None
+    xl = x if x_lora is None else x_lora
+
+    y, xa = EXT.lora_forward(x, weight, A, B, scale, bias, x_lora)
+    dx, dA, dB = EXT.lora_backward(dy, x, weight, A, B, scale, xa, x_lora)
+
+    # fp32 reference from the exact dequantized weight
+    x32, xl32, A32, B32, dy32 = x.float(), xl.float(), A.float(), B.float(), dy.float()
+    xa32 = xl32 @ A32.t()
+    y32 = x32 @ w32.t() + scale * xa32 @ B32.t() + (0 if bias is None else bias.float())
+    g32 = dy32 @ B32
+    dx32, dA32, dB32 = dy32 @ w32 + scale * g32 @ A32, scale * g32.t() @ xl32, scale * dy32.t() @ xa32
+    # torch at the same precision, PEFT-style: every matmul in dtype
+    w_low = w32.to(dtype)
+    xa_low = xl @ A.t()
+    y_low = torch.nn.functional.linear(x, w_low, bias) + (xa_low @ B.t()) * scale
+    g_low = (dy @ B) * scale
+    dx_low, dA_low, dB_low = dy @ w_low + g_low @ A, g_low.t() @ xl, (dy * scale).t() @ xa_low
+
+    assert xa.dtype == torch.float32 and max_err(xa, xa32) <= 2 * max_err(xa_low, xa32) + ATOL[dtype]
+    for name, out, ref, low in (("y", y, y32, y_low), ("dx", dx, dx32, dx_low), ("dA", dA, dA32, dA_low), ("dB", dB, dB32, dB_low)):
+        check_rule(name, out, ref, low, dtype)
+
+
+@needs_ext
+def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
+    M, K, N, r = 5, 128, 200, 8
+    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
+    weight, _ = make_weight("nf4-dq-64", w)
+    y, xa = EXT.lora_forward(x, weight, A, B, 0.5, bias, None)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N) and xa.dtype == torch.float32
+    full = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa)
+    assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
+    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        part = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
+        for wanted, got, ref in zip(need, part, full):
+            assert (got is None) != wanted
+            if wanted:
+                assert_bit_equal(got, ref, "partial gradient")
+
+
+@needs_ext
+def test_lora_dispatch_and_bad_shapes():
+    assert _dispatch.resolve("lora_forward", "cpu") == "ext"
+    assert _dispatch.resolve("lora_backward", "cpu") == "ext"
+    x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
+    weight, _ = make_weight("nf4-dq-64", w)
+    with pytest.raises(ValueError, match=r"must have shape \(16, 64\) .* got \(32, 64\)"):
+        EXT.lora_forward(x, weight, A, B[:16], 1.0)
+    with pytest.raises(RuntimeError, match="A must have shape"):
+        torch.ops.lowrank_ext.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
+
+
+@needs_ext
+def test_opcheck_lora_ops():
+    x, w, A, B, bias, x_lora, dy = lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, seed=3)
+    qw, _ = make_weight("nf4-dq-64", w)
+    quant = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, 64, "nf4", torch.float32)
+    dense = (w, None, None, None, 64, "nf4", torch.float32)
+    ops = torch.ops.lowrank_ext
+    for weight_args in (quant, dense):
+        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, x_lora))
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True))
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, None, True, False, True))
