@@ -1,0 +1,73 @@
+"""Run under ``torchrun --nproc_per_node 2``: DDP training of a lowrank-prepared NF4 model on gloo (CPU).
+
+Each rank trains on different tokens with gradient checkpointing; afterwards every rank writes its LoRA
+parameters and 4-bit buffers to ``<out>/rank<r>.safetensors``, and rank 0 also writes the result of
+training an identical model in a single process on the concatenated batch (``<out>/single.safetensors``)
+and the initial state (``<out>/init.safetensors``).
+"""
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_models import tiny, tokens  # noqa: E402
+
+from lowrank.models import prepare_model  # noqa: E402
+from lowrank.optim import PagedAdamW  # noqa: E402
+
+STEPS = 3
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    state = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.uint8})
+    return state
+
+
+def batch(rank: int, step: int) -> torch.Tensor:
+    return tokens(2, 10, seed=100 * step + rank)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = prepare_model(tiny("llama", seed=0), r=4, alpha=8)
+    with torch.no_grad():  # non-zero B so that every adapter gets a gradient from the first step
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    single = copy.deepcopy(model) if rank == 0 else None
+    if rank == 0:
+        save_file(trained_state(model), os.path.join(out, "init.safetensors"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ddp = DistributedDataParallel(model)
+    optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(STEPS):
+        ids = batch(rank, step)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    save_file(trained_state(model), os.path.join(out, f"rank{rank}.safetensors"))
+    if rank == 0:
+        single.train()
+        opt = PagedAdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(STEPS):
+            # DDP averages per-rank mean losses: the same as the mean over the concatenated batch
+            loss = sum(single(input_ids=batch(r, step), labels=batch(r, step)).loss for r in range(world)) / world
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        save_file(trained_state(single), os.path.join(out, "single.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,71 @@
+"""A lowrank-prepared model trains unchanged under transformers.Trainer, gradient checkpointing on."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from lowrank.models import prepare_model
+from lowrank.nn import LoRALinear
+from lowrank.optim import PagedAdamW
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from tiny_models import tiny, tokens  # noqa: E402
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        self.ids = [tokens(1, 12, seed=i)[0] for i in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _train(model, tmp_path, checkpointing, reentrant=False):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant} if checkpointing else None,
+    )
+    optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(optimizer, None))
+    result = trainer.train()
+    return trainer, result
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, reentrant):
+    prepared = prepare_model(tiny("llama"), r=4, alpha=8)
+    packed = {n: b.clone() for n, b in prepared.named_buffers()}
+    lora_before = {n: p.detach().clone() for n, p in prepared.named_parameters() if p.requires_grad}
+    plain = copy.deepcopy(prepared)
+
+    trainer, result = _train(prepared, tmp_path / "gc", checkpointing=True, reentrant=reentrant)
+    assert prepared.model.is_gradient_checkpointing
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    changed = {n for n, p in prepared.named_parameters() if n in lora_before and not torch.equal(p, lora_before[n])}
+    assert changed == set(lora_before)  # every adapter trained
+    assert all(torch.equal(b, packed[n]) for n, b in prepared.named_buffers())  # the 4-bit base did not move
+    assert all(p.grad is None for n, p in prepared.named_parameters() if n not in lora_before)
+
+    _train(plain, tmp_path / "plain", checkpointing=False)
+    for (name, a), b in zip(prepared.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert sum(isinstance(m, LoRALinear) for m in prepared.modules()) == 14
