@@ -1,4 +1,5 @@
-"""DDP on gloo with two CPU processes (torchrun): LoRA parameters stay identical across ranks."""
+"""DDP and FSDP2 on gloo with two CPU processes (torchrun): LoRA parameters stay identical across ranks
+and equal single-process training on the whole batch."""
 
 import os
 import subprocess
@@ -13,9 +14,10 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo")
-def test_ddp_two_ranks_keep_identical_adapters(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_keep_identical_adapters(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path), mode]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")

@@ -1,4 +1,6 @@
-"""Run under ``torchrun --nproc_per_node 2``: DDP training of a lowrank-prepared NF4 model on gloo (CPU).
+"""Run under ``torchrun --nproc_per_node 2 ddp_train.py OUT [ddp|fsdp2]``: data-parallel training of a
+lowrank-prepared NF4 model on gloo (CPU), with DDP or with FSDP2 (``fully_shard``: LoRA parameters and the
+frozen dense parameters are sharded; the packed NF4 buffers stay replicated plain tensors).
 
 Each rank trains on different tokens with gradient checkpointing; afterwards every rank writes its LoRA
 parameters and 4-bit buffers to ``<out>/rank<r>.safetensors``, and rank 0 also writes the result of
@@ -34,7 +36,7 @@ def batch(rank: int, step: int) -> torch.Tensor:
     return tokens(2, 10, seed=100 * step + rank)
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = prepare_model(tiny("llama", seed=0), r=4, alpha=8)
@@ -47,14 +49,24 @@ def main(out: str) -> None:
         save_file(trained_state(model), os.path.join(out, "init.safetensors"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    ddp = DistributedDataParallel(model)
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        ddp = fully_shard(model, mesh=mesh)
+    else:
+        ddp = DistributedDataParallel(model)
     optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(STEPS):
         ids = batch(rank, step)
         ddp(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    save_file(trained_state(model), os.path.join(out, f"rank{rank}.safetensors"))
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in trained_state(model).items()}
+    save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
     if rank == 0:
         single.train()
         opt = PagedAdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2)
@@ -70,4 +82,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp")
