@@ -572,12 +572,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(FreezeError)
     except ImportError:
         pass
-    try:
-        from lowrank import models
-
-        errors += [e for e in vars(models).values() if isinstance(e, type) and issubclass(e, ValueError)]
-    except ImportError:
-        pass
+    for module in ("lowrank.models", "lowrank.adapters", "lowrank.optim"):
+        try:
+            values = vars(__import__(module, fromlist=["_"])).values()
+        except ImportError:
+            continue
+        errors += [e for e in values if isinstance(e, type) and issubclass(e, ValueError) and e is not ValueError]
     return tuple(errors)
 
 

@@ -346,10 +346,14 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
     np.random.seed(config.seed)
     model.to(device)
     if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ConfigError("gradient_checkpointing=True needs a transformers model (gradient_checkpointing_enable)")
         # Non-reentrant checkpointing works when every input of a block is frozen (QLoRA embeddings).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ConfigError("gradient_checkpointing=True needs a transformers model (activation_checkpointing_enable)")
     if unfreeze is not None:
         unfreeze.apply(model, 0)
     if param_groups is None:
