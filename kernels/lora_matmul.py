@@ -66,8 +66,11 @@ FORWARD_PATHS = ("fused_small_m", "fused_tiled", "dequant_matmul")
 #: Largest M served by the weight-streaming kernel (4-bit GEMM is memory-bound below M ~ 68 on H100).
 #: To be measured on GPU.
 SMALL_M_MAX = 64
-#: Largest M served by the tile-decoding fused GEMM; above it, dequant + cuBLAS. To be measured on GPU.
-TILED_M_MAX = 1024
+#: Largest M served by the tile-decoding fused GEMM; above it, dequant + cuBLAS. To be measured on GPU
+#: (a guess from the roofline: up to two 128-row tiles re-decode each weight tile at most twice).
+TILED_M_MAX = 256
+#: Largest row tile of the small-M kernel (see _tile_config).
+SMALL_BLOCK_M_MAX = 32
 #: Largest rank whose shrink is accumulated inside the main loop (its accumulator lives in registers).
 FUSED_RANK_MAX = 64
 #: Smallest reduction length one program of the split shrink (x·Aᵀ, dy·B) handles.
@@ -613,8 +616,11 @@ def _block_r(r: int) -> int:
 
 
 def _tile_config(M: int, small: bool) -> dict:
-    if small:  # one row tile for M <= SMALL_M_MAX; a forced small-M path with larger M gets more
-        block_m = max(16, min(triton.next_power_of_2(M), SMALL_M_MAX))
+    if small:
+        # Row tiles of at most 32 (mma.sync on Hopper). On an H100 (triton 3.6) the M = 64 backward with a
+        # 64-row tile (the wgmma path) raised an illegal memory access whose cause is not established;
+        # 16- and 32-row tiles passed the GPU tests.
+        block_m = max(16, min(triton.next_power_of_2(M), SMALL_BLOCK_M_MAX))
         config = {"BLOCK_M": block_m, "BLOCK_C": 32 if block_m <= 32 else 64, "BLOCK_T": 128, "GROUP_M": 1}
         config.update(num_warps=4, num_stages=2)
         return {**config, **TILE_OVERRIDES.get("small", {})}

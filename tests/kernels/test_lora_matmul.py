@@ -176,6 +176,14 @@ def test_aligned_fast_decode(blocksize, M, device):
     check_backward(M, torch.float16, kind, device, separate=M == 3, k=128, n=40, blocksize=blocksize)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_small_path_several_row_tiles(dtype, device):
+    # M = 64 on the small-M path runs two 32-row tiles; each writes its own rows of xa / dS.
+    check_forward(64, dtype, "nf4_dq", device, bias=True, separate=True)
+    check_backward(64, dtype, "nf4_dq", device, separate=True)
+    check_backward(64, dtype, "nf4", device, separate=False, k=128)
+
+
 @pytest.mark.parametrize("M", [3, 20])
 def test_unfused_shrink_small_m(M, device, monkeypatch):
     # The small-M kernels with xa / dS from the split shrink launch instead of their own loop.
