@@ -91,7 +91,8 @@ class PagedAdamW(torch.optim.Optimizer):
         return total
 
     def _host_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(like.shape, dtype=dtype, device="cpu", pin_memory=True)
+        # pinned memory makes the copies asynchronous; it needs CUDA (and is pointless without it)
+        return torch.zeros(like.shape, dtype=dtype, device="cpu", pin_memory=like.device.type == "cuda")
 
     def _init_state(self, p: torch.Tensor, state: dict, amsgrad: bool) -> None:
         # Same layout as torch.optim.AdamW (non-capturable): a CPU fp32 step counter and moments like p.
@@ -134,9 +135,11 @@ class PagedAdamW(torch.optim.Optimizer):
             self._side_streams[device] = torch.cuda.Stream(device=device)
         return self._side_streams[device]
 
-    def _prefetch(self, p: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:
+    def _prefetch(self, p: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Start copying ``p``'s host moments to fresh device buffers on the side stream."""
         state = self.state[p]
+        if p.device.type != "cuda":  # no streams: plain synchronous copies (same bookkeeping)
+            return {k: state[k].to(p.device, copy=True) for k in _MOMENT_KEYS if k in state}, None
         main = torch.cuda.current_stream(p.device)
         side = self._side_stream(p.device)
         # Buffers come from the main stream's pool: the side stream must not touch them before the
@@ -152,6 +155,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _write_back(self, p: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
         state = self.state[p]
+        if p.device.type != "cuda":
+            for key, buf in buffers.items():
+                state[key].copy_(buf)
+            return
         main = torch.cuda.current_stream(p.device)
         side = self._side_stream(p.device)
         side.wait_stream(main)  # the update must be done before its result is copied out
@@ -194,10 +201,11 @@ class PagedAdamW(torch.optim.Optimizer):
                     nxt = paged[next_index]
                     in_flight[nxt] = self._prefetch(nxt)
                     next_index += 1
-                torch.cuda.current_stream(p.device).wait_event(ready)
+                if ready is not None:
+                    torch.cuda.current_stream(p.device).wait_event(ready)
                 self._update(p, buffers, state["step"], group)
                 self._write_back(p, buffers)
-            for device in {p.device for p in paged}:
+            for device in {p.device for p in paged if p.device.type == "cuda"}:
                 # host moments must be complete before anyone reads them (state_dict, the next step)
                 self._side_stream(device).synchronize()
         return loss
