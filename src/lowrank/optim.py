@@ -189,17 +189,17 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise OptimizerStateError("amsgrad was switched on after the first step; its state is missing")
                 todo.append(p)
             paged = [p for p in todo if self.wants_paging(p)]
-            in_flight = {paged[0]: self._prefetch(paged[0])} if paged else {}
+            # prefetched copies in paged order; invariant: the head of the queue is the next paged parameter
+            in_flight = [self._prefetch(paged[0])] if paged else []
             next_index = 1
             for p in todo:
                 state = self.state[p]
-                if p not in in_flight:
+                if not self.wants_paging(p):
                     self._update(p, state, state["step"], group)
                     continue
-                buffers, ready = in_flight.pop(p)
+                buffers, ready = in_flight.pop(0)
                 if next_index < len(paged):  # overlap the next parameter's copy with this update
-                    nxt = paged[next_index]
-                    in_flight[nxt] = self._prefetch(nxt)
+                    in_flight.append(self._prefetch(paged[next_index]))
                     next_index += 1
                 if ready is not None:
                     torch.cuda.current_stream(p.device).wait_event(ready)
