@@ -151,14 +151,11 @@ if HAS_TRITON:
         table_ptr,  # fp32 [16] code values
         offs_t,  # int64 [BLOCK_T] reduction-axis indices
         offs_c,  # int64 [BLOCK_C] output-column indices
-        T,
-        C,
+        T, C,
         stride_w_t,  # element stride of W along t (for 4-bit: the logical row-major stride)
         stride_w_c,
         COMPUTE_DTYPE: tl.constexpr,  # the decoded value is rounded to this dtype (= dequantize_4bit's)
-        W_QUANT: tl.constexpr,
-        BLOCKSIZE: tl.constexpr,
-        DOUBLE_QUANT: tl.constexpr,
+        W_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         NESTED_KIND: tl.constexpr,  # see nf4._block_constant
         ROUND_BY_BITS: tl.constexpr,
     ):
@@ -180,21 +177,14 @@ if HAS_TRITON:
     @triton.jit
     def _lora_load_4bit_rows(
         packed_ptr,  # uint8 packed codes of the flattened (N, K) weight
-        absmax_ptr,
-        absmax2_ptr,
-        offset_ptr,
-        dynamic_map_ptr,
-        table_ptr,
+        absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr,
         offs_n,  # int64 [ROWS] weight rows
         k0,  # first column; a multiple of DECODE_SUB
         N,
         K,  # a multiple of BLOCKSIZE (so K is even and no run of DECODE_SUB columns crosses a block)
-        ROWS: tl.constexpr,
-        COLS: tl.constexpr,
+        ROWS: tl.constexpr, COLS: tl.constexpr,
         DECODE_SUB: tl.constexpr,  # min(BLOCKSIZE, COLS): columns sharing one block constant
-        BLOCKSIZE: tl.constexpr,
-        DOUBLE_QUANT: tl.constexpr,
-        NESTED_KIND: tl.constexpr,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_KIND: tl.constexpr,
     ):
         # [ROWS, COLS] fp32 tile W[n, k0:k0+COLS]: contiguous byte loads, one block constant per
         # DECODE_SUB columns, hi/lo nibbles interleaved back into element order (as nf4's dequant kernel).
@@ -222,52 +212,24 @@ if HAS_TRITON:
         in_ptr,  # [M, T]: x (forward) or dy (dX)
         lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
         w_ptr,  # dense W or packed 4-bit codes
-        absmax_ptr,
-        absmax2_ptr,
-        offset_ptr,
-        dynamic_map_ptr,
-        table_ptr,
+        absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr,
         p_ptr,  # [T, R] shrink factor (Aᵀ forward, B for dX)
         q_ptr,  # [R, C] expand factor (Bᵀ forward, A for dX)
         low_ptr,  # fp32 [M, R]: written when FUSE_LOW (xa or dS), else read
         bias_ptr,  # [C] (HAS_BIAS)
         out_ptr,  # [M, C]
-        M,
-        C,
-        T,
-        R,
+        M, C, T, R,
         scale,  # fp32 low-rank scale s
-        stride_in_m,
-        stride_in_t,
-        stride_lin_m,
-        stride_lin_t,
-        stride_w_t,
-        stride_w_c,
-        stride_p_t,
-        stride_p_r,
-        stride_q_r,
-        stride_q_c,
-        stride_low_m,
-        stride_low_r,
-        stride_out_m,
-        stride_out_c,
-        BLOCK_M: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_T: tl.constexpr,
+        stride_in_m, stride_in_t, stride_lin_m, stride_lin_t, stride_w_t, stride_w_c, stride_p_t, stride_p_r,
+        stride_q_r, stride_q_c, stride_low_m, stride_low_r, stride_out_m, stride_out_c,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_R: tl.constexpr,  # >= R when FUSE_LOW, else the chunk of R per epilogue step
         GROUP_M: tl.constexpr,  # row tiles per L2-friendly group
-        W_QUANT: tl.constexpr,
-        BLOCKSIZE: tl.constexpr,
-        DOUBLE_QUANT: tl.constexpr,
-        FUSE_LOW: tl.constexpr,
-        SEPARATE_LORA_INPUT: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        NESTED_KIND: tl.constexpr,
+        W_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, FUSE_LOW: tl.constexpr,
+        SEPARATE_LORA_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, NESTED_KIND: tl.constexpr,
         FAST_DECODE: tl.constexpr,  # 4-bit W with K % BLOCKSIZE == 0: _lora_load_4bit_rows
         T_IS_K: tl.constexpr,  # forward (t = k, c = n); else dX (t = n, c = k)
-        DECODE_SUB: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DECODE_SUB: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,  # interpreter: round to bf16 on the bits (its cast truncates)
     ):
         compute_dtype = in_ptr.dtype.element_ty
@@ -368,23 +330,11 @@ if HAS_TRITON:
         lin_ptr,  # [M, T] (x.dtype)
         p_ptr,  # [T, R]
         low_ptr,  # fp32 [SPLIT, M, R] partial sums over T chunks (SPLIT = grid axis 2)
-        M,
-        T,
-        R,
+        M, T, R,
         t_per_split,  # a multiple of BLOCK_T
-        stride_lin_m,
-        stride_lin_t,
-        stride_p_t,
-        stride_p_r,
-        stride_low_split,
-        stride_low_m,
-        stride_low_r,
-        BLOCK_M: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-        ROUND_BY_BITS: tl.constexpr,
+        stride_lin_m, stride_lin_t, stride_p_t, stride_p_r, stride_low_split, stride_low_m, stride_low_r,
+        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
     ):
         compute_dtype = lin_ptr.dtype.element_ty
         offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -416,25 +366,12 @@ if HAS_TRITON:
         u_ptr,  # [M, P]
         v_ptr,  # [M, Q]
         out_ptr,  # [SPLIT, P, Q] fp32 partials, or [P, Q] in the gradient's dtype when SPLIT == 1
-        M,
-        P,
-        Q,
+        M, P, Q,
         rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
-        scale,
-        stride_u_m,
-        stride_u_p,
-        stride_v_m,
-        stride_v_q,
-        stride_out_split,
-        stride_out_p,
-        stride_out_q,
+        scale, stride_u_m, stride_u_p, stride_v_m, stride_v_q, stride_out_split, stride_out_p, stride_out_q,
         COMPUTE_DTYPE: tl.constexpr,  # both operands are rounded to this dtype (x.dtype)
-        BLOCK_P: tl.constexpr,
-        BLOCK_Q: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-        ROUND_BY_BITS: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
     ):
         # out[p, q] = s · Σ_m u[m, p] · v[m, q]: dB = s·dyᵀ·xa and dA = s·dSᵀ·x_lora.
         offs_p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
