@@ -205,8 +205,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise AdapterConfigError(f"{path}: lora_alpha must be a number, got {alpha!r}")
     targets = cfg["target_modules"]
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        raise AdapterConfigError(f"{path}: target_modules must be a regex string or a non-empty list of names, got {targets!r}")
+    if not (
+        isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise AdapterConfigError(
+            f"{path}: target_modules must be a regex string or a non-empty list of names, got {targets!r}"
+        )
     dropout = cfg.get("lora_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise AdapterConfigError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
@@ -225,7 +229,11 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, *, quantize: str | None = None, compute_dtype: torch.dtype | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    quantize: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a PEFT (or lowrank) LoRA adapter into ``model``; return it.
 
@@ -290,7 +298,8 @@ def load_adapter(
             target = getattr(module, which)
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterShapeError(
-                    f"{name}.{which}: adapter tensor has shape {tuple(value.shape)}, the model needs {tuple(target.shape)} "
+                    f"{name}.{which}: adapter tensor has shape {tuple(value.shape)}, "
+                    f"the model needs {tuple(target.shape)} "
                     f"(base layer in={module.in_features}, out={module.out_features}, r={module.r})"
                 )
     with torch.no_grad():
@@ -384,9 +393,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> None:
     layer as Linear4bit's keys (``weight`` packed uint8, ``weight.absmax``, ``weight.quant_map``,
     ``weight.nested_*``, ``weight.quant_state.bitsandbytes__nf4``) and everything else as is.
     """
-    quantized = {
-        name.removesuffix(".base_layer"): m for name, m in model.named_modules() if isinstance(m, LinearNF4)
-    }
+    quantized = {name.removesuffix(".base_layer"): m for name, m in model.named_modules() if isinstance(m, LinearNF4)}
     if not quantized:
         raise QuantizedCheckpointError("the model has no 4-bit layers; prepare it with quantize='nf4' first")
     kinds = {(m.quant_type, m.double_quant, m.blocksize) for m in quantized.values()}
@@ -471,7 +478,9 @@ def load_quantized(
     if model_class is None:
         archs = cfg.get("architectures") or []
         if not archs or not hasattr(transformers, archs[0]):
-            raise QuantizedCheckpointError(f"config.json architectures {archs!r} name no transformers class; pass model_class=")
+            raise QuantizedCheckpointError(
+                f"config.json architectures {archs!r} name no transformers class; pass model_class="
+            )
         model_class = getattr(transformers, archs[0])
     tensors = read_safetensors(os.path.join(directory, MODEL_WEIGHTS))
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "quantization_config"})
@@ -480,13 +489,20 @@ def load_quantized(
     config_class = getattr(model_class, "config_class", None)
     if isinstance(config_class, type) and not isinstance(config, config_class):
         raise QuantizedCheckpointError(
-            f"the checkpoint's config is a {type(config).__name__} but {model_class.__name__} needs a {config_class.__name__}"
+            f"the checkpoint's config is a {type(config).__name__} but {model_class.__name__} "
+            f"needs a {config_class.__name__}"
         )
     with _parameters_on_meta():
-        model = model_class._from_config(config, dtype=dtype) if hasattr(model_class, "_from_config") else model_class(config)
+        model = (
+            model_class._from_config(config, dtype=dtype)
+            if hasattr(model_class, "_from_config")
+            else model_class(config)
+        )
     blobs = [k for k in tensors if ".weight.quant_state.bitsandbytes__" in k]
     if not blobs:
-        raise QuantizedCheckpointError(f"{directory}/{MODEL_WEIGHTS} has no '*.weight.quant_state.bitsandbytes__nf4' entries")
+        raise QuantizedCheckpointError(
+            f"{directory}/{MODEL_WEIGHTS} has no '*.weight.quant_state.bitsandbytes__nf4' entries"
+        )
     names = set(dict(model.named_modules()))
     consumed = set()
     for blob in blobs:
@@ -495,7 +511,9 @@ def load_quantized(
             raise QuantizedCheckpointError(f"checkpoint layer {name!r} does not exist in {model_class.__name__}")
         old = model.get_submodule(name)
         if not _models._is_linear(old):
-            raise QuantizedCheckpointError(f"checkpoint layer {name!r} is a {type(old).__name__} in the model, not a linear layer")
+            raise QuantizedCheckpointError(
+                f"checkpoint layer {name!r} is a {type(old).__name__} in the model, not a linear layer"
+            )
         try:
             new = LinearNF4.from_bnb_state_dict(tensors, prefix=f"{name}.", compute_dtype=compute_dtype)
         except (QuantStateError, ValueError) as err:
@@ -512,12 +530,16 @@ def load_quantized(
     rest = {k: v for k, v in tensors.items() if k not in consumed}
     result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
-        raise QuantizedCheckpointError(f"checkpoint tensors not in {model_class.__name__}: {result.unexpected_keys[:5]}")
+        raise QuantizedCheckpointError(
+            f"checkpoint tensors not in {model_class.__name__}: {result.unexpected_keys[:5]}"
+        )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
-        raise QuantizedCheckpointError(f"checkpoint lacks tensors for {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}")
+        raise QuantizedCheckpointError(
+            f"checkpoint lacks tensors for {still_meta[:5]}{' ...' if len(still_meta) > 5 else ''}"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()

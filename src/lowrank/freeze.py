@@ -55,7 +55,9 @@ def _trainable_candidates(model: nn.Module):
             yield name, p
 
 
-def _matcher(model: nn.Module, match: Match, layers: Iterable[int] | slice | None) -> Callable[[str, torch.Tensor], bool]:
+def _matcher(
+    model: nn.Module, match: Match, layers: Iterable[int] | slice | None
+) -> Callable[[str, torch.Tensor], bool]:
     if match is None:
         name_ok = lambda name, p: True  # noqa: E731
     elif isinstance(match, str):
@@ -186,7 +188,10 @@ def head_only(model: nn.Module) -> list[str]:
     GPT-2, unfreezes the embeddings too: they are the same tensor.)"""
     chosen = set(head_names(model))
     if not chosen:
-        raise FreezeError(f"no output head ({', '.join(HEAD_NAMES)}) found; top-level modules: {[n for n, _ in model.named_children()]}")
+        raise FreezeError(
+            f"no output head ({', '.join(HEAD_NAMES)}) found; "
+            f"top-level modules: {[n for n, _ in model.named_children()]}"
+        )
     for name, p in _trainable_candidates(model):
         _set(p, name in chosen)
     return trainable_names(model)
@@ -301,7 +306,13 @@ def discriminative_lr_groups(
     for (depth, decays), params in sorted(groups.items()):
         scale = decay ** (total + 1 - depth)
         result.append(
-            {"params": params, "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0, "depth": depth, "lr_scale": scale}
+            {
+                "params": params,
+                "lr": lr * scale,
+                "weight_decay": weight_decay if decays else 0.0,
+                "depth": depth,
+                "lr_scale": scale,
+            }
         )
     if not result:
         raise FreezeError("the model has no trainable parameters to put in optimizer groups")

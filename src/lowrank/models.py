@@ -78,7 +78,8 @@ class Summary:
     def __str__(self) -> str:
         before = "?" if self.bytes_before is None else f"{self.bytes_before / 2**20:.2f} MiB"
         return (
-            f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({100 * self.trainable_fraction:.3f}%) | "
+            f"trainable params: {self.trainable_params:,} / {self.total_params:,} "
+            f"({100 * self.trainable_fraction:.3f}%) | "
             f"memory {before} -> {self.bytes_after / 2**20:.2f} MiB | "
             f"{self.adapted_modules} LoRA modules, {self.quantized_modules} NF4 linear layers"
         )
@@ -156,13 +157,17 @@ def _match_names(names: Sequence[str], spec, what: str) -> list[str]:
             raise TargetModulesError(f"{what}={spec!r} is not a valid regular expression: {err}") from err
         chosen = [n for n in names if pattern.fullmatch(n)]
         if not chosen:
-            raise TargetModulesError(f"{what} regex {spec!r} matches no linear module; they are named like {_suffixes(names)}")
+            raise TargetModulesError(
+                f"{what} regex {spec!r} matches no linear module; they are named like {_suffixes(names)}"
+            )
         return chosen
     if not isinstance(spec, (list, tuple, set)) or not all(isinstance(s, str) and s for s in spec):
         raise TargetModulesError(f"{what} must be 'all-linear', a regex string or a list of module names, got {spec!r}")
     unknown = [s for s in spec if not any(n == s or n.endswith("." + s) for n in names)]
     if unknown:
-        raise TargetModulesError(f"{what} {unknown} match no linear module of {type_name(names)}; available names: {_suffixes(names)}")
+        raise TargetModulesError(
+            f"{what} {unknown} match no linear module of {type_name(names)}; available names: {_suffixes(names)}"
+        )
     return [n for n in names if any(n == s or n.endswith("." + s) for s in spec)]
 
 
@@ -171,7 +176,10 @@ def type_name(names: Sequence[str]) -> str:
 
 
 def resolve_targets(
-    model: nn.Module, target_modules="all-linear", layers_to_transform: int | Iterable[int] | None = None, exclude: Iterable[str] = ()
+    model: nn.Module,
+    target_modules="all-linear",
+    layers_to_transform: int | Iterable[int] | None = None,
+    exclude: Iterable[str] = (),
 ) -> list[str]:
     """Full names of the modules ``target_modules`` selects (see the module docstring)."""
     excluded = set(exclude)
@@ -182,7 +190,9 @@ def resolve_targets(
     if target_modules == "all-linear":
         chosen = [n for n in names if n not in heads]
     elif target_modules is None:
-        raise TargetModulesError("target_modules must be 'all-linear', a regex string or a list of module names, got None")
+        raise TargetModulesError(
+            "target_modules must be 'all-linear', a regex string or a list of module names, got None"
+        )
     else:
         chosen = _match_names(names, target_modules, "target_modules")
     if layers_to_transform is not None:
@@ -194,7 +204,8 @@ def resolve_targets(
         chosen = [n for n in chosen if _freeze.layer_index(n) in wanted]
     if not chosen:
         raise TargetModulesError(
-            f"target_modules={target_modules!r} (layers {layers_to_transform}) selects no module; linear layers: {_suffixes(names)}"
+            f"target_modules={target_modules!r} (layers {layers_to_transform}) selects no module; "
+            f"linear layers: {_suffixes(names)}"
         )
     return chosen
 
@@ -275,11 +286,16 @@ def prepare_model(
     for spec in save_spec:
         hits = [n for n in module_names if n == spec or n.endswith("." + spec)]
         if not hits:
-            raise TargetModulesError(f"modules_to_save entry {spec!r} matches no module; top-level modules: {[n for n, _ in model.named_children()]}")
+            raise TargetModulesError(
+                f"modules_to_save entry {spec!r} matches no module; "
+                f"top-level modules: {[n for n, _ in model.named_children()]}"
+            )
         saved += hits
     saved_prefixes = tuple(saved)
     in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved_prefixes)  # noqa: E731
-    targets = resolve_targets(model, target_modules, layers_to_transform, exclude=[n for n in all_linear if in_saved(n)])
+    targets = resolve_targets(
+        model, target_modules, layers_to_transform, exclude=[n for n in all_linear if in_saved(n)]
+    )
     target_set = set(targets)
 
     for p in model.parameters():

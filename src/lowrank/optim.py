@@ -70,7 +70,9 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if int(page_min_numel) < 0:
             raise ValueError(f"page_min_numel must be >= 0, got {page_min_numel}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
         super().__init__(params, defaults)
         self.page_min_numel = int(page_min_numel)
         self.paged = bool(paged)
@@ -144,7 +146,9 @@ class PagedAdamW(torch.optim.Optimizer):
         side = self._side_stream(p.device)
         # Buffers come from the main stream's pool: the side stream must not touch them before the
         # main stream has finished whatever used that memory last.
-        buffers = {k: torch.empty(state[k].shape, dtype=state[k].dtype, device=p.device) for k in _MOMENT_KEYS if k in state}
+        buffers = {
+            k: torch.empty(state[k].shape, dtype=state[k].dtype, device=p.device) for k in _MOMENT_KEYS if k in state
+        }
         side.wait_stream(main)
         with torch.cuda.stream(side):
             for key, buf in buffers.items():
@@ -229,7 +233,9 @@ class PagedAdamW(torch.optim.Optimizer):
         for p, moments in host_moments.items():
             for key, value in moments.items():
                 if value.shape != p.shape:
-                    raise OptimizerStateError(f"state {key!r} has shape {tuple(value.shape)}, parameter has {tuple(p.shape)}")
+                    raise OptimizerStateError(
+                        f"state {key!r} has shape {tuple(value.shape)}, parameter has {tuple(p.shape)}"
+                    )
                 buf = self._host_buffer(p, p.dtype)
                 buf.copy_(value)
                 self.state[p][key] = buf
@@ -285,17 +291,24 @@ def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[s
     return tensors, meta
 
 
-def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_state_from_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     """Load what :func:`optimizer_state_to_tensors` produced into ``optimizer``."""
     if not isinstance(meta, dict) or "param_groups" not in meta:
-        raise OptimizerStateError(f"optimizer metadata must be a JSON object with 'param_groups', got {str(meta)[:200]}")
+        raise OptimizerStateError(
+            f"optimizer metadata must be a JSON object with 'param_groups', got {str(meta)[:200]}"
+        )
     groups = _decode(meta["param_groups"])
     if len(groups) != len(optimizer.param_groups):
-        raise OptimizerStateError(f"saved state has {len(groups)} parameter groups, the optimizer has {len(optimizer.param_groups)}")
-    for saved, current in zip(groups, optimizer.param_groups):
+        raise OptimizerStateError(
+            f"saved state has {len(groups)} parameter groups, the optimizer has {len(optimizer.param_groups)}"
+        )
+    for saved, current in zip(groups, optimizer.param_groups, strict=True):
         if len(saved["params"]) != len(current["params"]):
             raise OptimizerStateError(
-                f"a saved parameter group has {len(saved['params'])} parameters, the optimizer's has {len(current['params'])}"
+                f"a saved parameter group has {len(saved['params'])} parameters, "
+                f"the optimizer's has {len(current['params'])}"
             )
     valid_ids = {i for g in groups for i in g["params"]}
     state: dict[int, dict] = {}
@@ -310,10 +323,12 @@ def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict
         state.setdefault(int(index), {}).update(_decode(values))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
-    for i, p in zip(ids, params):
+    for i, p in zip(ids, params, strict=True):
         for name, value in state.get(i, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
-                raise OptimizerStateError(f"state.{i}.{name} has shape {tuple(value.shape)}, its parameter has {tuple(p.shape)}")
+                raise OptimizerStateError(
+                    f"state.{i}.{name} has shape {tuple(value.shape)}, its parameter has {tuple(p.shape)}"
+                )
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

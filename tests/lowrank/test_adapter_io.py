@@ -45,7 +45,7 @@ def logits(model, ids=None):
 def randomize_adapters(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model
@@ -56,7 +56,9 @@ def peft_from_pretrained(base, directory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = peft.PeftModel.from_pretrained(base, directory).eval()
-    problems = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    problems = [
+        str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()
+    ]
     assert not problems, problems
     return model
 
@@ -82,7 +84,10 @@ def test_saved_adapter_loads_in_peft_with_same_outputs(tmp_path, arch, quantize)
     torch.testing.assert_close(logits(theirs), ours, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("arch", "targets"), [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"]), ("bert", "all-linear")])
+@pytest.mark.parametrize(
+    ("arch", "targets"),
+    [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"]), ("bert", "all-linear")],
+)
 def test_peft_written_adapter_loads_into_lowrank(tmp_path, arch, targets):
     original = tiny(arch)
     task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
@@ -152,9 +157,14 @@ def test_load_quantized_reads_a_checkpoint_written_by_transformers(tmp_path):
     original = tiny("gpt2")
     original.save_pretrained(tmp_path / "dense")
     quant_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
-    bnb_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quant_config, device_map="cpu")
+    bnb_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=quant_config, device_map="cpu"
+    )
     bnb_model.save_pretrained(tmp_path / "bnb")
     ours = load_quantized(tmp_path / "bnb")
     layer = ours.transformer.h[0].attn.c_attn
@@ -214,9 +224,16 @@ def test_truncated_safetensors(saved_adapter):
 
 def test_adapter_for_other_base_shapes(saved_adapter):
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
-    with pytest.raises(AdapterShapeError, match=r"up_proj.lora_B: adapter tensor has shape \(128, 4\), the model needs \(96, 4\)"):
+    with pytest.raises(
+        AdapterShapeError, match=r"up_proj.lora_B: adapter tensor has shape \(128, 4\), the model needs \(96, 4\)"
+    ):
         load_adapter(transformers.LlamaForCausalLM(config), saved_adapter)
     prepared = prepare_model(tiny("llama"), r=2, alpha=8, target_modules=["q_proj", "up_proj"])
     with pytest.raises(AdapterShapeError, match="r=2"):

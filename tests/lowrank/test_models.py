@@ -52,7 +52,9 @@ def test_prepare_quantizes_adapts_and_freezes(arch):
     assert s.trainable_params == sum(m.r * (m.in_features + m.out_features) for m in adapted.values()) + (
         sum(p.numel() for p in model.classifier.parameters()) if arch == "bert" else 0
     )
-    assert s.total_params == summary(original).total_params + sum(m.r * (m.in_features + m.out_features) for m in adapted.values())
+    assert s.total_params == summary(original).total_params + sum(
+        m.r * (m.in_features + m.out_features) for m in adapted.values()
+    )
     assert s.bytes_before > s.bytes_after and s.quantized_modules >= len(adapted)
     assert "trainable params" in str(s)
 
@@ -72,7 +74,9 @@ def test_dense_bases_and_target_forms():
     assert not model.model.layers[0].mlp.up_proj.weight.requires_grad
 
     regex = r".*\.mlp\.(up|down)_proj"
-    assert resolve_targets(tiny("llama"), regex) == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")]
+    assert resolve_targets(tiny("llama"), regex) == [
+        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")
+    ]
     top = prepare_model(tiny("qwen2"), r=2, target_modules=["k_proj"], layers_to_transform=[1])
     assert [n for n, m in top.named_modules() if isinstance(m, LoRALinear)] == ["model.layers.1.self_attn.k_proj"]
     assert isinstance(top.model.layers[0].self_attn.k_proj, LinearNF4)  # quantized, frozen, no adapter
@@ -111,7 +115,11 @@ def test_real_minilm_encoder_survives_nf4(monkeypatch):
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     original = AutoModel.from_pretrained(path).eval()
-    sentences = ["QLoRA fine-tunes adapters on a 4-bit base.", "The cat sat on the mat.", "Stock prices fell sharply today."]
+    sentences = [
+        "QLoRA fine-tunes adapters on a 4-bit base.",
+        "The cat sat on the mat.",
+        "Stock prices fell sharply today.",
+    ]
     batch = tokenizer(sentences, return_tensors="pt", padding=True)
 
     def embed(model):

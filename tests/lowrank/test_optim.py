@@ -36,7 +36,11 @@ def _train(model, optimizer, steps, accumulation=3, seed=1, device="cpu"):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.1, amsgrad=True), dict(lr=1e-3, betas=(0.8, 0.95), eps=1e-6, maximize=True)],
+    [
+        dict(lr=1e-2),
+        dict(lr=3e-3, weight_decay=0.1, amsgrad=True),
+        dict(lr=1e-3, betas=(0.8, 0.95), eps=1e-6, maximize=True),
+    ],
 )
 def test_bit_identical_to_torch_adamw(kwargs):
     ours, ref = _model(), _model()
@@ -44,13 +48,13 @@ def test_bit_identical_to_torch_adamw(kwargs):
     ref_opt = torch.optim.AdamW(ref.parameters(), **kwargs)
     _train(ours, opt, steps=25)
     _train(ref, ref_opt, steps=25)
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b), name
     frozen = ours[2].weight
     assert frozen not in opt.state and frozen.grad is None
     assert torch.equal(frozen, _model()[2].weight)
     for p, state in ref_opt.state.items():
-        mine = opt.state[dict(zip(map(id, ref.parameters()), ours.parameters()))[id(p)]]
+        mine = opt.state[dict(zip(map(id, ref.parameters()), ours.parameters(), strict=True))[id(p)]]
         assert set(mine) == set(state)
         for key in state:
             assert torch.equal(mine[key], state[key]), key
@@ -61,7 +65,10 @@ def test_param_groups_and_late_unfreezing_match_adamw():
     ours, ref = _model(), _model()
 
     def groups(m):
-        return [{"params": m[0].parameters(), "lr": 1e-2}, {"params": [*m[2].parameters(), *m[4].parameters()], "lr": 1e-3}]
+        return [
+            {"params": m[0].parameters(), "lr": 1e-2},
+            {"params": [*m[2].parameters(), *m[4].parameters()], "lr": 1e-3},
+        ]
 
     opt, ref_opt = PagedAdamW(groups(ours)), torch.optim.AdamW(groups(ref))
     _train(ours, opt, 4)
@@ -70,7 +77,7 @@ def test_param_groups_and_late_unfreezing_match_adamw():
     ref[2].requires_grad_(True)
     _train(ours, opt, 4, seed=2)
     _train(ref, ref_opt, 4, seed=2)
-    for a, b in zip(ours.parameters(), ref.parameters()):
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -89,7 +96,7 @@ def test_resume_through_safetensors_is_bit_identical(tmp_path):
     load_optimizer_state(opt2, tmp_path / "optimizer.safetensors")
     assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["betas"] == (0.9, 0.999)
     _train(resumed, opt2, 6, seed=7)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -104,7 +111,7 @@ def test_torch_adamw_state_loads_into_paged_adamw():
     optimizer_state_from_tensors(opt, tensors, meta)
     _train(ref, ref_opt, 3, seed=3)
     _train(ours, opt, 3, seed=3)
-    for a, b in zip(ours.parameters(), ref.parameters()):
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -144,7 +151,7 @@ def test_paging_bookkeeping_is_bit_identical_and_resumes(tmp_path):
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, amsgrad=True)
     _train(ours, opt, 5)
     _train(ref, ref_opt, 5)
-    for a, b in zip(ours.parameters(), ref.parameters()):
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
     paged = [p for p in ours.parameters() if p in opt.state and p.numel() >= 100]
     assert paged and opt.device_bytes_saved() == sum(3 * 4 * p.numel() for p in paged)
@@ -155,11 +162,13 @@ def test_paging_bookkeeping_is_bit_identical_and_resumes(tmp_path):
     assert opt2.device_bytes_saved() == opt.device_bytes_saved()
     _train(resumed, opt2, 5, seed=4)
     _train(ref, ref_opt, 5, seed=4)
-    for a, b in zip(resumed.parameters(), ref.parameters()):
+    for a, b in zip(resumed.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1), dict(page_min_numel=-1)])
+@pytest.mark.parametrize(
+    "bad", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1), dict(page_min_numel=-1)]
+)
 def test_rejects_bad_hyper_parameters(bad):
     with pytest.raises(ValueError):
         PagedAdamW([nn.Parameter(torch.zeros(2))], **bad)
@@ -175,7 +184,7 @@ def test_cuda_paging_is_bit_identical_and_saves_device_memory(tmp_path):
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)
     _train(big, opt, 10, device="cuda")
     _train(ref, ref_opt, 10, device="cuda")
-    for a, b in zip(big.parameters(), ref.parameters()):
+    for a, b in zip(big.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
     state = opt.state[big[0].weight]
     assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].is_pinned()

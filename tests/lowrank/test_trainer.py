@@ -69,5 +69,5 @@ def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, re
     if reentrant:  # one comparison with plain training (below) is enough
         return
     _train(plain, tmp_path / "plain", checkpointing=False)
-    for (name, a), b in zip(prepared.named_parameters(), plain.parameters()):
+    for (name, a), b in zip(prepared.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

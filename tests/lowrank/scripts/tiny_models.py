@@ -21,11 +21,15 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_key_value_heads=2))
     elif arch == "mistral":
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, num_key_value_heads=2, head_dim=16))
+        model = transformers.MistralForCausalLM(
+            transformers.MistralConfig(**common, num_key_value_heads=2, head_dim=16)
+        )
     elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, num_key_value_heads=2))
     elif arch == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         model = transformers.GPT2LMHeadModel(config)
     elif arch == "bert":
         config = transformers.BertConfig(**common, max_position_embeddings=64, num_labels=3)
