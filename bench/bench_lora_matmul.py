@@ -64,7 +64,7 @@ class Case:
     m: int
     r: int | None  # None: a baseline that has no adapter
     provider: str
-    tier: int  # run order: 0 what the goals compare, 1 competitors and path variants, 2 the larger rank
+    tier: int  # run order: 0 what the goals compare, 1 path variants and competitors, 2 compiled, 3 the larger rank
 
     @property
     def id(self) -> str:
@@ -81,15 +81,16 @@ def _cases() -> list:
         for shape in LORA_SHAPES:
             for m in LORA_M:
                 for r in ranks:
-                    tier = 0 if r == ranks[0] else 2
-                    cases.append(Case(mode, shape, m, r, ours[mode], tier))
-                    cases += [Case(mode, shape, m, r, p, 1 if tier == 0 else 2) for p in ("torch", "torch_compiled", "peft_bnb")]
+                    first = r == ranks[0]
+                    cases.append(Case(mode, shape, m, r, ours[mode], 0 if first else 3))
                     if mode == "fwd":
                         paths = [p for p in FORWARD_PATHS if p != "fused_small_m" or m <= SMALL_M_PATH_MAX]
-                        cases += [Case(mode, shape, m, r, f"triton:{p}", 1 if tier == 0 else 2) for p in paths]
+                        cases += [Case(mode, shape, m, r, f"triton:{p}", 1 if first else 3) for p in paths]
+                    cases += [Case(mode, shape, m, r, p, 1 if first else 3) for p in ("peft_bnb", "torch")]
+                    cases.append(Case(mode, shape, m, r, "torch_compiled", 2 if first else 3))
                 cases += [Case(mode, shape, m, None, p, 0) for p in baselines[mode]]
     order = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
-    cases.sort(key=lambda c: (c.tier, order[c.mode], LORA_SHAPES.index(c.shape), c.m, c.r or 0))
+    cases.sort(key=lambda c: (c.tier, order[c.mode], LORA_SHAPES.index(c.shape), c.m, c.r or 0))  # stable: keeps provider order
     return [pytest.param(c, id=c.id) for c in cases]
 
 
@@ -136,7 +137,8 @@ def torch_lora_forward(x, packed, absmax, absmax2, offset, n: int, k: int, A, B,
 def _compiled_forward():
     # The backward-only benchmark replays one graph (retain_graph=True), which a compiled backward with
     # donated buffers refuses; donation only saves memory, so it is switched off for every compiled case.
-    torch._functorch.config.donated_buffer = False
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     return torch.compile(torch_lora_forward, dynamic=True)
 
 

@@ -7,6 +7,7 @@ skip benchmarks by default). Without CUDA the shapes shrink automatically.
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def bench(benchmark, limits, request):
     yield runner
     if runner.record is not None:
         append_record(runner.record)
-    if torch.cuda.is_available():  # keep one benchmark's buffers from crowding the next
+    gc.collect()  # a training-step benchmark leaves a whole model behind: free it before the next one
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
