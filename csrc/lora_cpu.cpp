@@ -5,14 +5,15 @@
 //   backward: dx = dy W + scale * (dy B) A
 //             dA = scale * (dy B)^T x_lora,  dB = scale * dy^T xa
 //
-// Strategy: never materialise the whole dequantized W. The forward decodes a panel of kPanelRows rows of
-// W (a contiguous range of the flattened tensor) into a small buffer in x's dtype that stays in cache
-// and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has them),
-// writing straight into the matching columns of y. The backward does the same with slabs of kSlabCols
+// Strategy: never materialise the whole dequantized W. The forward decodes a panel of rows of W (a
+// contiguous range of the flattened tensor) into a buffer in x's dtype that stays in the last-level
+// cache and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has
+// them), writing straight into the matching columns of y. The backward does the same with slabs of
 // columns of W, so every dx column block is one GEMM with no cross-panel accumulation (one rounding in
-// low precision). The rank-r terms are thin GEMMs in float32 over row chunks of x / dy (so no full fp32
-// copy of x or dy is made); their result is added to the low-precision output with one more rounding.
-// Extra memory: one panel (kPanelRows x K) or slab (N x kSlabCols) in x's dtype, plus O((M + N + K) r).
+// low precision). The rank-r terms are thin GEMMs in float32 over row chunks of x / dy (no full fp32
+// copy of x or dy); their result is added to the low-precision output with one more rounding.
+// Extra memory: one panel or slab of about kPanelBytes in x's dtype, a float32 copy of kRowChunk rows of
+// x or dy, plus O((M + N + K) r).
 #include "nf4_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -23,9 +24,17 @@
 namespace lowrank_ext {
 namespace {
 
-constexpr int64_t kPanelRows = 128;  // rows of W decoded per forward GEMM
-constexpr int64_t kSlabCols = 256;   // columns of W decoded per backward GEMM
-constexpr int64_t kRowChunk = 128;   // rows of x / dy converted to float32 at a time for the rank-r GEMMs
+// Bytes of one decoded panel/slab of W: big enough that the GEMM runs at full speed and that there are
+// few parallel regions (each is a barrier, and on a loaded machine a barrier can cost a time slice),
+// small enough to stay in the last-level cache and far below a dequantized copy of a large W.
+constexpr int64_t kPanelBytes = 8 << 20;
+constexpr int64_t kRowChunk = 256;  // rows of x / dy converted to float32 at a time for the rank-r GEMMs
+
+// Rows (forward) or columns (backward) of W per panel: `other` is the panel's other dimension.
+int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
+  const int64_t extent = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(1, other * element_size));
+  return std::min(extent, total);
+}
 constexpr int64_t kDecodeGrain = 1 << 15;  // elements per parallel decode task
 
 // The frozen base weight: a 4-bit view, or a dense (N, K) tensor converted to the compute dtype.
@@ -142,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   at::Tensor y = at::empty({s.M, s.N}, x.options());
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->to(dtype)) : std::nullopt;
-  const int64_t panel_rows = w.quantized ? kPanelRows : s.N;
+  const int64_t panel_rows = w.quantized ? panel_extent(s.K, x.element_size(), s.N) : s.N;
   at::Tensor buffer;
   if (w.quantized) buffer = at::empty({std::min(panel_rows, s.N), s.K}, x.options());
   for (int64_t n0 = 0; n0 < s.N; n0 += panel_rows) {
@@ -202,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
     const at::Tensor g_scaled = g * scale;
     dx = at::empty({s.M, s.K}, x.options());
-    const int64_t slab_cols = w.quantized ? kSlabCols : s.K;
+    const int64_t slab_cols = w.quantized ? panel_extent(s.N, x.element_size(), s.K) : s.K;
     at::Tensor buffer;
     if (w.quantized) buffer = at::empty({s.N, std::min(slab_cols, s.K)}, x.options());
     for (int64_t k0 = 0; k0 < s.K; k0 += slab_cols) {
