@@ -180,21 +180,21 @@ def _forward_one(x, w, A, B, scale, bias, dropout, seed, index, backend):
 
 
 def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need_dA, need_dB, backend):
-    """(dx in fp32 or None, dA, dB) for one projection."""
+    """(dx or None, dA, dB) for one projection; dx is in x's dtype, or fp32 when dropout masks its LoRA term."""
     if A is None:
         if isinstance(w, torch.Tensor):
             dense = w.to(dy.dtype)
         else:
             dense = _dequantize(w, dy.dtype, backend)
-        return (dy @ dense).float() if need_dx else None, None, None
+        return (dy @ dense) if need_dx else None, None, None
     impl = _dispatch.implementation("lora_backward", backend)
     x_lora, mask = _masked_input(x, dropout, seed, index)
     if x_lora is None:
-        dx, dA, dB = impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
-        return (dx.float() if dx is not None else None), dA, dB
+        return impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
     eff_scale = scale / (1.0 - dropout)
-    dx = None
-    _, dA, dB = impl(dy, x, w, A, B, eff_scale, xa, x_lora, False, need_dA, need_dB)
+    dx = dA = dB = None
+    if need_dA or need_dB:
+        _, dA, dB = impl(dy, x, w, A, B, eff_scale, xa, x_lora, False, need_dA, need_dB)
     if need_dx:
         # The backends' dx has no mask on the LoRA term: take the base part (scale 0) and add the masked term.
         base, _, _ = impl(dy, x, w, A, B, 0.0, xa, None, True, False, False)
@@ -316,28 +316,30 @@ lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_line
 def lora_linear_multi_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
-    absmaxes: list[torch.Tensor | None],
-    nested_absmaxes: list[torch.Tensor | None],
-    nested_offsets: list[torch.Tensor | None],
+    absmaxes: list[torch.Tensor],
+    nested_absmaxes: list[torch.Tensor],
+    nested_offsets: list[torch.Tensor],
     shapes: list[int],
     blocksizes: list[int],
     quant_types: str,
     As: list[torch.Tensor],
     Bs: list[torch.Tensor],
     scales: list[float],
-    biases: list[torch.Tensor | None],
+    biases: list[torch.Tensor],
     dropout: float,
     seed: torch.Tensor | None,
     backend: str,
 ) -> list[torch.Tensor]:
     """Several projections of one x: returns ``[y_0, ..., y_{n-1}, xa_0, ..., xa_{n-1}]``.
 
-    ``shapes`` is flattened (two ints per projection); ``quant_types`` holds ``"<quant_type>:<nested dtype>"``
+    Lists of tensors hold an empty tensor where a projection has none (no bias, a dense weight's absmax):
+    torch.library's autograd wants lists of tensors without None. ``shapes`` is flattened (two ints per
+    projection); ``quant_types`` holds ``"<quant_type>:<nested dtype>"``
     per projection, comma-separated (``"none:none"`` for a dense weight).
     """
     ys, xas = [], []
     for i, w in enumerate(_weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types)):
-        y, xa = _forward_one(x, w, As[i], Bs[i], scales[i], biases[i], dropout, seed, i, backend)
+        y, xa = _forward_one(x, w, As[i], Bs[i], scales[i], _present(biases[i]), dropout, seed, i, backend)
         ys.append(y)
         xas.append(xa)
     return ys + xas
@@ -350,11 +352,17 @@ def _(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes,
     return ys + [x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32) for A in As]
 
 
+def _present(t: torch.Tensor) -> torch.Tensor | None:
+    """None for the empty placeholder of a missing tensor in the multi ops' tensor lists."""
+    return None if t.numel() == 0 else t
+
+
 def _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types):
     kinds = [kind.split(":") for kind in quant_types.split(",")]
     return [
         _weight_object(
-            w, absmaxes[i], nested_absmaxes[i], nested_offsets[i], shapes[2 * i : 2 * i + 2], blocksizes[i], kinds[i][0],
+            w, _present(absmaxes[i]), _present(nested_absmaxes[i]), _present(nested_offsets[i]), shapes[2 * i : 2 * i + 2],
+            blocksizes[i], kinds[i][0],
             _DTYPES_BY_NAME.get(kinds[i][1], torch.float32), x.dtype,
         )  # fmt: skip
         for i, w in enumerate(weights)
@@ -366,9 +374,9 @@ def lora_linear_multi_backward_op(
     dys: list[torch.Tensor],
     x: torch.Tensor,
     weights: list[torch.Tensor],
-    absmaxes: list[torch.Tensor | None],
-    nested_absmaxes: list[torch.Tensor | None],
-    nested_offsets: list[torch.Tensor | None],
+    absmaxes: list[torch.Tensor],
+    nested_absmaxes: list[torch.Tensor],
+    nested_offsets: list[torch.Tensor],
     shapes: list[int],
     blocksizes: list[int],
     quant_types: str,
@@ -416,7 +424,7 @@ def _lora_multi_setup(ctx, inputs, output):
     ctx.save_for_backward(x, seed, *weights, *absmaxes, *nested_absmaxes, *nested_offsets, *As, *Bs, *output[n:])
     ctx.meta = (list(shapes), list(blocksizes), quant_types, list(scales), dropout, backend)
     ctx.need = ([A.requires_grad for A in As], [B.requires_grad for B in Bs])
-    ctx.bias_grad = [None if b is None or not b.requires_grad else b.dtype for b in biases]
+    ctx.bias_grad = [None if b.numel() == 0 or not b.requires_grad else b.dtype for b in biases]
     ctx.mark_non_differentiable(*output[n:])
 
 
@@ -603,11 +611,11 @@ def lora_linear_multi(x, projections, dropout: float = 0.0, backend: str | None 
             raise ValueError(f"projections[{i}] has no adapter (A or B is None)")
         n_out, k_in = _check_projection(x, w, A, B, scale, bias, index=f"[{i}]")
         for store, value in zip(fields, _weight_fields(w)):
-            store.append(value)
+            store.append(x.new_empty((0,)) if value is None else value)
         As.append(A)
         Bs.append(B)
         scales.append(float(scale))
-        biases.append(bias)
+        biases.append(x.new_empty((0,)) if bias is None else bias)
         outs.append(n_out)
     name = _resolve("lora", str(x.device), backend)
     weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, nested_dtypes = fields
