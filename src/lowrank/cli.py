@@ -515,7 +515,7 @@ def _add_finetune_flags(p) -> None:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--device", default=d.device)
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--task-label-names", dest="label_names", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--label-names", dest="label_names", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
