@@ -1,8 +1,10 @@
 """prepare_model on Llama / Mistral / Qwen2 / GPT-2 / BERT: surgery, freezing, summary, targets, errors."""
 
 import copy
+import gc
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,25 @@ def test_prepare_quantizes_adapts_and_freezes(arch):
     out.loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == expected_trainable
+
+
+def test_quantization_releases_each_dense_layer_before_the_next(monkeypatch):
+    model = tiny("llama")
+    dense = [weakref.ref(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    alive_at_each_call = []
+    original = LinearNF4.from_linear.__func__
+
+    def counting_from_linear(cls, linear, *args, **kwargs):
+        gc.collect()
+        alive_at_each_call.append(sum(ref() is not None for ref in dense))
+        return original(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(LinearNF4, "from_linear", classmethod(counting_from_linear))
+    prepare_model(model, r=2)
+    # at the k-th quantization, the k-1 layers already quantized hold no dense weight any more
+    assert alive_at_each_call == [len(dense) - k for k in range(len(dense))]
+    gc.collect()
+    assert all(ref() is None for ref in dense)
 
 
 def test_dense_bases_and_target_forms():

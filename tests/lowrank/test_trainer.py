@@ -71,3 +71,35 @@ def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, re
     _train(plain, tmp_path / "plain", checkpointing=False)
     for (name, a), b in zip(prepared.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_trainer_checkpoints_resume_to_the_same_adapters(tmp_path):
+    def run(model, max_steps, resume=None):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(4))
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight = run(prepare_model(tiny("llama"), r=4, alpha=8), max_steps=2)
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").is_file()  # 4-bit layers + adapters, safetensors
+    fresh = tiny("llama")
+    torch.manual_seed(123)  # a different adapter init: everything must come from the checkpoint
+    fresh = prepare_model(fresh, r=4, alpha=8)
+    assert not torch.equal(
+        fresh.model.layers[0].self_attn.q_proj.lora_A, straight["model.layers.0.self_attn.q_proj.lora_A"]
+    )
+    resumed = run(fresh, max_steps=2, resume=str(tmp_path / "checkpoint-1"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
