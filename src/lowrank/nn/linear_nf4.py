@@ -86,7 +86,9 @@ class LinearNF4(nn.Module):
 
     def _set_weight(self, weight: nf4.NF4Weight) -> None:
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight shape {tuple(weight.shape)} does not match ({self.out_features}, {self.in_features})")
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} does not match ({self.out_features}, {self.in_features})"
+            )
         self.register_buffer("weight", weight.packed)
         self.register_buffer("weight_absmax", weight.absmax)
         self.register_buffer("weight_nested_absmax", weight.nested_absmax)
@@ -175,7 +177,9 @@ class LinearNF4(nn.Module):
             destination[f"{prefix}bias"] = self.bias if keep_vars else self.bias.detach()
         destination.update(sd)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         ours = [k for k in state_dict if k.startswith(prefix)]  # this module has no children
         if f"{prefix}weight" not in state_dict:
             missing_keys.append(f"{prefix}weight")
@@ -190,7 +194,9 @@ class LinearNF4(nn.Module):
             if bias_key not in state_dict:
                 missing_keys.append(bias_key)
             elif state_dict[bias_key].shape != self.bias.shape:
-                error_msgs.append(f"{bias_key}: shape {tuple(state_dict[bias_key].shape)} != expected {tuple(self.bias.shape)}")
+                error_msgs.append(
+                    f"{bias_key}: shape {tuple(state_dict[bias_key].shape)} != expected {tuple(self.bias.shape)}"
+                )
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bias_key])
@@ -200,6 +206,9 @@ class LinearNF4(nn.Module):
 
 
 def _is_bnb_weight_key(name: str) -> bool:
-    return name in ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map") or name.startswith(
-        "weight.quant_state.bitsandbytes__"
-    )
+    return name in (
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+    ) or name.startswith("weight.quant_state.bitsandbytes__")

@@ -17,6 +17,7 @@ from torch import nn
 from lowrank import nf4
 from lowrank.nn.linear_nf4 import LinearNF4
 from lowrank.ops import lora as lora_ops
+from lowrank.ops import lora_multi
 
 INITS = ("kaiming", "gaussian", "pissa")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,7 +60,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = _base_shape(base)
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
-            raise ValueError(f"r must be an int in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {r!r}")
+            raise ValueError(
+                f"r must be an int in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {r!r}"
+            )
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -211,7 +214,9 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self.is_quantized:
             x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
-            y = lora_ops.lora_linear_nf4(x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend)
+            y = lora_ops.lora_linear_nf4(
+                x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend
+            )
             return y.to(x.dtype)
         return lora_ops.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend)
 
@@ -249,5 +254,5 @@ class LoRAFusedProjections(nn.Module):
             projections.append((w, layer.lora_A, layer.lora_B, layer.scale, base.bias))
         p = self.layers[0].dropout if self.training else 0.0
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        outputs = lora_ops.lora_linear_multi(x_c, projections, p, self.layers[0].backend)
+        outputs = lora_multi.lora_linear_multi(x_c, projections, p, self.layers[0].backend)
         return tuple(y.to(x.dtype) for y in outputs)

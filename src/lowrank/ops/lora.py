@@ -64,6 +64,7 @@ class PackedWeight(NamedTuple):
 def _is_4bit(w) -> bool:
     return isinstance(w, (PackedWeight, _nf4.NF4Weight))
 
+
 # ---------------------------------------------------------------------------------------------------
 # torch backend: dequantize, then plain matmuls (LoRA term and accumulation in fp32).
 # ---------------------------------------------------------------------------------------------------
@@ -157,12 +158,22 @@ def _masked_input(x: torch.Tensor, p: float, seed: torch.Tensor | None, index: i
 def _weight_object(weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, dtype):
     if weight.dtype != torch.uint8:
         return weight
-    return PackedWeight(weight, absmax, nested_absmax, nested_offset, tuple(shape), blocksize, quant_type, dtype, nested_dtype)
+    return PackedWeight(
+        weight, absmax, nested_absmax, nested_offset, tuple(shape), blocksize, quant_type, dtype, nested_dtype
+    )
 
 
 def _dequantize(w, dtype: torch.dtype, backend: str) -> torch.Tensor:
     return _dispatch.implementation("dequantize_4bit", backend)(
-        w.packed, w.absmax, w.nested_absmax, w.nested_offset, tuple(w.shape), dtype, w.blocksize, w.quant_type, w.nested_dtype
+        w.packed,
+        w.absmax,
+        w.nested_absmax,
+        w.nested_offset,
+        tuple(w.shape),
+        dtype,
+        w.blocksize,
+        w.quant_type,
+        w.nested_dtype,
     )
 
 
@@ -204,7 +215,7 @@ def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library ops: one projection (lora_linear) and several projections sharing x (lora_linear_multi).
+# torch.library ops: one projection (several projections sharing x: lowrank.ops.lora_multi).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -228,12 +239,31 @@ def lora_linear_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y (M, N) x.dtype, xa (M, r) fp32)``; xa is saved for the backward and is not differentiable."""
-    w = _weight_object(weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype)
+    w = _weight_object(
+        weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype
+    )
     return _forward_one(x, w, A, B, scale, bias, dropout, seed, 0, backend)
 
 
 @lora_linear_op.register_fake
-def _(x, weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, A, B, scale, bias, dropout, seed, backend):
+def _(
+    x,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    weight_shape,
+    blocksize,
+    quant_type,
+    nested_dtype,
+    A,
+    B,
+    scale,
+    bias,
+    dropout,
+    seed,
+    backend,
+):
     r = 0 if A is None else A.shape[0]
     return x.new_empty((x.shape[0], weight_shape[0])), x.new_empty((x.shape[0], r), dtype=torch.float32)
 
@@ -262,8 +292,12 @@ def lora_linear_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB)``; a gradient that is not needed comes back as an empty tensor."""
-    w = _weight_object(weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype)
-    dx, dA, dB = _backward_one(dy.contiguous(), x, w, A, B, scale, xa, dropout, seed, 0, need_dx, need_dA, need_dB, backend)
+    w = _weight_object(
+        weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype
+    )
+    dx, dA, dB = _backward_one(
+        dy.contiguous(), x, w, A, B, scale, xa, dropout, seed, 0, need_dx, need_dA, need_dB, backend
+    )
     empty = x.new_empty((0,))
     return (
         dx.to(x.dtype) if dx is not None else empty,
@@ -273,8 +307,28 @@ def lora_linear_backward_op(
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x, weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, A, B, scale, xa, dropout, seed,
-      need_dx, need_dA, need_dB, backend):  # fmt: skip
+def _(
+    dy,
+    x,
+    weight,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    weight_shape,
+    blocksize,
+    quant_type,
+    nested_dtype,
+    A,
+    B,
+    scale,
+    xa,
+    dropout,
+    seed,
+    need_dx,
+    need_dA,
+    need_dB,
+    backend,
+):
     empty = x.new_empty((0,))
     return (
         torch.empty_like(x) if need_dx else empty,
@@ -284,10 +338,35 @@ def _(dy, x, weight, absmax, nested_absmax, nested_offset, weight_shape, blocksi
 
 
 def _lora_linear_setup(ctx, inputs, output):
-    (x, weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, A, B, scale, bias, dropout, seed,
-     backend) = inputs  # fmt: skip
+    (
+        x,
+        weight,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        shape,
+        blocksize,
+        quant_type,
+        nested_dtype,
+        A,
+        B,
+        scale,
+        bias,
+        dropout,
+        seed,
+        backend,
+    ) = inputs
     ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_offset, A, B, seed, output[1])
-    ctx.meta = (list(shape), blocksize, quant_type, nested_dtype, scale, dropout, backend, None if bias is None else bias.dtype)
+    ctx.meta = (
+        list(shape),
+        blocksize,
+        quant_type,
+        nested_dtype,
+        scale,
+        dropout,
+        backend,
+        None if bias is None else bias.dtype,
+    )
     ctx.mark_non_differentiable(output[1])
 
 
@@ -299,158 +378,49 @@ def _lora_linear_backward(ctx, dy, _dxa):
     dx = dA = dB = None
     if need_dx or need_dA or need_dB:
         dx, dA, dB = lora_linear_backward_op(
-            dy, x, weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, A, B, scale, xa, dropout,
-            seed, need_dx, need_dA, need_dB, backend,
-        )  # fmt: skip
+            dy,
+            x,
+            weight,
+            absmax,
+            nested_absmax,
+            nested_offset,
+            shape,
+            blocksize,
+            quant_type,
+            nested_dtype,
+            A,
+            B,
+            scale,
+            xa,
+            dropout,
+            seed,
+            need_dx,
+            need_dA,
+            need_dB,
+            backend,
+        )
     dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype) if bias_dtype is not None and needs[12] else None
     return (
-        dx if need_dx else None, None, None, None, None, None, None, None, None,
-        dA if need_dA else None, dB if need_dB else None, None, dbias, None, None, None,
-    )  # fmt: skip
+        dx if need_dx else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        dA if need_dA else None,
+        dB if need_dB else None,
+        None,
+        dbias,
+        None,
+        None,
+        None,
+    )
 
 
 lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
-
-
-@torch.library.custom_op("lowrank::lora_linear_multi", mutates_args=())
-def lora_linear_multi_op(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    absmaxes: list[torch.Tensor],
-    nested_absmaxes: list[torch.Tensor],
-    nested_offsets: list[torch.Tensor],
-    shapes: list[int],
-    blocksizes: list[int],
-    quant_types: str,
-    As: list[torch.Tensor],
-    Bs: list[torch.Tensor],
-    scales: list[float],
-    biases: list[torch.Tensor],
-    dropout: float,
-    seed: torch.Tensor | None,
-    backend: str,
-) -> list[torch.Tensor]:
-    """Several projections of one x: returns ``[y_0, ..., y_{n-1}, xa_0, ..., xa_{n-1}]``.
-
-    Lists of tensors hold an empty tensor where a projection has none (no bias, a dense weight's absmax):
-    torch.library's autograd wants lists of tensors without None. ``shapes`` is flattened (two ints per
-    projection); ``quant_types`` holds ``"<quant_type>:<nested dtype>"``
-    per projection, comma-separated (``"none:none"`` for a dense weight).
-    """
-    ys, xas = [], []
-    for i, w in enumerate(_weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types)):
-        y, xa = _forward_one(x, w, As[i], Bs[i], scales[i], _present(biases[i]), dropout, seed, i, backend)
-        ys.append(y)
-        xas.append(xa)
-    return ys + xas
-
-
-@lora_linear_multi_op.register_fake
-def _(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, biases, dropout, seed,
-      backend):  # fmt: skip
-    ys = [x.new_empty((x.shape[0], shapes[2 * i])) for i in range(len(weights))]
-    return ys + [x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32) for A in As]
-
-
-def _present(t: torch.Tensor) -> torch.Tensor | None:
-    """None for the empty placeholder of a missing tensor in the multi ops' tensor lists."""
-    return None if t.numel() == 0 else t
-
-
-def _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types):
-    kinds = [kind.split(":") for kind in quant_types.split(",")]
-    return [
-        _weight_object(
-            w, _present(absmaxes[i]), _present(nested_absmaxes[i]), _present(nested_offsets[i]), shapes[2 * i : 2 * i + 2],
-            blocksizes[i], kinds[i][0],
-            _DTYPES_BY_NAME.get(kinds[i][1], torch.float32), x.dtype,
-        )  # fmt: skip
-        for i, w in enumerate(weights)
-    ]
-
-
-@torch.library.custom_op("lowrank::lora_linear_multi_backward", mutates_args=())
-def lora_linear_multi_backward_op(
-    dys: list[torch.Tensor],
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    absmaxes: list[torch.Tensor],
-    nested_absmaxes: list[torch.Tensor],
-    nested_offsets: list[torch.Tensor],
-    shapes: list[int],
-    blocksizes: list[int],
-    quant_types: str,
-    As: list[torch.Tensor],
-    Bs: list[torch.Tensor],
-    scales: list[float],
-    xas: list[torch.Tensor],
-    dropout: float,
-    seed: torch.Tensor | None,
-    need_dx: bool,
-    need_dA: list[bool],
-    need_dB: list[bool],
-    backend: str,
-) -> list[torch.Tensor]:
-    """``[dx, dA_0.., dB_0..]``: dx summed over the projections in ONE fp32 buffer; unneeded grads are empty."""
-    ws = _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types)
-    dx_sum = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
-    dAs, dBs = [], []
-    empty = x.new_empty((0,))
-    for i, w in enumerate(ws):
-        dx, dA, dB = _backward_one(
-            dys[i].contiguous(), x, w, As[i], Bs[i], scales[i], xas[i], dropout, seed, i, need_dx, need_dA[i], need_dB[i], backend
-        )
-        if need_dx:
-            dx_sum += dx
-        dAs.append(dA if dA is not None else empty.clone())
-        dBs.append(dB if dB is not None else empty.clone())
-    return [dx_sum.to(x.dtype) if need_dx else empty.clone()] + dAs + dBs
-
-
-@lora_linear_multi_backward_op.register_fake
-def _(dys, x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, xas, dropout,
-      seed, need_dx, need_dA, need_dB, backend):  # fmt: skip
-    empty = x.new_empty((0,))
-    dAs = [torch.empty_like(A) if need else empty.clone() for A, need in zip(As, need_dA)]
-    dBs = [torch.empty_like(B) if need else empty.clone() for B, need in zip(Bs, need_dB)]
-    return [torch.empty_like(x) if need_dx else empty.clone()] + dAs + dBs
-
-
-def _lora_multi_setup(ctx, inputs, output):
-    (x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, biases, dropout, seed,
-     backend) = inputs  # fmt: skip
-    n = len(weights)
-    ctx.n = n
-    ctx.save_for_backward(x, seed, *weights, *absmaxes, *nested_absmaxes, *nested_offsets, *As, *Bs, *output[n:])
-    ctx.meta = (list(shapes), list(blocksizes), quant_types, list(scales), dropout, backend)
-    ctx.need = ([A.requires_grad for A in As], [B.requires_grad for B in Bs])
-    ctx.bias_grad = [None if b.numel() == 0 or not b.requires_grad else b.dtype for b in biases]
-    ctx.mark_non_differentiable(*output[n:])
-
-
-def _lora_multi_backward(ctx, grads):
-    n = ctx.n
-    x, seed, *rest = ctx.saved_tensors
-    weights, absmaxes, nested_absmaxes, nested_offsets, As, Bs, xas = (list(rest[i * n : (i + 1) * n]) for i in range(7))
-    shapes, blocksizes, quant_types, scales, dropout, backend = ctx.meta
-    need_dA, need_dB = ctx.need
-    need_dx = ctx.needs_input_grad[0]
-    # An output that did not reach the loss gets no gradient: it contributes zero.
-    dys = [torch.zeros((x.shape[0], shapes[2 * i]), dtype=x.dtype, device=x.device) if dy is None else dy for i, dy in enumerate(grads[:n])]
-    dx_and_adapter_grads = lora_linear_multi_backward_op(
-        dys, x, weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, As, Bs, scales, xas,
-        dropout, seed, need_dx, need_dA, need_dB, backend,
-    )  # fmt: skip
-    dAs = [g if need else None for g, need in zip(dx_and_adapter_grads[1 : 1 + n], need_dA)]
-    dBs = [g if need else None for g, need in zip(dx_and_adapter_grads[1 + n :], need_dB)]
-    dbiases = [None if dt is None else dys[i].sum(0, dtype=torch.float32).to(dt) for i, dt in enumerate(ctx.bias_grad)]
-    dx = dx_and_adapter_grads[0] if need_dx else None
-    nones = [None] * n
-    # Gradients mirror the input structure: one entry per element of each list of tensors.
-    return (dx, nones, nones, nones, nones, None, None, None, dAs, dBs, None, dbiases, None, None, None)
-
-
-lora_linear_multi_op.register_autograd(_lora_multi_backward, setup_context=_lora_multi_setup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -486,7 +456,9 @@ def _check_projection(x: torch.Tensor, w, A, B, scale, bias, index: str = "") ->
             )
         n_out, k_in = w.shape
     if x.shape[-1] != k_in:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but w{index} expects {k_in} (weight shape ({n_out}, {k_in}))")
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dim but w{index} expects {k_in} (weight shape ({n_out}, {k_in}))"
+        )
     if A is not None or B is not None:
         _check_tensor(A, f"A{index}", 2, x.device)
         _check_tensor(B, f"B{index}", 2, x.device)
@@ -528,7 +500,10 @@ def _seed_tensor(dropout: float, dropout_seed) -> torch.Tensor | None:
 
 
 def _weight_fields(w) -> tuple:
-    """The op arguments describing ``w``: (tensor, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type)."""
+    """The op arguments describing ``w``.
+
+    (tensor, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype).
+    """
     if _is_4bit(w):
         shape = [int(s) for s in w.shape]
         return (w.packed, w.absmax, w.nested_absmax, w.nested_offset, shape, w.blocksize, w.quant_type, w.nested_dtype)
@@ -563,7 +538,9 @@ def _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed):
     return y.reshape(*lead, n_out)
 
 
-def lora_linear(x, w_dense, A, B, scale: float, bias=None, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None):
+def lora_linear(
+    x, w_dense, A, B, scale: float, bias=None, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None
+):
     """``x·Wᵀ + bias + scale·(drop(x)·Aᵀ)·Bᵀ`` with a frozen dense ``w_dense`` (N, K).
 
     x: (..., K) fp32/fp16/bf16; A: (r, K); B: (N, r); bias: (N,) or None. Returns (..., N) in x's dtype.
@@ -576,95 +553,28 @@ def lora_linear(x, w_dense, A, B, scale: float, bias=None, dropout: float = 0.0,
     return _lora_call(x, w_dense, A, B, scale, bias, dropout, backend, dropout_seed)
 
 
-def lora_linear_nf4(x, w: NF4Weight, A, B, scale: float, bias=None, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None):
+def lora_linear_nf4(
+    x,
+    w: _nf4.NF4Weight,
+    A,
+    B,
+    scale: float,
+    bias=None,
+    dropout: float = 0.0,
+    backend: str | None = None,
+    *,
+    dropout_seed=None,
+):
     """:func:`lora_linear` with a frozen 4-bit base ``w`` (an :class:`NF4Weight` of shape (N, K))."""
     if not _is_4bit(w):
-        raise TypeError(f"lora_linear_nf4 expects an NF4Weight, got {type(w).__name__}; use lora_linear for a dense weight")
+        raise TypeError(
+            f"lora_linear_nf4 expects an NF4Weight, got {type(w).__name__}; use lora_linear for a dense weight"
+        )
     return _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed)
 
 
-def linear_nf4(x, w: NF4Weight, bias=None, backend: str | None = None):
+def linear_nf4(x, w: _nf4.NF4Weight, bias=None, backend: str | None = None):
     """``x·dequant(w)ᵀ + bias`` without a dense copy kept for the backward (dx re-dequantizes ``w``)."""
     if not _is_4bit(w):
         raise TypeError(f"linear_nf4 expects an NF4Weight, got {type(w).__name__}")
     return _lora_call(x, w, None, None, 0.0, bias, 0.0, backend, None)
-
-
-def lora_linear_multi(x, projections, dropout: float = 0.0, backend: str | None = None, *, dropout_seed=None) -> tuple:
-    """Several LoRA projections of one input (q/k/v, gate/up) in ONE autograd node.
-
-    ``projections``: a sequence of ``(w, A, B, scale, bias)`` with ``w`` an NF4Weight or a dense tensor.
-    x is read and saved once; in the backward the dx of every projection is summed into one fp32 buffer.
-    With dropout each projection draws its own mask (seed + index), as PEFT's per-module dropout does.
-    Returns a tuple of outputs (..., N_i) in x's dtype.
-    """
-    _check_x_and_dropout(x, dropout)
-    if not projections:
-        raise ValueError("projections is empty; pass at least one (w, A, B, scale, bias)")
-    fields = [[] for _ in range(8)]
-    As, Bs, scales, biases, outs = [], [], [], [], []
-    for i, proj in enumerate(projections):
-        if len(proj) != 5:
-            raise ValueError(f"projections[{i}] must be (w, A, B, scale, bias), got {len(proj)} items")
-        w, A, B, scale, bias = proj
-        if A is None or B is None:
-            raise ValueError(f"projections[{i}] has no adapter (A or B is None)")
-        n_out, k_in = _check_projection(x, w, A, B, scale, bias, index=f"[{i}]")
-        for store, value in zip(fields, _weight_fields(w)):
-            store.append(x.new_empty((0,)) if value is None else value)
-        As.append(A)
-        Bs.append(B)
-        scales.append(float(scale))
-        biases.append(x.new_empty((0,)) if bias is None else bias)
-        outs.append(n_out)
-    name = _resolve("lora", str(x.device), backend)
-    weights, absmaxes, nested_absmaxes, nested_offsets, shapes, blocksizes, quant_types, nested_dtypes = fields
-    kinds = ",".join(f"{qt}:{str(nd).removeprefix('torch.')}" for qt, nd in zip(quant_types, nested_dtypes))
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    flat_shapes = [s for shape in shapes for s in shape]
-    outputs = lora_linear_multi_op(
-        x2d, weights, absmaxes, nested_absmaxes, nested_offsets, flat_shapes, blocksizes, kinds, As, Bs, scales,
-        biases, float(dropout), _seed_tensor(dropout, dropout_seed), name,
-    )  # fmt: skip
-    return tuple(y.reshape(*lead, n) for y, n in zip(outputs[: len(outs)], outs))
-
-
-@torch.no_grad()
-def lora_linear_multi_adapter(x, w, A_stack, B_stack, scales, adapter_ids, bias=None, backend: str | None = None) -> torch.Tensor:
-    """Serving forward: each sequence of a batch uses its own adapter (no autograd).
-
-    x: (batch, seq, K); w: NF4Weight or dense (N, K); A_stack: (n_adapters, r, K); B_stack: (n_adapters, N, r);
-    scales: (n_adapters,) tensor or sequence; adapter_ids: (batch,) int, ``-1`` = base model only.
-    The base matmul runs once for the whole batch; the LoRA term is a gathered batched matmul (fp32).
-    Returns (batch, seq, N) in x's dtype.
-    """
-    _check_x_and_dropout(x, 0.0)
-    if x.dim() != 3:
-        raise ValueError(f"x must be (batch, seq, in), got shape {tuple(x.shape)}")
-    n_out, k_in = _check_projection(x, w, None, None, 0.0, bias)
-    _check_tensor(A_stack, "A_stack", 3, x.device)
-    _check_tensor(B_stack, "B_stack", 3, x.device)
-    n_adapters, r = A_stack.shape[:2]
-    if A_stack.shape != (n_adapters, r, k_in) or B_stack.shape != (n_adapters, n_out, r) or r < 1:
-        raise ValueError(
-            f"A_stack must be (n_adapters, r, {k_in}) and B_stack (n_adapters, {n_out}, r) with r >= 1; "
-            f"got {tuple(A_stack.shape)} and {tuple(B_stack.shape)}"
-        )
-    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
-    if scales.numel() != n_adapters:
-        raise ValueError(f"scales must have one entry per adapter ({n_adapters}), got {scales.numel()}")
-    ids = torch.as_tensor(adapter_ids, device=x.device)
-    if ids.dtype.is_floating_point or ids.shape != (x.shape[0],):
-        raise ValueError(f"adapter_ids must be integers of shape ({x.shape[0]},) (one per sequence), got {ids.dtype} {tuple(ids.shape)}")
-    if bool(((ids < -1) | (ids >= n_adapters)).any()):
-        raise ValueError(f"adapter_ids must be in [-1, {n_adapters - 1}] (-1 = no adapter), got {ids.tolist()}")
-    if _is_4bit(w):
-        y = linear_nf4(x, w, bias, backend=backend)
-    else:
-        y = torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    has = ids >= 0
-    safe = ids.clamp(min=0)
-    xa = torch.bmm(x.float(), A_stack[safe].float().transpose(1, 2))  # (batch, seq, r)
-    lora = torch.bmm(xa, B_stack[safe].float().transpose(1, 2)) * (scales[safe] * has)[:, None, None]
-    return (y.float() + lora).to(x.dtype)

@@ -37,7 +37,12 @@ def test_from_linear_quantizes_bit_exactly_and_freezes():
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == ((96 * 40) // 2, 1)
     assert [name for name, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
-    assert {name for name, _ in layer.named_buffers()} == {"weight", "weight_absmax", "weight_nested_absmax", "weight_nested_offset"}
+    assert {name for name, _ in layer.named_buffers()} == {
+        "weight",
+        "weight_absmax",
+        "weight_nested_absmax",
+        "weight_nested_offset",
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -123,7 +128,9 @@ def test_dtype_casts_keep_quantization_constants_fp32():
         layer.to(torch.bfloat16)
         assert layer.weight_nf4 is not None  # validates dtypes
         if double_quant:
-            assert layer.weight_nested_absmax.dtype == torch.float32 and layer.weight_nested_offset.dtype == torch.float32
+            assert (
+                layer.weight_nested_absmax.dtype == torch.float32 and layer.weight_nested_offset.dtype == torch.float32
+            )
         else:
             assert layer.weight_absmax.dtype == torch.float32
         after = layer.state_dict()
@@ -161,8 +168,12 @@ def make_bnb(k, n, compute_dtype, seed=0):
     w = torch.randn(n, k) * 0.2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = bnb_nn.Linear4bit(k, n, bias=True, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-        layer.weight = bnb_nn.Params4bit(w.to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True)
+        layer = bnb_nn.Linear4bit(
+            k, n, bias=True, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True
+        )
+        layer.weight = bnb_nn.Params4bit(
+            w.to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
         with torch.no_grad():
             layer.bias.copy_(torch.randn(n))
         layer = layer.to("cpu")  # quantizes

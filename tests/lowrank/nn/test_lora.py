@@ -68,17 +68,23 @@ def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = bnb_nn.Linear4bit(k, n, bias=True, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+        base = bnb_nn.Linear4bit(
+            k, n, bias=True, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True
+        )
         base.weight = bnb_nn.Params4bit(
             (torch.randn(n, k) * 0.2).to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
         )
         base = base.to("cpu")
     sd = {key: v.clone() for key, v in base.state_dict().items()}  # before any bnb forward (nf4-format.md §7)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False, use_rslora=use_rslora)
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False, use_rslora=use_rslora
+    )
     model = peft.get_peft_model(Wrapper(base), config)
     model.train()
     peft_layer = model.base_model.model.proj
-    ours = LoRALinear(LinearNF4.from_bnb_state_dict(sd, compute_dtype=compute_dtype), RANK, ALPHA, use_rslora=use_rslora)
+    ours = LoRALinear(
+        LinearNF4.from_bnb_state_dict(sd, compute_dtype=compute_dtype), RANK, ALPHA, use_rslora=use_rslora
+    )
     assert ours.scale == pytest.approx(peft_layer.scaling["default"])
     pa, pb = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
     with torch.no_grad():
@@ -101,9 +107,11 @@ def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora)
     (y64 * g.double()).sum().backward()
     assert y_ours.dtype == y_peft.dtype == compute_dtype
     for what, o, p, r in [
-        ("y", y_ours, y_peft, y64), ("dx", x_ours.grad, x_peft.grad, x64.grad),
-        ("dA", ours.lora_A.grad, pa.grad, A64.grad), ("dB", ours.lora_B.grad, pb.grad, B64.grad),
-    ]:  # fmt: skip
+        ("y", y_ours, y_peft, y64),
+        ("dx", x_ours.grad, x_peft.grad, x64.grad),
+        ("dA", ours.lora_A.grad, pa.grad, A64.grad),
+        ("dB", ours.lora_B.grad, pb.grad, B64.grad),
+    ]:
         within_rule(o, p, r, compute_dtype, what)
 
 
@@ -123,7 +131,10 @@ def test_default_and_gaussian_init_follow_peft():
 def test_pissa_init_matches_peft_on_a_dense_base():
     peft = pytest.importorskip("peft")
     lin = dense_base()
-    model = peft.get_peft_model(Wrapper(copy.deepcopy(lin)), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights="pissa"))
+    model = peft.get_peft_model(
+        Wrapper(copy.deepcopy(lin)),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights="pissa"),
+    )
     peft_layer = model.base_model.model.proj
     ours = LoRALinear(copy.deepcopy(lin), RANK, ALPHA, init="pissa")
     torch.testing.assert_close(ours.lora_A, peft_layer.lora_A["default"].weight, rtol=1e-5, atol=1e-6)
@@ -211,7 +222,9 @@ def test_merge_into_nf4_requantizes_with_warning_and_unmerge_restores_bytes():
     assert torch.equal(layer.base_layer.weight, expected.packed)
     torch.testing.assert_close(layer.merged_dense(), exact, rtol=0, atol=0)
     merged_y = layer(x)
-    torch.testing.assert_close(merged_y, F.linear(x, nf4.dequantize(expected, torch.float32), layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        merged_y, F.linear(x, nf4.dequantize(expected, torch.float32), layer.bias), rtol=1e-5, atol=1e-5
+    )
     assert (merged_y - y).abs().max() < 0.1 * y.abs().max()  # lossy but close
     layer.unmerge()
     assert torch.equal(layer.base_layer.weight, packed0)
@@ -267,7 +280,10 @@ def test_torch_compile_fullgraph_module():
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fused_projections_equal_separate_layers(p):
-    layers = [randomize_adapters(LoRALinear(nf4_base(n=n, seed=i), RANK, ALPHA, dropout=p), seed=i) for i, n in enumerate((40, 24, 24))]
+    layers = [
+        randomize_adapters(LoRALinear(nf4_base(n=n, seed=i), RANK, ALPHA, dropout=p), seed=i)
+        for i, n in enumerate((40, 24, 24))
+    ]
     twins = copy.deepcopy(layers)
     fused = LoRAFusedProjections(layers)
     x = torch.randn(2, 5, K_IN)
@@ -284,7 +300,9 @@ def test_fused_projections_equal_separate_layers(p):
             from lowrank.ops import lora_linear_nf4
 
             base = twin.base_layer
-            y = lora_linear_nf4(x2, base.packed_weight, twin.lora_A, twin.lora_B, twin.scale, base.bias, p, dropout_seed=seed + i)
+            y = lora_linear_nf4(
+                x2, base.packed_weight, twin.lora_A, twin.lora_B, twin.scale, base.bias, p, dropout_seed=seed + i
+            )
         else:
             y = twin.eval()(x2)
         torch.testing.assert_close(outs[i], y, rtol=1e-5, atol=1e-5)

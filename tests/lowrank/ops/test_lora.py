@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from lowrank.nf4 import dequantize, quantize
-from lowrank.ops import _dispatch
+from lowrank.ops import _dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
 from lowrank.ops import lora as L
-from lowrank.ops import lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
+from lowrank.ops import lora_multi as LM
 
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 N, KDIM, RANK = 40, 96, 5  # K = 96 with blocksize 64: quantization blocks span two rows of W; odd rank
@@ -25,7 +25,9 @@ ALPHA = 16.0
 
 
 def usable(backend: str) -> bool:
-    return backend in _dispatch.usable_backends("lora_forward", "cpu") and backend in _dispatch.usable_backends("lora_backward", "cpu")
+    return backend in _dispatch.usable_backends("lora_forward", "cpu") and backend in _dispatch.usable_backends(
+        "lora_backward", "cpu"
+    )
 
 
 def make_problem(M, dtype, kind="nf4", bias=True, seed=0, lead=None, n=N, k=KDIM, r=RANK):
@@ -82,7 +84,7 @@ def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0):
     ref = peft_style(x, dense.double(), A.double(), B.double(), scale, b, keep, p, torch.float64)
     same = peft_style(x, dense, A, B, scale, b, keep, p, dtype)
     ours = (y, xs.grad, As.grad, Bs.grad, None if bs is None else bs.grad)
-    for name, o, s, r in zip(("y", "dx", "dA", "dB", "dbias"), ours, same, ref):
+    for name, o, s, r in zip(("y", "dx", "dA", "dB", "dbias"), ours, same, ref, strict=True):
         if r is None:
             assert o is None
             continue
@@ -109,7 +111,10 @@ def test_torch_backend_bias_dropout_rslora(bias, p, rslora):
     run_and_check(16, torch.bfloat16, "nf4", bias, p, rslora, backend="torch", lead=(2,))
 
 
-@pytest.mark.parametrize("M,dtype,kind,p", [(1, torch.float32, "nf4", 0.0), (67, torch.float16, "nf4", 0.25), (3, torch.float32, "dense", 0.0)])
+@pytest.mark.parametrize(
+    "M,dtype,kind,p",
+    [(1, torch.float32, "nf4", 0.0), (67, torch.float16, "nf4", 0.25), (3, torch.float32, "dense", 0.0)],
+)
 def test_triton_backend_matches_reference(M, dtype, kind, p):
     if not usable("triton"):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
@@ -154,7 +159,9 @@ def test_dropout_unseeded_follows_torch_manual_seed_and_only_touches_lora_branch
     # With B = 0 the LoRA branch is zero: dropout must not change the output at all.
     zero_b = torch.zeros_like(B)
     base = lora_linear_nf4(x, w, A, zero_b, 2.0, b, backend="torch")
-    torch.testing.assert_close(lora_linear_nf4(x, w, A, zero_b, 2.0, b, dropout=0.5, backend="torch"), base, rtol=0, atol=0)
+    torch.testing.assert_close(
+        lora_linear_nf4(x, w, A, zero_b, 2.0, b, dropout=0.5, backend="torch"), base, rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,7 +186,9 @@ def test_saves_packed_weight_x_and_adapters_only(p):
     w, dense, x, A, B, b = make_problem(67, torch.float32, "nf4")
     x.requires_grad_(True)
     A.requires_grad_(True)
-    y, saved = saved_tensors_of(lambda: lora_linear_nf4(x, w, A, B.requires_grad_(True), 2.0, b, dropout=p, backend="torch"))
+    y, saved = saved_tensors_of(
+        lambda: lora_linear_nf4(x, w, A, B.requires_grad_(True), 2.0, b, dropout=p, backend="torch")
+    )
     y.sum().backward()
     for t in saved:
         assert not (t.dtype.is_floating_point and t.shape == (N, KDIM)), "a dense copy of W was saved"
@@ -222,14 +231,28 @@ def test_opcheck_lora_linear_multi():
     w1, _, x, A1, B1, b1 = make_problem(5, torch.float32, "nf4", seed=1)
     w2, _, _, A2, B2, _ = make_problem(5, torch.float32, "dense", seed=2, n=24)
     f1, f2 = L._weight_fields(w1), L._weight_fields(w2)
-    lists = [[torch.empty(0) if a is None else a, torch.empty(0) if c is None else c] for a, c in zip(f1, f2)]
+    lists = [
+        [torch.empty(0) if a is None else a, torch.empty(0) if c is None else c] for a, c in zip(f1, f2, strict=True)
+    ]
     kinds = "nf4:float32,none:float32"
     args = (
-        x.requires_grad_(True), lists[0], lists[1], lists[2], lists[3], lists[4][0] + lists[4][1], lists[5], kinds,
-        [A1.requires_grad_(True), A2.requires_grad_(True)], [B1.requires_grad_(True), B2], [0.5, 2.0], [b1.requires_grad_(True), torch.empty(0)],
-        0.1, torch.tensor(5), "torch",
-    )  # fmt: skip
-    torch.library.opcheck(L.lora_linear_multi_op, args)
+        x.requires_grad_(True),
+        lists[0],
+        lists[1],
+        lists[2],
+        lists[3],
+        lists[4][0] + lists[4][1],
+        lists[5],
+        kinds,
+        [A1.requires_grad_(True), A2.requires_grad_(True)],
+        [B1.requires_grad_(True), B2],
+        [0.5, 2.0],
+        [b1.requires_grad_(True), torch.empty(0)],
+        0.1,
+        torch.tensor(5),
+        "torch",
+    )
+    torch.library.opcheck(LM.lora_linear_multi_op, args)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -245,7 +268,7 @@ def test_torch_compile_fullgraph_matches_eager():
         y = f(xs, As, Bs)
         y.square().sum().backward()
         grads.append((y, xs.grad, As.grad, Bs.grad))
-    for eager, comp in zip(*grads):
+    for eager, comp in zip(*grads, strict=True):
         torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
 
 
@@ -262,7 +285,9 @@ def test_multi_equals_separate_calls(p):
         w, _, _, A, B, b = make_problem(1, torch.float32, kind, bias=(i != 1), seed=i, n=n)
         projections.append((w, A.requires_grad_(True), B.requires_grad_(True), 0.5 + i, b))
     xm = x.clone().requires_grad_(True)
-    outs, saved = saved_tensors_of(lambda: lora_linear_multi(xm, projections, dropout=p, backend="torch", dropout_seed=21))
+    outs, saved = saved_tensors_of(
+        lambda: lora_linear_multi(xm, projections, dropout=p, backend="torch", dropout_seed=21)
+    )
     sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
     assert sum(t.data_ptr() == xm.data_ptr() for t in saved) == 1, "x must be saved exactly once"
     multi_grads = [(A.grad.clone(), B.grad.clone()) for _, A, B, _, _ in projections]
@@ -275,7 +300,7 @@ def test_multi_equals_separate_calls(p):
         torch.testing.assert_close(outs[i], y, rtol=1e-6, atol=1e-6)
         (y * (i + 1)).sum().backward()
     torch.testing.assert_close(xm.grad, xs.grad, rtol=1e-5, atol=1e-5)
-    for (dA, dB), (_, A, B, _, _) in zip(multi_grads, projections):
+    for (dA, dB), (_, A, B, _, _) in zip(multi_grads, projections, strict=True):
         torch.testing.assert_close(dA, A.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dB, B.grad, rtol=1e-5, atol=1e-6)
 
