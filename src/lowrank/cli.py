@@ -284,7 +284,8 @@ def run_finetune(args, out: Path | None = None) -> dict:
     report.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     report.write_logs(out, result.history, result.evals)
     report.plot_run(out, result.history, result.evals, title=f"({args.task})")
-    strip = {k: {m: v for m, v in d.items() if not m.startswith("_")} for k, d in (("before", before), ("after", after))}
+    strip = {name: {m: v for m, v in d.items() if not m.startswith("_")}
+             for name, d in (("before", before), ("after", after))}
     report.write_run_report(out, f"lowrank finetune: {args.task}", _run_record(args), strip, result.history,
                             result.total_time_s)
     print(f"{result.steps} steps in {result.total_time_s:.1f} s; report: {out / 'report.md'}", flush=True)

@@ -57,12 +57,12 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
     """Accuracy and macro-F1 over the classes present in labels or predictions."""
     if len(predictions) != len(labels) or not labels:
         raise ValueError(f"need equally many predictions and labels (> 0), got {len(predictions)} and {len(labels)}")
-    accuracy = sum(p == t for p, t in zip(predictions, labels)) / len(labels)
+    accuracy = sum(p == t for p, t in zip(predictions, labels, strict=True)) / len(labels)
     f1s = []
     for c in sorted(set(labels) | set(predictions)):
-        tp = sum(p == c and t == c for p, t in zip(predictions, labels))
-        fp = sum(p == c and t != c for p, t in zip(predictions, labels))
-        fn = sum(p != c and t == c for p, t in zip(predictions, labels))
+        tp = sum(p == c and t == c for p, t in zip(predictions, labels, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(predictions, labels, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(predictions, labels, strict=True))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return {"accuracy": accuracy, "f1": sum(f1s) / len(f1s)}
 
@@ -109,7 +109,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
                          f"{len(references)}")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     sums = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         scores = scorer.score(_sentences_on_lines(reference), _sentences_on_lines(prediction))
         for key in ROUGE_TYPES:
             sums[key] += scores[key].fmeasure

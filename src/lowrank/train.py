@@ -353,11 +353,13 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
         elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            raise ConfigError("gradient_checkpointing=True needs a transformers model (activation_checkpointing_enable)")
+            raise ConfigError("gradient_checkpointing=True needs a transformers model "
+                              "(activation_checkpointing_enable)")
     if unfreeze is not None:
         unfreeze.apply(model, 0)
     if param_groups is None:
-        trainable = [p for p in model.parameters() if p.is_floating_point() and (p.requires_grad or unfreeze is not None)]
+        trainable = [p for p in model.parameters()
+                     if p.is_floating_point() and (p.requires_grad or unfreeze is not None)]
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters (everything is frozen)")
         param_groups = [{"params": trainable}]

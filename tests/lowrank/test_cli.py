@@ -1,7 +1,6 @@
 """The ``lowrank`` command on tiny local models: each path, SIGKILL + --resume, every bad input, the main job."""
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from lowrank import data as D
-from lowrank.cli import main
+from lowrank.cli import main, rebuild
 
 REPO = Path(__file__).resolve().parents[2]
 SPECIAL = ["[PAD]", "[UNK]", "[EOS]"]
@@ -86,8 +85,23 @@ def test_finetune_classification_then_eval_and_merge(model_dirs, tmp_path, capsy
 
     merged = tmp_path / "merged"
     assert main(["merge", "--run", str(out), "--output", str(merged)]) == 0
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(merged)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert not any("lora" in n for n, _ in model.named_parameters())
+    trained = rebuild(out).model.eval()
+    batch = D.collate(trained_examples(model_dirs), 0)
+    with torch.no_grad():
+        expected = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    assert main(["eval", "--model", model_dirs["bert"], "--data", str(D.shipped("topics_eval.jsonl"))]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+
+
+def trained_examples(model_dirs):
+    tok = transformers.AutoTokenizer.from_pretrained(model_dirs["bert"])
+    labels = D.LabelSet(["account", "billing", "shipping", "technical"])
+    return D.load_classification(D.shipped("topics_eval.jsonl"), tok, 64, labels, 4)[:8]
 
 
 def test_finetune_generation_learns_and_reports_rouge(model_dirs, tmp_path, capsys):
@@ -201,14 +215,22 @@ def main_job_commands() -> list[list[str]]:
 
 
 def test_main_job_code_path_in_a_reduced_configuration(tmp_path, capsys, monkeypatch):
-    """Every command of scripts/main.sh on the embedded default model, with 1 optimizer step each."""
+    """Every command of scripts/main.sh on the embedded default model: 1 optimizer step, small eval splits."""
     monkeypatch.chdir(tmp_path)
+    small = {}
+    for task, name in (("classification", "topics_eval.jsonl"), ("generation", "records_eval.jsonl")):
+        small[task] = tmp_path / name
+        small[task].write_text("".join(D.shipped(name).read_text().splitlines(keepends=True)[:12]))
     commands = main_job_commands()
     assert [c[0] for c in commands] == ["quantize", "finetune", "finetune", "compare"]
     for command in commands:
-        reduced = command + (["--max-steps", "1", "--max-new-tokens", "4"] if command[0] != "quantize" else [])
+        reduced = list(command)
+        if command[0] != "quantize":
+            task = command[command.index("--task") + 1]
+            reduced += ["--max-steps", "1", "--max-new-tokens", "4", "--eval", str(small[task]), "--no-progress"]
         assert main(reduced) == 0, command
     printed = capsys.readouterr().out
     assert printed.count("before:") == 4 and printed.count("after :") == 4
     assert (tmp_path / "runs/main/compare/compare.md").is_file()
-    assert os.path.isfile(tmp_path / "runs/main/classification/adapter/adapter_model.safetensors")
+    assert (tmp_path / "runs/main/classification/adapter/adapter_model.safetensors").is_file()
+    assert "rouge1" in (tmp_path / "runs/main/generation/metrics.json").read_text()

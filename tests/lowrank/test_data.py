@@ -84,7 +84,8 @@ def test_classification_validation(tmp_path):
         D.load_classification(path, tok, 16, labels, head_size=2)
     with pytest.raises(D.DataError, match=r"c\.jsonl:1: the text is 3 tokens, longer than the model allows \(2\)"):
         D.load_classification(path, tok, 2, labels, head_size=3)
-    bad = write(tmp_path, "b.jsonl", '{"text": "a", "label": 0}\n{"text": "", "label": 1}\n{"text": "c", "label": 1.5}\n')
+    bad = write(tmp_path, "b.jsonl",
+                '{"text": "a", "label": 0}\n{"text": "", "label": 1}\n{"text": "c", "label": 1.5}\n')
     with pytest.raises(D.DataError, match=r"b\.jsonl:2: field 'text' is empty"):
         D.load_classification(bad, tok, 16, D.LabelSet(["0", "1"]), 2)
     missing = write(tmp_path, "m.jsonl", '{"text": "a"}\n')

@@ -8,8 +8,7 @@ import transformers
 from rouge_score import rouge_scorer
 
 from lowrank import data as D
-from lowrank.evaluate import (classification_metrics, evaluate, frequent_share, frequent_tokens, generate,
-                              rouge)
+from lowrank.evaluate import classification_metrics, evaluate, frequent_share, frequent_tokens, generate, rouge
 
 PAIRS = [  # (prediction, reference)
     ("the cats were running quickly to the houses", "the cat runs quickly to the house"),

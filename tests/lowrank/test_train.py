@@ -10,8 +10,7 @@ import transformers
 from lowrank import freeze
 from lowrank.models import prepare_model
 from lowrank.nn import LoRALinear
-from lowrank.train import (CheckpointError, ConfigError, DeltaTracker, TrainConfig, list_checkpoints, lr_factor,
-                           train)
+from lowrank.train import CheckpointError, ConfigError, DeltaTracker, TrainConfig, list_checkpoints, lr_factor, train
 
 
 def tiny_bert(seed=0, dropout=0.1):

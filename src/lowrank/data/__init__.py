@@ -101,7 +101,8 @@ def _field(record: dict, key: str, path, line_no: int, kinds=(str,)):
         raise DataError(f"{path}:{line_no}: missing field {key!r} (fields present: {sorted(record)})")
     value = record[key]
     if not isinstance(value, kinds) or isinstance(value, bool):
-        raise DataError(f"{path}:{line_no}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise DataError(f"{path}:{line_no}: field {key!r} must be {expected}, got {value!r}")
     if isinstance(value, str) and not value.strip():
         raise DataError(f"{path}:{line_no}: field {key!r} is empty")
     return value
