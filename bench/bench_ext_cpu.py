@@ -10,6 +10,10 @@ Goals (4096 x 4096 bf16 weight, NF4, blocksize 64, double quantization):
 
 Run (all providers side by side, one session):
     pytest bench/bench_ext_cpu.py --benchmark-enable --benchmark-only -p no:cacheprovider
+On a machine shared with other jobs, wall time mostly measures the other jobs (every OpenMP barrier can
+wait a scheduler slice); a steadier comparison is one thread and CPU time:
+    LOWRANK_BENCH_THREADS=1 pytest bench/bench_ext_cpu.py --benchmark-enable --benchmark-only \
+        -p no:cacheprovider --benchmark-timer=time.process_time
 Peak memory is measured per provider in a fresh subprocess (``python bench/bench_ext_cpu.py peak <provider>``):
 glibc is told to map every large allocation separately (MALLOC_MMAP_THRESHOLD_), the RSS high-water mark is
 reset after one warm-up step (/proc/self/clear_refs), and the peak is the high-water mark minus the RSS
@@ -39,6 +43,8 @@ M, K, N, R = 512, 4096, 4096, 16
 BLOCKSIZE = 64
 SCALE = 2.0  # lora_alpha / r = 32 / 16
 ROUNDS = int(os.environ.get("LOWRANK_BENCH_ROUNDS", "7"))
+if "LOWRANK_BENCH_THREADS" in os.environ:  # e.g. 1, with --benchmark-timer=time.process_time on a busy machine
+    torch.set_num_threads(int(os.environ["LOWRANK_BENCH_THREADS"]))
 
 
 def _bnb():
@@ -96,14 +102,20 @@ def test_dequantize(benchmark, provider):
 
 
 @pytest.mark.benchmark(group="quantize 4096x4096 bf16 -> nf4+dq")
-@pytest.mark.parametrize("provider", ["ext", "torch_ref", "bnb_cpu"])
+@pytest.mark.parametrize("provider", ["ext", "torch_ref", "bnb_cpu", "lowrank_api_ext"])
 def test_quantize_double_quant(benchmark, provider):
+    """ext / torch_ref: the quantize + double-quantize ops; lowrank_api_ext: ``lowrank.quantize`` on the ext
+    backend, which also scans the input for non-finite values and validates the result."""
     w = weight()
     if provider == "bnb_cpu":
         F = _bnb().functional
         fn = lambda: F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)  # noqa: E731
+    elif provider == "lowrank_api_ext":
+        fn = lambda: lowrank.quantize(w, blocksize=BLOCKSIZE, backend="ext")  # noqa: E731
     else:
-        fn = lambda: lowrank.quantize(w, blocksize=BLOCKSIZE, backend="ext" if provider == "ext" else "torch")  # noqa: E731
+        quantize = implementation("quantize_4bit", "ext" if provider == "ext" else "torch")
+        double_quantize = implementation("double_quantize", "ext" if provider == "ext" else "torch")
+        fn = lambda: double_quantize(quantize(w, BLOCKSIZE, "nf4")[1])  # noqa: E731
     run(benchmark, fn, bytes_moved=N * K * (2 + 0.5 + 1 / BLOCKSIZE))
 
 
@@ -182,7 +194,7 @@ def test_lora_forward_backward(benchmark, provider):
 
 def peak_extra_mib(provider: str) -> float:
     """Peak memory above the set-up of one training step, measured in a fresh subprocess (MiB)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", LOWRANK_BENCH_THREADS=str(torch.get_num_threads()))
     out = subprocess.run(
         [sys.executable, __file__, "peak", provider], env=env, capture_output=True, text=True, timeout=600, check=True
     )

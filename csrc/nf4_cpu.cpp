@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <immintrin.h>
@@ -77,8 +78,16 @@ struct QuantTables {
 // Scalar (and auto-vectorised) quantization of one block of `len` values: partial last blocks, and
 // every block on CPUs without AVX-512.
 void quantize_block_scalar(const float* x, int64_t len, const QuantTables& t, uint8_t* packed, float* absmax) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+  // max |x| on the bit patterns: for non-negative floats the integer order is the float order, and NaN
+  // and inf (the largest patterns) propagate, so the caller can reject a non-finite block.
+  uint32_t max_bits = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    max_bits = std::max(max_bits, bits & 0x7fffffffu);
+  }
+  float amax;
+  std::memcpy(&amax, &max_bits, sizeof(amax));
   // bitsandbytes' clamp keeps the reciprocal finite: an all-zero block scales 0 by 1e38 (code of 0.0).
   const float inv = 1.0f / (amax > kReciprocalFloor ? amax : kReciprocalFloor);
   alignas(64) uint8_t codes[kMaxBlocksize + 1];
@@ -126,9 +135,15 @@ LOWRANK_AVX512 void quantize_blocks_avx512(const T* x, int64_t b0, int64_t b1, i
   const __m512i high_nibble = _mm512_set1_epi64(0xF0);
   for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * blocksize;
-    __m512 running_max = _mm512_setzero_ps();
-    for (int64_t i = 0; i < blocksize; i += 16) running_max = _mm512_max_ps(running_max, _mm512_abs_ps(load16_as_float(xb + i)));
-    const float amax = _mm512_reduce_max_ps(running_max);
+    // integer max of the |x| bit patterns: exact for finite values, and NaN/inf propagate (see scalar path)
+    __m512i running_max = _mm512_setzero_si512();
+    for (int64_t i = 0; i < blocksize; i += 16) {
+      const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(load16_as_float(xb + i)), _mm512_set1_epi32(0x7fffffff));
+      running_max = _mm512_max_epu32(running_max, magnitude);
+    }
+    const uint32_t max_bits = _mm512_reduce_max_epu32(running_max);
+    float amax;
+    std::memcpy(&amax, &max_bits, sizeof(amax));
     const __m512 inv = _mm512_set1_ps(1.0f / (amax > kReciprocalFloor ? amax : kReciprocalFloor));
     for (int64_t i = 0; i < blocksize; i += 16) {
       const __m512 s = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load16_as_float(xb + i), inv), minus_one), one);
@@ -309,6 +324,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& x, int64_
     default:
       quantize_typed(flat.const_data_ptr<c10::BFloat16>(), n, blocksize, tables, packed_ptr, absmax_ptr);
       break;
+  }
+  // A NaN or inf makes its block's absmax non-finite (the max above propagates them): refuse rather than
+  // return codes that mean nothing.
+  const int64_t nb = absmax.numel();
+  for (int64_t b = 0; b < nb; ++b) {
+    TORCH_CHECK(std::isfinite(absmax_ptr[b]), "input has non-finite values (NaN or inf) in elements [", b * blocksize,
+                ", ", std::min((b + 1) * blocksize, n), ") (flattened); cannot quantize");
   }
   return {packed, absmax};
 }

@@ -147,6 +147,15 @@ def test_bad_input_gives_clear_errors():
         torch.ops.lowrank_ext.dequantize_4bit(packed, absmax[:1], None, None, [128], torch.float32, 64, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="empty"):
         torch.ops.lowrank_ext.quantize_4bit(torch.empty(0), 64, "nf4")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in DTYPES:
+            y = torch.randn(300).to(dtype)
+            y[200] = bad
+            with pytest.raises(RuntimeError, match=r"non-finite values .* elements \[192, 256\)"):
+                torch.ops.lowrank_ext.quantize_4bit(y, 64, "nf4")
+            y = y[:250]  # now in the partial last block (the scalar path)
+            with pytest.raises(RuntimeError, match=r"non-finite values .* elements \[192, 250\)"):
+                torch.ops.lowrank_ext.quantize_4bit(y, 64, "nf4")
 
 
 @needs_ext
