@@ -485,7 +485,11 @@ def load_quantized(
     tensors = read_safetensors(os.path.join(directory, MODEL_WEIGHTS))
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "quantization_config"})
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    dtype = getattr(torch, dtype_name)
+    dtype = {name: dtype for dtype, name in _DTYPE_NAMES.items()}.get(dtype_name)
+    if dtype is None:
+        raise QuantizedCheckpointError(
+            f"config.json dtype {dtype_name!r} is not one of {sorted(_DTYPE_NAMES.values())}"
+        )
     config_class = getattr(model_class, "config_class", None)
     if isinstance(config_class, type) and not isinstance(config, config_class):
         raise QuantizedCheckpointError(

@@ -166,13 +166,9 @@ def _match_names(names: Sequence[str], spec, what: str) -> list[str]:
     unknown = [s for s in spec if not any(n == s or n.endswith("." + s) for n in names)]
     if unknown:
         raise TargetModulesError(
-            f"{what} {unknown} match no linear module of {type_name(names)}; available names: {_suffixes(names)}"
+            f"{what} {unknown} match none of the {len(names)} linear layers; available names: {_suffixes(names)}"
         )
     return [n for n in names if any(n == s or n.endswith("." + s) for s in spec)]
-
-
-def type_name(names: Sequence[str]) -> str:
-    return f"the model ({len(names)} linear layers)"
 
 
 def resolve_targets(
