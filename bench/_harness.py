@@ -342,7 +342,7 @@ def commit_label() -> str:
 
 @functools.cache
 def tree_fingerprint() -> str:
-    """sha256 (12 hex) of the code that ran: every .py under kernels/, src/ and bench/. Identifies a tree without git."""
+    """sha256 (12 hex) of every .py under kernels/, src/ and bench/: identifies the code that ran, even without git."""
     digest = hashlib.sha256()
     for folder in ("kernels", "src", "bench"):
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):

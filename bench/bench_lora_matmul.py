@@ -46,10 +46,10 @@ from _harness import (
     rows,
     skip_reason,
 )
+from lowrank.kernels import nf4 as K
 
 import lowrank.nf4
 import lowrank.ops
-from lowrank.kernels import nf4 as K
 
 ALPHA_PER_RANK = 2  # alpha = 2r, the common QLoRA setting: s = 2
 FORWARD_PATHS = ("fused_small_m", "fused_tiled", "dequant_matmul")
@@ -90,7 +90,9 @@ def _cases() -> list:
                     cases.append(Case(mode, shape, m, r, "torch_compiled", 2 if first else 3))
                 cases += [Case(mode, shape, m, None, p, 0) for p in baselines[mode]]
     order = {"fwd": 0, "bwd": 1, "fwd_bwd": 2}
-    cases.sort(key=lambda c: (c.tier, order[c.mode], LORA_SHAPES.index(c.shape), c.m, c.r or 0))  # stable: keeps provider order
+    cases.sort(
+        key=lambda c: (c.tier, order[c.mode], LORA_SHAPES.index(c.shape), c.m, c.r or 0)
+    )  # stable: keeps provider order
     return [pytest.param(c, id=c.id) for c in cases]
 
 
@@ -128,7 +130,9 @@ def make_problem(shape_name: str, m: int, r: int | None) -> Problem:
 
 def torch_lora_forward(x, packed, absmax, absmax2, offset, n: int, k: int, A, B, scale: float):
     """Reference dequantize + bf16 matmul + PEFT-style adapter term (adapter math in A's dtype)."""
-    w = K.dequantize_4bit_ref(packed, K.double_dequantize_ref(absmax, absmax2, offset), (n, k), x.dtype, BLOCKSIZE, "nf4")
+    w = K.dequantize_4bit_ref(
+        packed, K.double_dequantize_ref(absmax, absmax2, offset), (n, k), x.dtype, BLOCKSIZE, "nf4"
+    )
     lora = (x.to(A.dtype) @ A.t()) @ B.t()
     return x @ w.t() + (scale * lora).to(x.dtype)
 
@@ -156,7 +160,9 @@ def _peft_layer(p: Problem):
     n, k = p.w_dense.shape
     r = p.A.shape[0]
     base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")
-    base.weight = bnb.nn.Params4bit(p.w_dense.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=BLOCKSIZE)
+    base.weight = bnb.nn.Params4bit(
+        p.w_dense.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=BLOCKSIZE
+    )
     holder = torch.nn.Module()
     holder.proj = base.to(DEVICE)  # Params4bit quantizes when moved to the device
     config = peft.LoraConfig(r=r, lora_alpha=ALPHA_PER_RANK * r, lora_dropout=0.0, target_modules=["proj"], bias="none")
@@ -245,7 +251,9 @@ def _forward(provider: str, p: Problem):
     if provider == "dequant_gemm":
         backend = lowrank.ops.resolve("dequantize_4bit", DEVICE)
         return (lambda: x @ lowrank.nf4.dequantize(p.qw, DTYPE).t()), {"dequantize_backend": backend}
-    reference = torch_lora_forward(x, p.qw.packed, p.qw.absmax, p.qw.nested_absmax, p.qw.nested_offset, *p.qw.shape, A, B, s)
+    reference = torch_lora_forward(
+        x, p.qw.packed, p.qw.absmax, p.qw.nested_absmax, p.qw.nested_offset, *p.qw.shape, A, B, s
+    )
     if provider.startswith("triton"):
         lm = optional_module("lowrank.kernels.lora_matmul")[0]
         path = provider.partition(":")[2] or None
@@ -317,7 +325,10 @@ def _forward_backward(provider: str, p: Problem):
 
 
 def _grad_errors(got, reference) -> dict:
-    return {f"max_rel_err_{name}_vs_torch": _max_rel_err(g, r) for name, g, r in zip(("dx", "dA", "dB"), got, reference)}
+    return {
+        f"max_rel_err_{name}_vs_torch": _max_rel_err(g, r)
+        for name, g, r in zip(("dx", "dA", "dB"), got, reference, strict=True)
+    }
 
 
 BUILDERS = {"fwd": _forward, "bwd": _backward, "fwd_bwd": _forward_backward}

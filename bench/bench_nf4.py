@@ -34,9 +34,10 @@ from _harness import (
     optional_module,
     skip_reason,
 )
+from lowrank.kernels import nf4 as K
 
 import lowrank.nf4
-from lowrank.kernels import nf4 as K
+
 
 def _cases() -> list:
     """Run order: lowrank and bitsandbytes on every case first, then eager, then compiled (cold compiles are slow;
@@ -111,7 +112,9 @@ def _dequantize_fn(provider: str, w: torch.Tensor, double_quant: bool):
     """The timed callable and, for lowrank's own providers, a bit-exactness check against the reference."""
     if provider == "bitsandbytes":
         functional = optional_module("bitsandbytes.functional")[0]
-        packed, state = functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4")
+        packed, state = functional.quantize_4bit(
+            w, blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type="nf4"
+        )
         return (lambda: functional.dequantize_4bit(packed, state)), None
     qw = lowrank.nf4.quantize(w, blocksize=BLOCKSIZE, double_quant=double_quant)
     if provider == "torch":

@@ -34,7 +34,9 @@ LLAMA3_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-LLAMA_TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+LLAMA_TINY = dict(
+    LLAMA3_8B, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2, vocab_size=512
+)
 LAYERS = 2 if TINY else 8
 SEQ_LEN = 64 if TINY else 2048
 BATCH = 1
@@ -72,7 +74,9 @@ def prepare_lowrank(model):
     prepare_model, reason = lowrank_attr("lowrank", "prepare_model")
     if reason:
         pytest.skip(f"lowrank: {reason}")
-    return prepare_model(model, r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", quantize="nf4", double_quant=True)
+    return prepare_model(
+        model, r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", quantize="nf4", double_quant=True
+    )
 
 
 def prepare_peft_bnb(model):
@@ -99,7 +103,9 @@ def prepare_peft_bnb(model):
                 if child.bias is not None:
                     quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, quantized.to(DEVICE))  # Params4bit quantizes when moved to the device
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"
+    )
     return peft.get_peft_model(model, config)
 
 
@@ -138,7 +144,11 @@ def test_train_step(bench, provider: str, monkeypatch) -> None:
     info = bench.run(
         step,
         op="train_step",
-        case={"model": f"llama3-8b-shaped x{LAYERS} layers" if not TINY else f"llama-tiny x{LAYERS}", "seq": SEQ_LEN, "r": RANK},
+        case={
+            "model": f"llama3-8b-shaped x{LAYERS} layers" if not TINY else f"llama-tiny x{LAYERS}",
+            "seq": SEQ_LEN,
+            "r": RANK,
+        },
         provider=provider,
         flops=flops,
         ours=provider == "lowrank",
@@ -154,7 +164,12 @@ def test_train_step(bench, provider: str, monkeypatch) -> None:
     )
     peak = torch.cuda.max_memory_allocated() if ON_GPU else None
     first, last = float(losses[0]), float(losses[-1])
-    outcome = {"tokens_per_s": BATCH * SEQ_LEN / info["wall_median_s"], "peak_mem_bytes": peak, "loss_first": first, "loss_last": last}
+    outcome = {
+        "tokens_per_s": BATCH * SEQ_LEN / info["wall_median_s"],
+        "peak_mem_bytes": peak,
+        "loss_first": first,
+        "loss_last": last,
+    }
     info.update(outcome)  # the record written when the test ends holds this dict
     bench.benchmark.extra_info.update(outcome)
     assert torch.isfinite(torch.tensor([first, last])).all(), f"non-finite loss: {first} -> {last}"
