@@ -89,6 +89,12 @@ def bnb_dequantize_pure_torch(packed: torch.Tensor, state, dtype: torch.dtype) -
     return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax, code, state.blocksize, state.shape, dtype)
 
 
+def native_dequant_runs(shape, blocksize: int) -> bool:
+    """Whether bnb's CPU dequant runs its native kernel; otherwise it calls the (torch.compile'd) pure-torch
+    path that the tests already compare against, and compiling it per dtype would only cost time."""
+    return len(shape) > 0 and shape[-1] % 2 == 0 and not (HAS_AVX512 and blocksize >= 2048)
+
+
 def native_dequant_has_avx512_bug(shape, blocksize: int) -> bool:
     """nf4-format.md §1.6 quirk 2: bnb's AVX-512 dequant indexes absmax per row when rows are not block-aligned."""
     if not HAS_AVX512 or len(shape) == 0 or blocksize >= 2048 or shape[-1] % 2:
@@ -188,7 +194,7 @@ def check_against_bnb(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
                 bnb_packed, state.absmax, nested, state.offset, x.shape, out_dtype, blocksize, quant_type
             )
             assert_bitwise_equal(ours, bnb_dequantize_pure_torch(bnb_packed, state, out_dtype), "dequant of bnb state")
-            if not native_dequant_has_avx512_bug(x.shape, blocksize):
+            if native_dequant_runs(x.shape, blocksize) and not native_dequant_has_avx512_bug(x.shape, blocksize):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     native = F.dequantize_4bit(bnb_packed, state)
@@ -199,8 +205,8 @@ def check_against_bnb(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
 
 @pytest.mark.parametrize("chunk", range(8))
 def test_reference_matches_bitsandbytes_on_random_cases(chunk):
-    """Many random shapes, dtypes, blocksizes and value distributions (25 per chunk, 200 in all)."""
-    for seed in range(chunk * 25, (chunk + 1) * 25):
+    """Many random shapes, dtypes, blocksizes and value distributions (50 per chunk, 400 in all)."""
+    for seed in range(chunk * 50, (chunk + 1) * 50):
         x, blocksize, quant_type, distribution = random_case(seed)
         try:
             check_against_bnb(x, blocksize, quant_type)
@@ -355,7 +361,7 @@ def test_bitsandbytes_dequantizes_our_state_like_we_do(shape, blocksize, quant_t
         state.dtype = out_dtype
         ours = api.dequantize(qw, out_dtype)
         assert_bitwise_equal(bnb_dequantize_pure_torch(packed, state, out_dtype), ours, "bnb dequant of our state")
-        if not native_dequant_has_avx512_bug(shape, blocksize):
+        if native_dequant_runs(shape, blocksize) and not native_dequant_has_avx512_bug(shape, blocksize):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 native = F.dequantize_4bit(packed, state)
