@@ -40,7 +40,9 @@ def extension_modules():
 
         def report(self, err):
             if not OptionalBuildExt.failed:
-                print(f"lowrank: the C++ extension failed to build ({type(err).__name__}: {err}); continuing without it")
+                print(
+                    f"lowrank: the C++ extension failed to build ({type(err).__name__}: {err}); continuing without it"
+                )
             OptionalBuildExt.failed = True
 
         def run(self):

@@ -148,7 +148,9 @@ def lora_step(provider: str):
                 return self.lin(inp)
 
         net = Net()
-        net.lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=BLOCKSIZE)
+        net.lin.weight = bnb.nn.Params4bit(
+            w, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=BLOCKSIZE
+        )
         net = net.to("cpu")
         model = get_peft_model(net, LoraConfig(r=R, lora_alpha=32, target_modules=["lin"], lora_dropout=0.0))
         model.train()

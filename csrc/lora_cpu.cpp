@@ -12,8 +12,10 @@
 // columns of W, so every dx column block is one GEMM with no cross-panel accumulation (one rounding in
 // low precision). The rank-r terms are thin GEMMs in float32 over row chunks of x / dy (no full fp32
 // copy of x or dy); their result is added to the low-precision output with one more rounding.
-// Extra memory: one panel or slab of about kPanelBytes in x's dtype, a float32 copy of kRowChunk rows of
-// x or dy, plus O((M + N + K) r).
+// The low-rank update is added once per row chunk after all panels, not per panel: every ATen call is a
+// parallel region, and on a loaded machine each region's barrier can wait a scheduler slice.
+// Extra memory: one panel or slab of about kPanelBytes in x's dtype, float32 chunks of about
+// kChunkBytes, plus O((M + N + K) r).
 #include "nf4_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -28,7 +30,11 @@ namespace {
 // few parallel regions (each is a barrier, and on a loaded machine a barrier can cost a time slice),
 // small enough to stay in the last-level cache and far below a dequantized copy of a large W.
 constexpr int64_t kPanelBytes = 8 << 20;
-constexpr int64_t kRowChunk = 256;  // rows of x / dy converted to float32 at a time for the rank-r GEMMs
+// Bytes of the float32 temporaries of the rank-r terms (row chunks of x, dy, or of the (M, N) / (M, K)
+// low-rank update): one chunk for training-sized M, bounded memory for large M.
+constexpr int64_t kChunkBytes = 16 << 20;
+
+int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(1, cols))); }
 
 // Rows (forward) or columns (backward) of W per panel: `other` is the panel's other dimension.
 int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
@@ -141,8 +147,9 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   const at::Tensor B32 = B.to(at::kFloat);
 
   at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(at::kFloat));
-  for (int64_t m0 = 0; m0 < s.M; m0 += kRowChunk) {
-    const int64_t rows = std::min(kRowChunk, s.M - m0);
+  const int64_t x_chunk = rows_per_chunk(s.K);
+  for (int64_t m0 = 0; m0 < s.M; m0 += x_chunk) {
+    const int64_t rows = std::min(x_chunk, s.M - m0);
     at::Tensor xa_rows = xa.narrow(0, m0, rows);
     at::mm_out(xa_rows, xl.narrow(0, m0, rows).to(at::kFloat), A32.t());
   }
@@ -163,7 +170,11 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
     } else {
       at::mm_out(y_panel, x, panel.t());
     }
-    y_panel.add_(at::mm(xa_scaled, B32.narrow(0, n0, rows).t()));
+  }
+  const int64_t y_chunk = rows_per_chunk(s.N);
+  for (int64_t m0 = 0; m0 < s.M; m0 += y_chunk) {
+    const int64_t rows = std::min(y_chunk, s.M - m0);
+    y.narrow(0, m0, rows).add_(at::mm(xa_scaled.narrow(0, m0, rows), B32.t()));
   }
   return {y, xa};
 }
@@ -194,8 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   at::Tensor dA32 = need_dA ? at::zeros({s.r, s.K}, x.options().dtype(at::kFloat)) : empty;
   at::Tensor dB32 = need_dB ? at::zeros({s.N, s.r}, x.options().dtype(at::kFloat)) : empty;
   if (need_g || need_dB) {
-    for (int64_t m0 = 0; m0 < s.M; m0 += kRowChunk) {
-      const int64_t rows = std::min(kRowChunk, s.M - m0);
+    const int64_t dy_chunk = rows_per_chunk(std::max(s.N, s.K));
+    for (int64_t m0 = 0; m0 < s.M; m0 += dy_chunk) {
+      const int64_t rows = std::min(dy_chunk, s.M - m0);
       const at::Tensor dy32 = dy.narrow(0, m0, rows).to(at::kFloat);
       at::Tensor g_rows = need_g ? g.narrow(0, m0, rows) : empty;
       if (need_g) at::mm_out(g_rows, dy32, B32);
@@ -220,7 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
           w.quantized ? decode_columns(w, k0, cols, s.N, s.K, buffer) : w.dense.narrow(1, k0, cols);
       at::Tensor dx_slab = dx.narrow(1, k0, cols);
       at::mm_out(dx_slab, dy, slab);
-      dx_slab.add_(at::mm(g_scaled, A32.narrow(1, k0, cols)));
+    }
+    const int64_t dx_chunk = rows_per_chunk(s.K);
+    for (int64_t m0 = 0; m0 < s.M; m0 += dx_chunk) {
+      const int64_t rows = std::min(dx_chunk, s.M - m0);
+      dx.narrow(0, m0, rows).add_(at::mm(g_scaled.narrow(0, m0, rows), A32));
     }
   }
   return {dx, dA, dB};

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <immintrin.h>
@@ -42,8 +43,10 @@ constexpr float kNestedReciprocalFloor = std::numeric_limits<float>::min();
 // Elements per parallel task: large enough that the thread hand-off is noise.
 constexpr int64_t kGrainElements = 1 << 16;
 
+// LOWRANK_EXT_NO_AVX512=1 forces the portable paths (read once), so tests can check them on any CPU.
 bool cpu_has_avx512bw() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool has = std::getenv("LOWRANK_EXT_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   return has;
 }
 

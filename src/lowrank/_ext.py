@@ -43,7 +43,9 @@ def _import() -> tuple[object | None, str | None]:
         module = importlib.import_module("lowrank._C")
     except ModuleNotFoundError as err:
         if err.name != "lowrank._C":
-            log.warning("lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err)
+            log.warning(
+                "lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err
+            )
         return None, f"lowrank._C is not built ({err})"
     except Exception as err:  # noqa: BLE001 - an incompatible binary can raise anything; never fail the import
         log.warning("lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err)
@@ -78,7 +80,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "quantize_4bit")
     def _(x, blocksize, quant_type):
         n = x.numel()
-        return x.new_empty(K.packed_shape(n), dtype=torch.uint8), x.new_empty((K.num_blocks(n, blocksize),), dtype=torch.float32)
+        return x.new_empty(K.packed_shape(n), dtype=torch.uint8), x.new_empty(
+            (K.num_blocks(n, blocksize),), dtype=torch.float32
+        )
 
     @torch.library.register_fake(lib + "double_quantize")
     def _(absmax):
@@ -102,8 +106,25 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "lora_backward")
-    def _(dy, x, weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, A, B, scale, xa, x_lora,
-          need_dx, need_dA, need_dB):  # fmt: skip
+    def _(
+        dy,
+        x,
+        weight,
+        absmax,
+        absmax2,
+        offset,
+        blocksize,
+        quant_type,
+        nested_dtype,
+        A,
+        B,
+        scale,
+        xa,
+        x_lora,
+        need_dx,
+        need_dA,
+        need_dB,
+    ):
         return (
             x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             A.new_empty(A.shape) if need_dA else x.new_empty((0,)),
@@ -127,9 +148,16 @@ def _weight_args(weight, n: int, k: int) -> tuple:
         raise ValueError(f"4-bit weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {shape}")
     nested_dtype = getattr(weight, "nested_dtype", torch.float32)
     K.check_dequantize_args(
-        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, shape, torch.float32,
-        weight.blocksize, weight.quant_type, nested_dtype,
-    )  # fmt: skip
+        weight.packed,
+        weight.absmax,
+        weight.nested_absmax,
+        weight.nested_offset,
+        shape,
+        torch.float32,
+        weight.blocksize,
+        weight.quant_type,
+        nested_dtype,
+    )
     return (
         weight.packed,
         weight.absmax,
@@ -157,7 +185,9 @@ class Extension:
     # -- 4-bit quantization -------------------------------------------------------------------------
 
     @staticmethod
-    def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_4bit(
+        x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: any shape, fp32/fp16/bf16 -> (packed uint8 ((n + 1) // 2, 1), absmax fp32 [ceil(n / blocksize)])."""
         K.check_float_input(x)
         K.check_blocksize(blocksize)
@@ -207,7 +237,17 @@ class Extension:
 
     @staticmethod
     def lora_backward(
-        dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx: bool = True, need_dA: bool = True, need_dB: bool = True
+        dy,
+        x,
+        weight,
+        A,
+        B,
+        scale: float,
+        xa,
+        x_lora=None,
+        need_dx: bool = True,
+        need_dA: bool = True,
+        need_dB: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """-> (dx (M, K), dA (r, K), dB (N, r)); None for a gradient that was not asked for."""
         n, k = _check_lora_shapes(x, A, B)

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank import _ext
-from lowrank.kernels import nf4 as K
 from lowrank.ops import _dispatch
 
 EXT = _ext.load()
@@ -32,9 +32,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bit_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape, f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (
+        f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    )
     mismatch = (bits(out).view(-1) != bits(ref).view(-1)).nonzero()
-    assert mismatch.numel() == 0, f"{what}: {mismatch.numel()} differing bytes, first at byte {mismatch[:5].view(-1).tolist()}"
+    assert mismatch.numel() == 0, (
+        f"{what}: {mismatch.numel()} differing bytes, first at byte {mismatch[:5].view(-1).tolist()}"
+    )
 
 
 def sample(shape, dtype, seed: int) -> torch.Tensor:
@@ -66,7 +70,9 @@ def test_quantize_and_double_quant_bit_exact(dtype, blocksize, quant_type):
         packed_ref, absmax_ref = K.quantize_4bit_ref(x, blocksize, quant_type)
         assert_bit_equal(packed, packed_ref, f"packed {shape}")
         assert_bit_equal(absmax, absmax_ref, f"absmax {shape}")
-        for out, ref, name in zip(EXT.double_quantize(absmax), K.double_quantize_ref(absmax_ref), ("codes", "absmax2", "offset")):
+        for out, ref, name in zip(
+            EXT.double_quantize(absmax), K.double_quantize_ref(absmax_ref), ("codes", "absmax2", "offset"), strict=True
+        ):
             assert_bit_equal(out, ref, f"double quant {name} {shape}")
 
 
@@ -79,7 +85,9 @@ def test_dequantize_bit_exact(out_dtype, blocksize, quant_type):
         x = sample(shape, torch.float32, seed=100 + i)
         packed, absmax = K.quantize_4bit_ref(x, blocksize, quant_type)
         out = EXT.dequantize_4bit(packed, absmax, None, None, shape, out_dtype, blocksize, quant_type)
-        assert_bit_equal(out, K.dequantize_4bit_ref(packed, absmax, shape, out_dtype, blocksize, quant_type), f"plain {shape}")
+        assert_bit_equal(
+            out, K.dequantize_4bit_ref(packed, absmax, shape, out_dtype, blocksize, quant_type), f"plain {shape}"
+        )
         q, a2, off = K.double_quantize_ref(absmax)
         for nested_dtype in DTYPES:
             constants = K.double_dequantize_ref(q, a2, off, nested_dtype)
@@ -106,14 +114,14 @@ def test_ties_subnormals_and_zero_blocks(quant_type):
     assert_bit_equal(absmax, absmax_ref, "absmax")
     # Nested: all constants equal (centred values all zero) and a single constant.
     for constants in (torch.full((300,), 0.5), torch.tensor([2.0])):
-        for out, ref in zip(EXT.double_quantize(constants), K.double_quantize_ref(constants)):
+        for out, ref in zip(EXT.double_quantize(constants), K.double_quantize_ref(constants), strict=True):
             assert_bit_equal(out, ref, "nested")
 
 
 @needs_ext
 def test_quantize_non_contiguous_input_uses_logical_order():
     x = sample((96, 130), torch.bfloat16, seed=7).t()
-    for out, ref in zip(EXT.quantize_4bit(x, 64, "nf4"), K.quantize_4bit_ref(x.contiguous(), 64, "nf4")):
+    for out, ref in zip(EXT.quantize_4bit(x, 64, "nf4"), K.quantize_4bit_ref(x.contiguous(), 64, "nf4"), strict=True):
         assert_bit_equal(out, ref, "transposed input")
 
 
@@ -125,7 +133,9 @@ def test_public_api_with_ext_matches_torch_backend():
     q_torch = lowrank.quantize(w, backend="torch")
     for name, t in q_torch.tensors().items():
         assert_bit_equal(q_ext.tensors()[name], t, name)
-    assert_bit_equal(lowrank.dequantize(q_ext, backend="ext"), lowrank.dequantize(q_torch, backend="torch"), "dequantize")
+    assert_bit_equal(
+        lowrank.dequantize(q_ext, backend="ext"), lowrank.dequantize(q_torch, backend="torch"), "dequantize"
+    )
 
 
 @needs_ext
@@ -144,7 +154,9 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(RuntimeError, match="blocksize must be one of .* got 48"):
         torch.ops.lowrank_ext.quantize_4bit(x, 48, "nf4")
     with pytest.raises(RuntimeError, match="absmax must be float32 with 2 entries"):
-        torch.ops.lowrank_ext.dequantize_4bit(packed, absmax[:1], None, None, [128], torch.float32, 64, "nf4", torch.float32)
+        torch.ops.lowrank_ext.dequantize_4bit(
+            packed, absmax[:1], None, None, [128], torch.float32, 64, "nf4", torch.float32
+        )
     with pytest.raises(RuntimeError, match="empty"):
         torch.ops.lowrank_ext.quantize_4bit(torch.empty(0), 64, "nf4")
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -186,12 +198,44 @@ def test_opcheck_quantization_ops():
     torch.library.opcheck(ops.double_quantize, (absmax,))
     torch.library.opcheck(ops.double_dequantize, (q, a2, off, torch.bfloat16))
     torch.library.opcheck(ops.dequantize_4bit, (packed, q, a2, off, [40, 70], torch.float16, 64, "nf4", torch.float32))
-    torch.library.opcheck(ops.dequantize_4bit, (packed, absmax, None, None, [40, 70], torch.float32, 64, "nf4", torch.float32))
+    torch.library.opcheck(
+        ops.dequantize_4bit, (packed, absmax, None, None, [40, 70], torch.float32, 64, "nf4", torch.float32)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # LOWRANK_DISABLE_EXT=1 (subprocess: the switch is read by a fresh interpreter).
 # ---------------------------------------------------------------------------------------------------
+
+_PORTABLE_SCRIPT = """
+import torch, lowrank
+from lowrank import _ext
+from lowrank.kernels import nf4 as K
+ext = _ext.load()
+for shape, dtype in (((33, 96), torch.bfloat16), ((5, 7, 11), torch.float16), ((2, 4097), torch.float32)):
+    x = torch.randn(shape).to(dtype)
+    for quant_type in ("nf4", "fp4"):
+        packed, absmax = ext.quantize_4bit(x, 64, quant_type)
+        ref = K.quantize_4bit_ref(x, 64, quant_type)
+        assert torch.equal(packed, ref[0]) and torch.equal(absmax, ref[1])
+        q, a2, off = ext.double_quantize(absmax)
+        assert all(torch.equal(a, b) for a, b in zip((q, a2, off), K.double_quantize_ref(absmax)))
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = ext.dequantize_4bit(packed, q, a2, off, shape, out_dtype, 64, quant_type)
+            want = K.dequantize_4bit_ref(packed, K.double_dequantize_ref(q, a2, off), shape, out_dtype, 64, quant_type)
+            assert torch.equal(out.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+print("ok")
+"""
+
+
+@needs_ext
+def test_portable_paths_without_avx512_are_bit_exact():
+    env = dict(os.environ, LOWRANK_EXT_NO_AVX512="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
 
 _DISABLED_SCRIPT = """
 import torch, lowrank
@@ -214,7 +258,9 @@ print("ok")
 
 def test_disable_switch_is_honoured_and_library_still_works():
     env = dict(os.environ, LOWRANK_DISABLE_EXT="1", TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", _DISABLED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _DISABLED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -233,11 +279,25 @@ def make_weight(kind: str, w: torch.Tensor):
     if kind == "dense":
         return w, w.float()
     quant_type, *flags, blocksize = kind.split("-")
-    qw = lowrank.quantize(w, blocksize=64 if blocksize == "nested" else int(blocksize), double_quant="dq" in flags,
-                          quant_type=quant_type, backend="torch")  # fmt: skip
+    qw = lowrank.quantize(
+        w,
+        blocksize=64 if blocksize == "nested" else int(blocksize),
+        double_quant="dq" in flags,
+        quant_type=quant_type,
+        backend="torch",
+    )
     if blocksize == "nested":  # a transformers-written state: constants reconstructed in bf16
-        qw = lowrank.NF4Weight(qw.packed, qw.absmax, qw.shape, qw.dtype, qw.blocksize, qw.quant_type,
-                               qw.nested_absmax, qw.nested_offset, nested_dtype=torch.bfloat16)  # fmt: skip
+        qw = lowrank.NF4Weight(
+            qw.packed,
+            qw.absmax,
+            qw.shape,
+            qw.dtype,
+            qw.blocksize,
+            qw.quant_type,
+            qw.nested_absmax,
+            qw.nested_offset,
+            nested_dtype=torch.bfloat16,
+        )
     return qw, lowrank.dequantize(qw, torch.float32, backend="torch")
 
 
@@ -299,7 +359,12 @@ def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
     dx_low, dA_low, dB_low = dy @ w_low + g_low @ A, g_low.t() @ xl, (dy * scale).t() @ xa_low
 
     assert xa.dtype == torch.float32 and max_err(xa, xa32) <= 2 * max_err(xa_low, xa32) + ATOL[dtype]
-    for name, out, ref, low in (("y", y, y32, y_low), ("dx", dx, dx32, dx_low), ("dA", dA, dA32, dA_low), ("dB", dB, dB32, dB_low)):
+    for name, out, ref, low in (
+        ("y", y, y32, y_low),
+        ("dx", dx, dx32, dx_low),
+        ("dA", dA, dA32, dA_low),
+        ("dB", dB, dB32, dB_low),
+    ):
         check_rule(name, out, ref, low, dtype)
 
 
@@ -314,7 +379,7 @@ def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
     assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
     for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
         part = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
-        for wanted, got, ref in zip(need, part, full):
+        for wanted, got, ref in zip(need, part, full, strict=True):
             assert (got is None) != wanted
             if wanted:
                 assert_bit_equal(got, ref, "partial gradient")
@@ -329,7 +394,9 @@ def test_lora_dispatch_and_bad_shapes():
     with pytest.raises(ValueError, match=r"must have shape \(16, 64\) .* got \(32, 64\)"):
         EXT.lora_forward(x, weight, A, B[:16], 1.0)
     with pytest.raises(RuntimeError, match="A must have shape"):
-        torch.ops.lowrank_ext.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
+        torch.ops.lowrank_ext.lora_forward(
+            x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None
+        )
 
 
 @needs_ext
