@@ -254,12 +254,15 @@ def run_finetune(args, out: Path | None = None) -> dict:
     from safetensors.torch import save_file
 
     from lowrank import report
-    from lowrank.train import train
+    from lowrank.train import list_checkpoints, train
 
     out = Path(out or args.output)
     args.output = str(out)
     _check_output(out, args.resume, args)
     run = Run(args)  # everything is validated before the first write
+    if args.resume and not list_checkpoints(out / "checkpoints"):
+        print(f"{out}: no checkpoint was written before the interruption; starting from step 0", flush=True)
+        run.config.resume = False
     out.mkdir(parents=True, exist_ok=True)
     args.label_names = run.labels
     report.atomic_write_text(out / "run.json", json.dumps(_run_record(args), indent=2))

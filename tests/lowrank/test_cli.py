@@ -1,6 +1,7 @@
 """The ``lowrank`` command on tiny local models: each path, SIGKILL + --resume, every bad input, the main job."""
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -19,6 +20,15 @@ from lowrank.cli import main, rebuild
 
 REPO = Path(__file__).resolve().parents[2]
 SPECIAL = ["[PAD]", "[UNK]", "[EOS]"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -138,14 +148,15 @@ def test_quantize_prints_sizes_and_error(model_dirs, capsys):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(model_dirs, tmp_path):
-    steps = ["--max-steps", "80", "--save-every", "2", "--keep-last", "2", "--batch-size", "4", "--grad-accum", "2",
+    steps = ["--max-steps", "60", "--save-every", "2", "--keep-last", "2", "--batch-size", "4", "--grad-accum", "2",
              "--warmup-steps", "5", "--max-new-tokens", "2"]
     reference = tmp_path / "reference"
     assert main(gen_args(model_dirs, reference, *steps)) == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "lowrank", *gen_args(model_dirs, killed, *steps)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # as this process (see one_thread)
     try:
         deadline = time.monotonic() + 120
         while not list((killed / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
@@ -234,3 +245,13 @@ def test_main_job_code_path_in_a_reduced_configuration(tmp_path, capsys, monkeyp
     assert (tmp_path / "runs/main/compare/compare.md").is_file()
     assert (tmp_path / "runs/main/classification/adapter/adapter_model.safetensors").is_file()
     assert "rouge1" in (tmp_path / "runs/main/generation/metrics.json").read_text()
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_zero(model_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cls_args(model_dirs, out, "--max-steps", "2")) == 0  # no --save-every: no checkpoint
+    first = (out / "log.jsonl").read_text()
+    assert main(cls_args(model_dirs, out, "--max-steps", "2", "--resume")) == 0
+    assert "starting from step 0" in capsys.readouterr().out
+    assert [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["loss"] for x in first.splitlines()]

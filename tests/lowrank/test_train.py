@@ -13,6 +13,15 @@ from lowrank.nn import LoRALinear
 from lowrank.train import CheckpointError, ConfigError, DeltaTracker, TrainConfig, list_checkpoints, lr_factor, train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(seed=0, dropout=0.1):
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
