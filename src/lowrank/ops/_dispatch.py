@@ -61,6 +61,16 @@ def ext_module():
     return _ext.load()
 
 
+def ext_unavailable_reason() -> str:
+    """Why the extension is not loaded, in words (for error messages and ``python -m lowrank.env``)."""
+    try:
+        from lowrank import _ext
+    except ImportError as err:
+        return f"lowrank._ext is not importable ({err})"
+    reason = _ext.load_error() if hasattr(_ext, "load_error") else None
+    return reason or "the C++ extension is not built or was disabled (LOWRANK_DISABLE_EXT=1)"
+
+
 def why_unusable(backend: str, op: str, device: torch.device) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``; otherwise the reason, for error messages."""
     if backend not in _REGISTRY.get(op, {}):
@@ -78,7 +88,7 @@ def why_unusable(backend: str, op: str, device: torch.device) -> str | None:
     if backend == "ext":
         ext = ext_module()
         if ext is None:
-            return "the C++ extension is not built or was disabled (LOWRANK_DISABLE_EXT=1); see `python -m lowrank.env`"
+            return f"the C++ extension is unavailable: {ext_unavailable_reason()}; see `python -m lowrank.env`"
         if not ext.supports(op, device.type):
             return f"the C++ extension has no {device.type} kernel for {op!r}"
         return None
