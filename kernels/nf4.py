@@ -416,9 +416,12 @@ if HAS_TRITON:
         x_even = tl.load(x_ptr + even, mask=even < n, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
         absmax = tl.maximum(tl.max(tl.abs(x_even), axis=1), tl.max(tl.abs(x_odd), axis=1))
-        # IEEE reciprocal of the clamped absmax, then a multiply (bitsandbytes' order and clamp).
+        # IEEE reciprocal of the clamped absmax, then a multiply (bitsandbytes' order and clamp). An
+        # all-zero block scales by 1 explicitly, so a GPU that flushes the subnormal floor to zero still
+        # never computes 0 * inf.
         floor = tl.full(absmax.shape, _RECIPROCAL_FLOOR, tl.float32)
         inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, floor))
+        inv = tl.where(absmax > 0, inv, 1.0)
         s_even = tl.minimum(tl.maximum(x_even * inv[:, None], -1.0), 1.0)
         s_odd = tl.minimum(tl.maximum(x_odd * inv[:, None], -1.0), 1.0)
         hi = _code_of(s_even, thresholds_ptr, sorted_code_ptr, IDENTITY_CODES)
