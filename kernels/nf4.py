@@ -108,7 +108,7 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sorted_table(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted values, fp32 midpoints between neighbours, code of each sorted position), on CPU.
 
@@ -130,7 +130,7 @@ def sorted_codes(quant_type: str) -> tuple[int, ...]:
     return tuple(_sorted_table(quant_type)[2].tolist())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cpu() -> torch.Tensor:
     # The signed 8-bit dynamic map (bitsandbytes' create_dynamic_map(signed=True, 7 exponent bits)):
     # for each decade i = 0..6, the means of neighbouring points of linspace(0.1, 1, 2**i + 1),
@@ -151,7 +151,7 @@ def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     return _dynamic_map_cpu().to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_midpoints_cpu() -> torch.Tensor:
     dyn = _dynamic_map_cpu()
     return (dyn[:-1] + dyn[1:]) / 2
@@ -231,24 +231,32 @@ def check_dequantize_args(
     return n
 
 
-def check_nested_args(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype) -> None:
+def check_nested_args(
+    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype
+) -> None:
     """Validate double-quantized block constants (uint8 codes, fp32 scales per 256, fp32 offset)."""
     if nested_dtype not in NESTED_DTYPES:
         raise TypeError(f"nested_dtype must be one of float32/float16/bfloat16, got {nested_dtype}")
     if qabsmax.dtype != torch.uint8 or qabsmax.dim() != 1 or qabsmax.numel() == 0:
-        raise ValueError(f"qabsmax must be a non-empty 1-D uint8 tensor, got {qabsmax.dtype} of shape {tuple(qabsmax.shape)}")
+        raise ValueError(
+            f"qabsmax must be a non-empty 1-D uint8 tensor, got {qabsmax.dtype} of shape {tuple(qabsmax.shape)}"
+        )
     n2 = num_blocks(qabsmax.numel(), NESTED_BLOCKSIZE)
     if absmax2.dtype != torch.float32 or absmax2.numel() != n2:
         raise ValueError(f"absmax2 must be float32 with {n2} entries, got {absmax2.dtype} with {absmax2.numel()}")
     if offset.dtype != torch.float32 or offset.numel() != 1:
         raise ValueError(f"offset must be a one-element float32 tensor, got {offset.dtype} with {offset.numel()}")
     if len({qabsmax.device, absmax2.device, offset.device}) != 1:
-        raise ValueError(f"qabsmax, absmax2 and offset must share a device, got {qabsmax.device}, {absmax2.device}, {offset.device}")
+        raise ValueError(
+            f"qabsmax, absmax2 and offset must share a device, got {qabsmax.device}, {absmax2.device}, {offset.device}"
+        )
 
 
 def check_absmax_for_double_quant(absmax: torch.Tensor) -> None:
     if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}")
+        raise ValueError(
+            f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}"
+        )
 
 
 def num_blocks(numel: int, blocksize: int) -> int:
@@ -264,7 +272,9 @@ def packed_shape(numel: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit_ref(
+    x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization of ``x`` (any shape; fp32/fp16/bf16).
 
     Returns ``(packed, absmax)``: packed uint8 of shape ``((n + 1) // 2, 1)`` and fp32 absmax of shape
@@ -310,7 +320,9 @@ def dequantize_4bit_ref(
     return (table[nibbles.long()] * absmax.float()[block]).to(dtype).reshape(shape)
 
 
-def double_quantize_ref(absmax: torch.Tensor, rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def double_quantize_ref(
+    absmax: torch.Tensor, rounding: str = "nearest"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize fp32 block constants with the signed dynamic map in 256-blocks around their mean.
 
     Returns ``(qabsmax uint8 [nb], absmax2 fp32 [ceil(nb/256)], offset fp32 0-dim)``.
@@ -487,7 +499,14 @@ if HAS_TRITON:
         byte_mask = byte_index < (n + 1) // 2
         byte = tl.load(packed_ptr + byte_index, mask=byte_mask, other=0x77).to(tl.int32)
         scale = _block_constant(
-            block, block * BLOCKSIZE < n, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT, NESTED_KIND
+            block,
+            block * BLOCKSIZE < n,
+            absmax_ptr,
+            absmax2_ptr,
+            offset_ptr,
+            dynamic_map_ptr,
+            DOUBLE_QUANT,
+            NESTED_KIND,
         )
         hi = tl.load(table_ptr + (byte >> 4)) * scale[:, None]
         lo = tl.load(table_ptr + (byte & 0xF)) * scale[:, None]

@@ -22,9 +22,9 @@ import tempfile
 import time
 
 import torch
+from lowrank.kernels import nf4 as K
 
 import lowrank
-from lowrank.kernels import nf4 as K
 
 SHAPE = (1024, 1024)
 OUTPUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "nf4_roundtrip_stats.json")

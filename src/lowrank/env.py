@@ -72,7 +72,9 @@ def collect() -> dict:
         "cuda_devices": devices,
         "extension_loaded": ext is not None,
         "extension_reason": None if ext is not None else _dispatch.ext_unavailable_reason(),
-        "environment": {name: os.environ.get(name) for name in ("LOWRANK_BACKEND", "LOWRANK_DISABLE_EXT", "TRITON_INTERPRET")},
+        "environment": {
+            name: os.environ.get(name) for name in ("LOWRANK_BACKEND", "LOWRANK_DISABLE_EXT", "TRITON_INTERPRET")
+        },
         "backends": {"cpu": _backends_on("cpu")},
     }
     if devices:

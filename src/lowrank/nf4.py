@@ -176,9 +176,9 @@ class NF4Weight:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = K.dynamic_map(self.device)
         raw = json.dumps(blob).encode("utf-8")
-        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(
-            self.device
-        )
+        sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(
+            bytearray(raw), dtype=torch.uint8
+        ).to(self.device)
         return sd
 
     @classmethod
@@ -209,7 +209,9 @@ class NF4Weight:
         if isinstance(blocksize, bool) or blocksize not in K.BLOCKSIZES:
             raise QuantStateError(f"{blob_key}: blocksize {blocksize!r} is not one of {K.BLOCKSIZES}")
         shape = blob["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise QuantStateError(f"{blob_key}: shape must be a list of non-negative ints, got {shape!r}")
 
         def tensor(name: str) -> torch.Tensor:
@@ -238,7 +240,9 @@ class NF4Weight:
                 raise QuantStateError(f"{blob_key}: nested_blocksize must be 256, got {blob['nested_blocksize']!r}")
             nested_dtype = _dtype_field(blob_key, blob, "nested_dtype")
             nested_quant_map = tensor(".nested_quant_map")
-            if nested_quant_map.dtype != torch.float32 or not torch.equal(nested_quant_map.cpu().reshape(-1), K.dynamic_map()):
+            if nested_quant_map.dtype != torch.float32 or not torch.equal(
+                nested_quant_map.cpu().reshape(-1), K.dynamic_map()
+            ):
                 raise QuantStateError(f"{prefix}.nested_quant_map is not the signed 8-bit dynamic map")
             nested_absmax = tensor(".nested_absmax")
             offset = blob["nested_offset"]
@@ -298,7 +302,9 @@ def quantize(
     K.check_quant_type(quant_type)
     if not bool(torch.isfinite(w).all()):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
-        raise ValueError(f"weight has non-finite values (first at index {bad}: {w[tuple(bad)].item()}); cannot quantize")
+        raise ValueError(
+            f"weight has non-finite values (first at index {bad}: {w[tuple(bad)].item()}); cannot quantize"
+        )
     _dispatch, ops = _ops()
     name = _dispatch.resolve("quantize_4bit", w.device, backend)
     packed, absmax = ops.quantize_4bit_op(w, blocksize, quant_type, name)

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from lowrank.kernels import nf4 as K
 
 pytestmark = pytest.mark.interpreter
@@ -30,9 +29,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        actual.dtype,
+        actual.shape,
+        expected.shape,
+    )
     equal = bits(actual.cpu()) == bits(expected.cpu())
-    assert bool(equal.all()), f"{int((~equal).sum())} of {equal.numel()} differ; first at {(~equal).nonzero()[0].tolist()}"
+    assert bool(equal.all()), (
+        f"{int((~equal).sum())} of {equal.numel()} differ; first at {(~equal).nonzero()[0].tolist()}"
+    )
 
 
 def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -123,14 +128,14 @@ def test_blocks_run_over_the_flattened_tensor_and_tail_absmax_is_over_valid_elem
 def test_non_contiguous_input_is_quantized_in_logical_order():
     x = torch.randn(40, 24)
     for view in (x.t(), x[:, ::3], x[::2].t()):
-        for a, b in zip(K.quantize_4bit_ref(view, 32), K.quantize_4bit_ref(view.contiguous(), 32)):
+        for a, b in zip(K.quantize_4bit_ref(view, 32), K.quantize_4bit_ref(view.contiguous(), 32), strict=True):
             assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_quantize_like_their_fp32_upcast(dtype):
     x = torch.randn(333).to(dtype)
-    for a, b in zip(K.quantize_4bit_ref(x, 64), K.quantize_4bit_ref(x.float(), 64)):
+    for a, b in zip(K.quantize_4bit_ref(x, 64), K.quantize_4bit_ref(x.float(), 64), strict=True):
         assert torch.equal(a, b)
 
 
@@ -266,7 +271,9 @@ def test_triton_dequantize_matches_reference(shape, blocksize, quant_type, dtype
     logical_shape = tuple(x.shape)
     for out_dtype in K.FLOAT_DTYPES:
         expected = K.dequantize_4bit_ref(packed, absmax, logical_shape, out_dtype, blocksize, quant_type)
-        got = K.dequantize_4bit(packed.to(device), absmax.to(device), None, None, logical_shape, out_dtype, blocksize, quant_type)
+        got = K.dequantize_4bit(
+            packed.to(device), absmax.to(device), None, None, logical_shape, out_dtype, blocksize, quant_type
+        )
         assert_bitwise_equal(got, expected)
         for nested_dtype in K.NESTED_DTYPES:
             rec = K.double_dequantize_ref(q, absmax2, offset, nested_dtype)
@@ -286,7 +293,7 @@ def test_triton_double_quantize_and_dequantize_match_reference(nb, device):
         absmax[256:512] = absmax.mean()  # a nested block that is exactly the mean: all-zero after centring
     got = K.double_quantize(absmax.to(device))
     expected = K.double_quantize_ref(absmax)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert_bitwise_equal(a, b)
     for nested_dtype in K.NESTED_DTYPES:
         rec = K.double_dequantize(*(t.to(device) for t in expected), nested_dtype)
@@ -327,7 +334,11 @@ def test_dequantize_launcher_rejects_bad_arguments():
     cases = [
         (dict(packed=packed[:-1]), ValueError, "packed must be uint8 with 50 bytes .* got torch.uint8 with 49"),
         (dict(packed=packed.view(torch.int8)), ValueError, "packed must be uint8 .* got torch.int8"),
-        (dict(absmax=absmax[:1]), ValueError, "absmax must be torch.float32 with 2 entries .* got torch.float32 with 1"),
+        (
+            dict(absmax=absmax[:1]),
+            ValueError,
+            "absmax must be torch.float32 with 2 entries .* got torch.float32 with 1",
+        ),
         (dict(absmax=q), ValueError, "absmax must be torch.float32 .* got torch.uint8"),
         (dict(absmax=q, absmax2=absmax2), ValueError, "offset must be a one-element float32 tensor"),
         (dict(absmax=q, absmax2=absmax2[:0], offset=offset), ValueError, "absmax2 must be float32 with 1 entries"),

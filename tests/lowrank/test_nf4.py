@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lowrank.kernels import nf4 as K
 
 import lowrank
-from lowrank.kernels import nf4 as K
 from lowrank.nf4 import NF4Weight, QuantStateError, dequantize, dequantize_absmax, quantize
 from lowrank.ops import _dispatch
 
@@ -87,7 +87,8 @@ def test_to_meta_keeps_shapes_and_checks():
 
 
 @pytest.mark.parametrize("double_quant, quant_type, nested_dtype", [
-    (True, "nf4", torch.float32), (False, "nf4", torch.float32), (True, "fp4", torch.float32), (True, "nf4", torch.bfloat16),
+    (True, "nf4", torch.float32), (False, "nf4", torch.float32),
+    (True, "fp4", torch.float32), (True, "nf4", torch.bfloat16),
 ])  # fmt: skip
 def test_safetensors_round_trip_is_exact(tmp_path, double_quant, quant_type, nested_dtype):
     from safetensors.torch import load_file, save_file
@@ -166,9 +167,15 @@ def test_dequantize_rejects_bad_input():
 def test_nf4weight_rejects_inconsistent_fields():
     good = quantize(torch.randn(10, 70), 64)
     cases = [
-        (dict(packed=good.packed[:-1]), "packed must be uint8 with 350 bytes for shape \\(10, 70\\), got torch.uint8 with 349"),
+        (
+            dict(packed=good.packed[:-1]),
+            "packed must be uint8 with 350 bytes for shape \\(10, 70\\), got torch.uint8 with 349",
+        ),
         (dict(absmax=good.absmax[:5]), "absmax must be torch.uint8 with 11 entries .* got torch.uint8 with 5"),
-        (dict(nested_absmax=good.nested_absmax.half()), "nested_absmax must be float32 with 1 entries, got torch.float16"),
+        (
+            dict(nested_absmax=good.nested_absmax.half()),
+            "nested_absmax must be float32 with 1 entries, got torch.float16",
+        ),
         (dict(nested_offset=None), "needs a one-element float32 nested_offset, got None"),
         (dict(nested_offset=torch.tensor([1.0, 2.0])), "one-element float32 nested_offset, got torch.float32 with 2"),
         (dict(nested_offset=torch.tensor(float("nan"))), "non-finite"),
@@ -218,7 +225,10 @@ def test_corrupted_state_dicts_are_rejected_with_the_key_named():
         ({**sd, blob_key: sd[blob_key][:-5]}, "weight.quant_state.bitsandbytes__nf4 is not valid UTF-8 JSON"),
         ({**sd, blob_key: torch.tensor([0xFF, 0xFE], dtype=torch.uint8)}, "is not valid UTF-8 JSON"),
         ({**sd, blob_key: torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)}, "must hold a JSON object, got list"),
-        ({**sd, blob_key: sd[blob_key].float()}, "must be a uint8 tensor of UTF-8 JSON bytes, got a torch.float32 tensor"),
+        (
+            {**sd, blob_key: sd[blob_key].float()},
+            "must be a uint8 tensor of UTF-8 JSON bytes, got a torch.float32 tensor",
+        ),
         (corrupt_blob(sd, blocksize=...), r"lacks the fields \['blocksize'\]"),
         (corrupt_blob(sd, quant_type="fp4"), "says quant_type 'fp4', which does not match its key"),
         (corrupt_blob(sd, quant_type="q4"), "quant_type 'q4' is not one of"),

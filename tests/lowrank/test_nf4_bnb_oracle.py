@@ -16,9 +16,9 @@ import warnings
 
 import pytest
 import torch
+from lowrank.kernels import nf4 as K
 
 from lowrank import nf4 as api
-from lowrank.kernels import nf4 as K
 from lowrank.ops import nf4 as ops
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -50,7 +50,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (what, actual.dtype, actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        what,
+        actual.dtype,
+        actual.shape,
+        expected.shape,
+    )
     equal = bits(actual) == bits(expected)
     assert bool(equal.all()), f"{what}: {int((~equal).sum())} of {equal.numel()} differ"
 
@@ -86,7 +91,9 @@ def bnb_dequantize_pure_torch(packed: torch.Tensor, state, dtype: torch.dtype) -
     """bitsandbytes' pure-torch dequantization: the safe oracle (no native-kernel quirks)."""
     code = K.code_table(state.quant_type)
     absmax = bnb_reconstructed_absmax(state)
-    return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax, code, state.blocksize, state.shape, dtype)
+    return _dequantize_4bit_compute(
+        packed.view(torch.uint8).reshape(-1), absmax, code, state.blocksize, state.shape, dtype
+    )
 
 
 def native_dequant_runs(shape, blocksize: int) -> bool:
@@ -137,7 +144,9 @@ def random_case(seed: int, max_elements: int = 12000):
     shape = []
     for axis in range(rank):
         remaining = max(1, budget // max(1, math.prod(shape)))
-        shape.append(remaining if axis == rank - 1 else rng.randint(1, max(1, int(remaining ** (1 / (rank - axis))) * 2)))
+        shape.append(
+            remaining if axis == rank - 1 else rng.randint(1, max(1, int(remaining ** (1 / (rank - axis))) * 2))
+        )
     shape = tuple(shape)
     dtype = rng.choice(K.FLOAT_DTYPES)
     blocksize = rng.choice(K.BLOCKSIZES)
@@ -244,7 +253,9 @@ def find_division_quirk_value(absmax: float) -> float:
         for _ in range(8):
             x = torch.nextafter(x, torch.tensor(-10.0))
         for _ in range(16):
-            if codes_by_division(x[None], absmax, "nf4") != torch.bucketize((x * (1.0 / am))[None], torch.tensor(K.thresholds("nf4"))):
+            if codes_by_division(x[None], absmax, "nf4") != torch.bucketize(
+                (x * (1.0 / am))[None], torch.tensor(K.thresholds("nf4"))
+            ):
                 return x.item()
             x = torch.nextafter(x, torch.tensor(10.0))
     raise AssertionError(f"no value near a threshold differs for absmax {absmax}")
@@ -368,7 +379,9 @@ def test_bitsandbytes_dequantizes_our_state_like_we_do(shape, blocksize, quant_t
             assert_bitwise_equal(native.reshape(shape) + 0.0, ours, "native bnb dequant of our state")
 
 
-def make_bnb_linear(in_features: int, out_features: int, quant_type: str, double_quant: bool, quant_storage=torch.uint8):
+def make_bnb_linear(
+    in_features: int, out_features: int, quant_type: str, double_quant: bool, quant_storage=torch.uint8
+):
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features).bfloat16() * 0.05
     layer = Linear4bit(
@@ -376,7 +389,11 @@ def make_bnb_linear(in_features: int, out_features: int, quant_type: str, double
         compress_statistics=double_quant, quant_storage=quant_storage,
     )  # fmt: skip
     layer.weight = Params4bit(
-        weight, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant, quant_storage=quant_storage
+        weight,
+        requires_grad=False,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+        quant_storage=quant_storage,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -395,7 +412,9 @@ def test_bnb_linear4bit_state_dict_loads_into_nf4weight(quant_type, double_quant
     assert torch.equal(qw.packed, layer.weight.data.view(torch.uint8).reshape(-1, 1))
     for out_dtype in K.FLOAT_DTYPES:
         state.dtype = out_dtype
-        assert_bitwise_equal(api.dequantize(qw, out_dtype), bnb_dequantize_pure_torch(layer.weight.data, state, out_dtype))
+        assert_bitwise_equal(
+            api.dequantize(qw, out_dtype), bnb_dequantize_pure_torch(layer.weight.data, state, out_dtype)
+        )
 
 
 def test_our_state_dict_loads_through_params4bit_from_prequantized(tmp_path):
@@ -428,7 +447,9 @@ def test_bnb_state_after_cpu_inference_has_bf16_nested_dtype_and_we_match_it():
     assert blob["nested_dtype"] == "bfloat16"
     qw = api.NF4Weight.from_bnb_state_dict(sd)
     assert qw.nested_dtype == torch.bfloat16
-    state = F.QuantState.from_dict({k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}, torch.device("cpu"))
+    state = F.QuantState.from_dict(
+        {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}, torch.device("cpu")
+    )
     for out_dtype in K.FLOAT_DTYPES:
         state.dtype = out_dtype
         expected = bnb_dequantize_pure_torch(sd["weight"], state, out_dtype)
@@ -450,7 +471,9 @@ def test_nested_dtype_rounding_matches_bitsandbytes_for_any_offset(nested_dtype)
     blob["nested_dtype"] = nested_dtype
     sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)
     ours = api.NF4Weight.from_bnb_state_dict(sd)
-    state = F.QuantState.from_dict({k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}, torch.device("cpu"))
+    state = F.QuantState.from_dict(
+        {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}, torch.device("cpu")
+    )
     expected = bnb_dequantize_pure_torch(sd["weight"], state, torch.float32)
     assert_bitwise_equal(api.dequantize(ours), expected)
     assert_bitwise_equal(api.dequantize(ours, backend="triton"), expected)
@@ -461,12 +484,20 @@ def test_transformers_save_pretrained_checkpoint_loads_into_nf4weight(tmp_path):
     transformers = pytest.importorskip("transformers")
     safetensors = pytest.importorskip("safetensors.torch")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "dense")
     quant_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -478,7 +509,9 @@ def test_transformers_save_pretrained_checkpoint_loads_into_nf4weight(tmp_path):
     prefix = "model.layers.0.self_attn.q_proj.weight"
     qw = api.NF4Weight.from_bnb_state_dict(sd, prefix)
     layer_weight = model.model.layers[0].self_attn.q_proj.weight
-    assert_bitwise_equal(api.dequantize(qw), bnb_dequantize_pure_torch(layer_weight.data, layer_weight.quant_state, torch.bfloat16))
+    assert_bitwise_equal(
+        api.dequantize(qw), bnb_dequantize_pure_torch(layer_weight.data, layer_weight.quant_state, torch.bfloat16)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

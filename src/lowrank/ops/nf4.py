@@ -56,7 +56,9 @@ for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize
 
 
 @torch.library.custom_op("lowrank::quantize_4bit", mutates_args=())
-def quantize_4bit_op(x: torch.Tensor, blocksize: int, quant_type: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit_op(
+    x: torch.Tensor, blocksize: int, quant_type: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _dispatch.implementation("quantize_4bit", backend)(x, blocksize, quant_type)
 
 
@@ -86,7 +88,11 @@ def _(absmax, backend):
 
 @torch.library.custom_op("lowrank::double_dequantize", mutates_args=())
 def double_dequantize_op(
-    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, backend: str, nested_dtype: torch.dtype = torch.float32
+    qabsmax: torch.Tensor,
+    absmax2: torch.Tensor,
+    offset: torch.Tensor,
+    backend: str,
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     return _dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset, nested_dtype)
 

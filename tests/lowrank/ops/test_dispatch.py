@@ -62,11 +62,15 @@ def test_auto_prefers_triton_on_cuda(probe_op, monkeypatch):
 
 def test_explicit_unusable_backend_raises_with_the_reason(probe_op, no_extension, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="backend 'triton' was requested for .* on cpu, but triton needs a CUDA"):
+    with pytest.raises(
+        BackendUnavailableError, match="backend 'triton' was requested for .* on cpu, but triton needs a CUDA"
+    ):
         resolve(probe_op, "cpu", "triton")
     with pytest.raises(BackendUnavailableError, match="'ext' .* has no 'ext' implementation"):
         resolve(probe_op, "cpu", "ext")
-    with pytest.raises(BackendUnavailableError, match="the C\\+\\+ extension is unavailable: lowrank._ext is not importable"):
+    with pytest.raises(
+        BackendUnavailableError, match="the C\\+\\+ extension is unavailable: lowrank._ext is not importable"
+    ):
         resolve("quantize_4bit", "cpu", "ext")
     with pytest.raises(BackendUnavailableError, match="backend 'ext' was requested"):
         lowrank.quantize(torch.randn(64), backend="ext")

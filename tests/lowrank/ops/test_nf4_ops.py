@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lowrank.kernels import nf4 as K
 
 import lowrank
-from lowrank.kernels import nf4 as K
 from lowrank.ops import _dispatch
 from lowrank.ops import nf4 as ops  # noqa: F401  (registers the ops)
 
@@ -52,7 +52,18 @@ def test_opcheck_dequantize_4bit(backend):
     shape = list(x.shape)
     for args in [
         (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, shape, torch.bfloat16, 64, "nf4", backend),
-        (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, shape, torch.float32, 64, "nf4", backend, torch.bfloat16),
+        (
+            qw.packed,
+            qw.absmax,
+            qw.nested_absmax,
+            qw.nested_offset,
+            shape,
+            torch.float32,
+            64,
+            "nf4",
+            backend,
+            torch.bfloat16,
+        ),
         (plain.packed, plain.absmax, None, None, shape, torch.float16, 64, "nf4", backend),
     ]:
         torch.library.opcheck(torch.ops.lowrank.dequantize_4bit.default, args)
@@ -88,7 +99,9 @@ def test_torch_compile_inductor_fullgraph_dequantize():
 
     @torch.compile(fullgraph=True)
     def dq(packed, absmax, absmax2, offset):
-        out = torch.ops.lowrank.dequantize_4bit(packed, absmax, absmax2, offset, [12, 70], torch.float32, 64, "nf4", "torch")
+        out = torch.ops.lowrank.dequantize_4bit(
+            packed, absmax, absmax2, offset, [12, 70], torch.float32, 64, "nf4", "torch"
+        )
         return out * 2
 
     expected = lowrank.dequantize(qw, torch.float32, backend="torch") * 2
@@ -98,5 +111,7 @@ def test_torch_compile_inductor_fullgraph_dequantize():
 def test_torch_compile_fullgraph_public_dequantize():
     torch._dynamo.reset()
     _, qw = sample()
-    compiled = torch.compile(lambda w: lowrank.dequantize(w, torch.float32, backend="torch") * 2, fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda w: lowrank.dequantize(w, torch.float32, backend="torch") * 2, fullgraph=True, backend="eager"
+    )
     assert torch.equal(compiled(qw), lowrank.dequantize(qw, torch.float32, backend="torch") * 2)
