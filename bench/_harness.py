@@ -400,7 +400,7 @@ def _rounds_for(probe_s: float) -> int:
 
 
 class Bench:
-    """What a benchmark test calls: ``bench.run(fn, group=..., case=..., provider=..., bytes_moved=..., flops=...)``.
+    """What a benchmark test calls: ``bench.run(fn, op=..., case=..., provider=..., bytes_moved=..., flops=...)``.
 
     Wraps pytest-benchmark's fixture; the conftest writes ``self.record`` out when the test ends.
     """

@@ -189,6 +189,7 @@ def render(merged: dict) -> str:
     out = ["# lowrank performance", ""]
     out += _header(machine, limits)
     out += _goals(records, machine)
+    out += _forward_paths(records)
     for op, title in SECTIONS:
         rows = [r for r in records if r["extra_info"]["op"] == op]
         if rows:
@@ -281,6 +282,40 @@ def _goals(records: list[dict], machine: dict) -> list[str]:
         "| --- | --- | --- | --- |",
     ]
     return header + [row for _, row in sorted(rows, key=lambda item: item[0])] + [""]
+
+
+def _forward_paths(records: list[dict]) -> list[str]:
+    """Each forward path's time per case, the fastest, and what ``choose_forward_path`` picked (its M thresholds)."""
+    times: dict = {}
+    chosen: dict = {}
+    for record in records:
+        info = record["extra_info"]
+        if info["op"] != "lora_fwd" or not info["provider"].startswith("triton"):
+            continue
+        key = _case_key(info) + (info["case"].get("r"),)
+        if ":" in info["provider"]:
+            times.setdefault(key, {})[info["provider"].partition(":")[2]] = info["time_s"]
+        elif info.get("path"):
+            chosen[key] = info["path"]
+    if not times:
+        return []
+    paths = sorted({p for per_case in times.values() for p in per_case})
+    out = [
+        "## Forward path crossover (`choose_forward_path`'s M thresholds)",
+        "",
+        "| case | " + " | ".join(f"{p} µs" for p in paths) + " | fastest | chosen |",
+        "| --- | " + " | ".join("---" for _ in paths) + " | --- | --- |",
+    ]
+    for key in sorted(times, key=lambda k: (_sort_case(k[:2]), k[2] or 0)):
+        per_case = times[key]
+        fastest = min(per_case, key=per_case.get)
+        pick = chosen.get(key, "–")
+        mark = "" if pick in (fastest, "–") else " ⚠"
+        fields = dict(key[1])
+        case = f"shape={fields.get('shape')} M={fields.get('M')} r={key[2]}"
+        cells = " | ".join(_us(per_case.get(p)) for p in paths)
+        out.append(f"| {case} | {cells} | {fastest} | {pick}{mark} |")
+    return out + ["", "⚠: the automatic choice is not the fastest path measured for that case.", ""]
 
 
 def _section(op: str, title: str, rows: list[dict], ours: dict) -> list[str]:

@@ -146,6 +146,11 @@ if timeout -k 5 30 "$PY" -P bench/report.py "$OUT/records.jsonl" "$WORK"/bench_*
 else
     log "ERROR: bench/report.py failed (see run.log); the raw records are in records.jsonl"
 fi
+if [ -s "$OUT/report.md" ]; then  # the headline sections, for whoever reads only this command's output
+    echo
+    awk '/^## /{show = ($0 ~ /^## (Goals|Forward path|QLoRA training step|Failed benchmarks|Run stages|Correctness tests)/)} show' \
+        "$OUT/report.md" | head -150
+fi
 log "done in $(($(date +%s) - T0))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 rm -rf "$WORK"
 exit 0
