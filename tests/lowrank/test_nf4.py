@@ -54,6 +54,11 @@ def test_every_usable_backend_gives_the_same_bits(shape, blocksize, quant_type, 
             got = dequantize(qw, out_dtype, backend=backend)
             assert torch.equal(bits(got), bits(dequantize(reference, out_dtype, backend="torch"))), (backend, out_dtype)
         assert torch.equal(dequantize_absmax(qw, backend=backend), dequantize_absmax(reference, backend="torch"))
+        if double_quant:  # a state that names a bf16/fp16 nested dtype decodes the same on every backend
+            for nested_dtype in (torch.bfloat16, torch.float16):
+                variant = dataclasses.replace(qw, nested_dtype=nested_dtype)
+                expected = dequantize(dataclasses.replace(reference, nested_dtype=nested_dtype), backend="torch")
+                assert torch.equal(bits(dequantize(variant, backend=backend)), bits(expected)), (backend, nested_dtype)
 
 
 def test_defaults_and_derived_facts():
