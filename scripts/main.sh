@@ -14,8 +14,8 @@ rm -rf runs/main
 mkdir -p runs/main
 
 .venv/bin/lowrank quantize --model default
-.venv/bin/lowrank finetune --task classification --model default --method qlora --epochs 2 --batch-size 16 --lr 1e-3 --warmup-steps 3 --eval-every 12 --save-every 12 --output runs/main/classification
+.venv/bin/lowrank finetune --task classification --model default --method qlora --epochs 3 --batch-size 16 --lr 1e-3 --eval-every 18 --save-every 18 --output runs/main/classification
 .venv/bin/lowrank finetune --task generation --model tiny-causal --method full --epochs 10 --batch-size 16 --lr 3e-3 --warmup-steps 5 --eval-every 50 --save-every 50 --output runs/main/generation
-.venv/bin/lowrank compare --task classification --model default --max-steps 12 --batch-size 16 --lr 1e-3 --warmup-steps 3 --a method=lora --b method=qlora --name-a lora16 --name-b qlora --output runs/main/compare
+.venv/bin/lowrank compare --task classification --model default --max-steps 18 --batch-size 16 --lr 2e-3 --a method=lora --b method=qlora --name-a lora16 --name-b qlora --output runs/main/compare
 
 echo "main job done: see runs/main/*/report.md and runs/main/compare/compare.md"

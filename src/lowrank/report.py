@@ -153,7 +153,7 @@ def write_comparison(out_dir: Path, names: tuple[str, str], histories: tuple[Seq
              "data order.", "", "## Settings", "", "| | A | B |", "|---|---|---|"]
     for key in sorted(set(settings[0]) | set(settings[1])):
         va, vb = settings[0].get(key), settings[1].get(key)
-        if va != vb:
+        if va != vb and key != "output":
             lines.append(f"| {key} | {va} | {vb} |")
     lines += ["", "## Results", "", _metrics_table({f"A: {a}": metrics[0], f"B: {b}": metrics[1]}), "",
               f"- training time: T_A = {times[0]:.2f} s, T_B = {times[1]:.2f} s",
