@@ -211,6 +211,9 @@ class Run:
         self.config = train_config(args)
         self.config.pad_token_id = self.tokenizer.pad_token_id
         self.param_groups, self.schedule = prepare(self.model, args)
+        from lowrank.train import resolve_device
+
+        self.model.to(resolve_device(self.config.device))  # evaluate before training on the training device
 
     def metrics(self) -> dict:
         from lowrank.evaluate import evaluate, evaluate_generation, frequent_tokens
