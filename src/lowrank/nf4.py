@@ -300,6 +300,8 @@ def quantize(
     K.check_float_input(w, "weight")
     K.check_blocksize(blocksize)
     K.check_quant_type(quant_type)
+    if w.device.type == "meta":
+        raise ValueError(f"weight of shape {tuple(w.shape)} is on the meta device: it has no values to quantize")
     if not bool(torch.isfinite(w).all()):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(

@@ -155,6 +155,8 @@ def test_quantize_rejects_bad_input():
         quantize(torch.randn(8), 48)
     with pytest.raises(ValueError, match="quant_type must be one of .* got 'nf8'"):
         quantize(torch.randn(8), 64, quant_type="nf8")
+    with pytest.raises(ValueError, match=r"shape \(4, 64\) is on the meta device"):
+        quantize(torch.randn(4, 64, device="meta"))
     with pytest.raises(ValueError, match="'cuda' is not a backend"):
         quantize(torch.randn(8), backend="cuda")
 
