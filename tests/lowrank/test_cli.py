@@ -148,7 +148,7 @@ def test_quantize_prints_sizes_and_error(model_dirs, capsys):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(model_dirs, tmp_path):
-    steps = ["--max-steps", "60", "--save-every", "2", "--keep-last", "2", "--batch-size", "4", "--grad-accum", "2",
+    steps = ["--max-steps", "120", "--save-every", "2", "--keep-last", "2", "--batch-size", "4", "--grad-accum", "2",
              "--warmup-steps", "5", "--max-new-tokens", "2"]
     reference = tmp_path / "reference"
     assert main(gen_args(model_dirs, reference, *steps)) == 0
