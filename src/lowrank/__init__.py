@@ -17,6 +17,12 @@ from lowrank.adapters import (  # noqa: E402
 )
 from lowrank.models import prepare_model, summary  # noqa: E402
 
+# Modules, functional ops and the training loop (issues 3 and 5).
+from lowrank import nn, ops  # noqa: E402
+from lowrank.nn import LinearNF4, LoRALinear  # noqa: E402
+from lowrank.ops import lora_linear, lora_linear_nf4  # noqa: E402
+from lowrank.train import TrainConfig, TrainResult, train  # noqa: E402
+
 __all__ += [
     "freeze",
     "load_adapter",
@@ -27,4 +33,13 @@ __all__ += [
     "save_adapter",
     "save_quantized",
     "summary",
+    "nn",
+    "ops",
+    "LinearNF4",
+    "LoRALinear",
+    "lora_linear",
+    "lora_linear_nf4",
+    "TrainConfig",
+    "TrainResult",
+    "train",
 ]
