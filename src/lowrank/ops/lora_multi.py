@@ -87,7 +87,7 @@ def _(
 
 
 def _present(t: torch.Tensor) -> torch.Tensor | None:
-    """None for the empty placeholder of a missing tensor in the multi ops' tensor lists."""
+    """None for the empty stand-in of a missing tensor in the multi ops' tensor lists."""
     return None if t.numel() == 0 else t
 
 
