@@ -369,7 +369,7 @@ if HAS_TRITON:
         M, P, Q,
         rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
         scale, stride_u_m, stride_u_p, stride_v_m, stride_v_q, stride_out_split, stride_out_p, stride_out_q,
-        COMPUTE_DTYPE: tl.constexpr,  # both operands are rounded to this dtype (x.dtype)
+        COMPUTE_DTYPE: tl.constexpr,  # both operands are rounded to this dtype (fp32: no rounding)
         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
     ):
@@ -688,10 +688,13 @@ def lora_backward(
         _matmul(dy, dy, weight, False, B, A, ds, fuse, None, dx, scale, small)
     elif need_dA:
         ds = _shrink(dy, B, r)
+    # The adapter gradients reduce over all M rows with fp32 operands (IEEE dots), as PEFT's fp32 LoRA
+    # branch does: rounding dS / xa to bf16 put the bf16 dA outside the 2x-PyTorch-error bound on an H100
+    # (M = 67 and 512). They cost ~2·r/N of the dX GEMM, so the precision is cheap.
     if need_dA:
-        dA = _grad(ds, lin, scale, A.dtype, x.dtype)
+        dA = _grad(ds, lin, scale, A.dtype, torch.float32)
     if need_dB:
-        dB = _grad(dy, xa, scale, B.dtype, x.dtype)
+        dB = _grad(dy, xa, scale, B.dtype, torch.float32)
     return dx, dA, dB
 
 
