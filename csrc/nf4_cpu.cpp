@@ -59,7 +59,12 @@ void advise_huge_pages(void* data, int64_t nbytes) {
   if (nbytes < 4 * kHugePage) return;
   const auto begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~static_cast<uintptr_t>(kHugePage - 1);
   const auto end = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~static_cast<uintptr_t>(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  if (end <= begin) return;
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  // Fault the huge pages in from this one thread: when several threads fault huge pages of one mapping at
+  // once (THP defrag=madvise) they stall each other -- measured 33 ms instead of 3 ms for a 32 MiB output
+  // on 2 threads. One write per 2 MiB page; the decode overwrites it.
+  for (auto page = begin; page < end; page += kHugePage) *reinterpret_cast<volatile char*>(page) = 0;
 }
 
 bool is_nf4(const std::string& quant_type) { return quant_type == "nf4"; }
