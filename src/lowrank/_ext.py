@@ -36,9 +36,20 @@ def disabled() -> bool:
     return os.environ.get("LOWRANK_DISABLE_EXT", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
+# (module, None) or (None, reason), set once. A plain global rather than functools.lru_cache: torch.compile
+# traces through lru_cache wrappers (and cannot trace importlib), but reads a global as a constant.
+_IMPORT_RESULT: tuple[object | None, str | None] | None = None
+
+
 def _import() -> tuple[object | None, str | None]:
     """(module, None) or (None, reason). Runs once; a failure is logged once as a warning."""
+    global _IMPORT_RESULT
+    if _IMPORT_RESULT is None:
+        _IMPORT_RESULT = _import_once()
+    return _IMPORT_RESULT
+
+
+def _import_once() -> tuple[object | None, str | None]:
     try:
         module = importlib.import_module("lowrank._C")
     except ModuleNotFoundError as err:
@@ -261,3 +272,8 @@ class Extension:
 _EXTENSION = Extension()
 
 __all__ = ["Extension", "disabled", "load", "load_error"]
+
+
+# Load at import (when not disabled), so that a torch.compile trace never has to run the import itself.
+if not disabled():
+    _import()

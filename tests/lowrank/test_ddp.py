@@ -16,7 +16,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
 )
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "ddp",
+        # Slow set: once, under a loaded 2-core CI machine, rank 1 aborted in gloo teardown
+        # ("terminate called without an active exception") after the step; not reproduced since.
+        pytest.param("fsdp2", marks=pytest.mark.slow),
+    ],
+)
 def test_two_ranks_keep_identical_adapters(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent)}
     command = [

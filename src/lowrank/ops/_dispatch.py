@@ -20,6 +20,9 @@ from collections.abc import Callable
 
 import torch
 
+# Imported here (it loads the extension once) so that a torch.compile trace never runs that import.
+import lowrank._ext  # noqa: E402,F401
+
 BACKENDS = ("torch", "triton", "ext")
 _AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 

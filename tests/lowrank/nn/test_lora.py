@@ -349,3 +349,16 @@ def test_state_dict_round_trip():
     fresh.load_state_dict(sd)
     x = torch.randn(2, K_IN)
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_lora_linear_nf4_compiles_fullgraph_with_automatic_backend():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    from lowrank.nn import LinearNF4, LoRALinear
+
+    layer = LoRALinear(LinearNF4.from_linear(torch.nn.Linear(64, 32)), r=4, alpha=8, init="gaussian")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)

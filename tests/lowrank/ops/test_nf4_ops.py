@@ -115,3 +115,11 @@ def test_torch_compile_fullgraph_public_dequantize():
         lambda w: lowrank.dequantize(w, torch.float32, backend="torch") * 2, fullgraph=True, backend="eager"
     )
     assert torch.equal(compiled(qw), lowrank.dequantize(qw, torch.float32, backend="torch") * 2)
+
+
+def test_torch_compile_fullgraph_automatic_backend():
+    # The automatic choice probes the C++ extension; that probe must be traceable (no import at trace time).
+    torch._dynamo.reset()
+    _, qw = sample()
+    compiled = torch.compile(lambda w: lowrank.dequantize(w, torch.float32) * 2, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(qw), lowrank.dequantize(qw, torch.float32) * 2)
