@@ -147,8 +147,9 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry signed dynamic map used for the nested (double) quantization, fp32."""
-    return _dynamic_map_cpu().to(device)
+    """The 256-entry signed dynamic map used for the nested (double) quantization, fp32 (a fresh tensor:
+    callers may keep or modify it without touching the cached table)."""
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 @functools.cache

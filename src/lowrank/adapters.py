@@ -546,5 +546,4 @@ def load_quantized(
         )
     for p in model.parameters():
         p.requires_grad_(False)
-    _models.make_serializable(model)
     return model.to(device).eval()

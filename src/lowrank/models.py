@@ -235,22 +235,6 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return linear
 
 
-def _unshare_code_tables(module, state_dict, prefix, local_metadata) -> None:
-    # The NF4 code tables are one cached tensor shared by every layer; safetensors (and transformers'
-    # save_pretrained, hence Trainer checkpoints) refuse tensors that share memory, so hand out copies.
-    for key in (f"{prefix}weight.quant_map", f"{prefix}weight.nested_quant_map"):
-        if key in state_dict:
-            state_dict[key] = state_dict[key].clone()
-
-
-def make_serializable(model: nn.Module) -> None:
-    """Let ``state_dict()`` of every 4-bit layer be saved by safetensors / ``save_pretrained``."""
-    for module in model.modules():
-        if isinstance(module, LinearNF4) and not getattr(module, "_lowrank_unshared", False):
-            module.register_state_dict_post_hook(_unshare_code_tables)
-            module._lowrank_unshared = True
-
-
 def prepare_model(
     model: nn.Module,
     *,
@@ -334,7 +318,6 @@ def prepare_model(
             _set_module(model, name, new)  # the dense layer is released here, one layer at a time
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
-    make_serializable(model)
 
     model.lowrank_config = LoRASettings(
         r=r,
