@@ -9,13 +9,13 @@
 // contiguous range of the flattened tensor) into a buffer in x's dtype that stays in the last-level
 // cache and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has
 // them), writing straight into the matching columns of y. The backward does the same with slabs of
-// columns of W, so every dx column block is one GEMM with no cross-panel accumulation (one rounding in
-// low precision). The rank-r terms are thin GEMMs in float32 over row chunks of x / dy (no full fp32
-// copy of x or dy); their result is added to the low-precision output with one more rounding.
-// The low-rank update is added once per row chunk after all panels, not per panel: every ATen call is a
-// parallel region, and on a loaded machine each region's barrier can wait a scheduler slice.
-// Extra memory: one panel or slab of about kPanelBytes in x's dtype, float32 chunks of about
-// kChunkBytes, plus O((M + N + K) r).
+// columns of W, so every dx column block is one GEMM with no cross-panel accumulation. The rank-r terms
+// are thin GEMMs in float32; the low-rank update of a panel (plus the bias) is computed in float32,
+// rounded once to x's dtype and folded into the panel's GEMM as its C operand (addmm, beta = 1), so the
+// output is written once: y = dtype(x W_panel^T + dtype(scale xa B_panel^T + bias)).
+// Scratch: the panel, the float32 staging of the low-rank update and the float32 row chunks of x / dy
+// live in per-thread buffers reused across calls (see Scratch), about 18 MiB per calling thread; the
+// outputs are fresh tensors.
 #include "nf4_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -30,9 +30,9 @@ namespace {
 // few parallel regions (each is a barrier, and on a loaded machine a barrier can cost a time slice),
 // small enough to stay in the last-level cache and far below a dequantized copy of a large W.
 constexpr int64_t kPanelBytes = 8 << 20;
-// Bytes of the float32 temporaries of the rank-r terms (row chunks of x, dy, or of the (M, N) / (M, K)
-// low-rank update): one chunk for training-sized M, bounded memory for large M.
-constexpr int64_t kChunkBytes = 16 << 20;
+// Bytes of one float32 row chunk (of x, dy, or of a panel's low-rank update): the thin rank-r GEMMs and
+// the dtype conversions work on chunks this size, so their temporaries stay in cache.
+constexpr int64_t kChunkBytes = 4 << 20;
 
 int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(1, cols))); }
 
@@ -41,6 +41,23 @@ int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
   const int64_t extent = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(1, other * element_size));
   return std::min(extent, total);
 }
+
+// Per-thread scratch buffers, reused across calls. A fresh multi-megabyte buffer faults its pages in on
+// first touch, one per 4 KiB: in a VM that cost ~2 ms for an 8 MiB panel, a tenth of the layer's time.
+// Grow-only; each slot holds one live tensor view at a time, so a slot is never used twice in one
+// expression. Thread-local, so concurrent calls from different threads never share a buffer.
+enum ScratchSlot { kPanelSlot, kStageSlot, kStageLowSlot, kConvertSlot, kNumSlots };
+
+at::Tensor scratch(ScratchSlot slot, c10::IntArrayRef shape, at::ScalarType dtype) {
+  thread_local at::Tensor buffers[kNumSlots];
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  const int64_t nbytes = std::max<int64_t>(1, numel) * static_cast<int64_t>(c10::elementSize(dtype));
+  at::Tensor& buffer = buffers[slot];
+  if (!buffer.defined() || buffer.numel() < nbytes) buffer = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
+  return buffer.narrow(0, 0, nbytes).view(dtype).narrow(0, 0, numel).view(shape);
+}
+
 constexpr int64_t kDecodeGrain = 1 << 15;  // elements per parallel decode task
 
 // The frozen base weight: a 4-bit view, or a dense (N, K) tensor converted to the compute dtype.
@@ -76,30 +93,45 @@ BaseWeight make_base(const at::Tensor& weight, const std::optional<at::Tensor>& 
   return base;
 }
 
-// Rows [n0, n0 + rows) of W (N, K) into buffer[:rows] (contiguous, x's dtype).
-at::Tensor decode_rows(const BaseWeight& w, int64_t n0, int64_t rows, int64_t K, at::Tensor& buffer) {
-  at::Tensor panel = buffer.narrow(0, 0, rows);
+// Rows [n0, n0 + rows) of W (N, K) as a contiguous (rows, K) tensor in `dtype` (the panel scratch slot).
+at::Tensor decode_rows(const BaseWeight& w, int64_t n0, int64_t rows, int64_t K, at::ScalarType dtype) {
+  at::Tensor panel = scratch(kPanelSlot, {rows, K}, dtype);
   char* dst = static_cast<char*>(panel.data_ptr());
   const int64_t esize = panel.element_size();
-  const auto dtype = panel.scalar_type();
   at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / K), [&](int64_t r0, int64_t r1) {
     decode_range(w.view, (n0 + r0) * K, (r1 - r0) * K, dst + r0 * K * esize, dtype);
   });
   return panel;
 }
 
-// Columns [k0, k0 + cols) of W (N, K) into buffer (N, cols), contiguous.
-at::Tensor decode_columns(const BaseWeight& w, int64_t k0, int64_t cols, int64_t N, int64_t K,
-                          at::Tensor& buffer) {
-  // The last slab may be narrower: reuse the buffer's memory as a contiguous (N, cols) matrix.
-  at::Tensor slab = buffer.view(-1).narrow(0, 0, N * cols).view({N, cols});
+// Columns [k0, k0 + cols) of W (N, K) as a contiguous (N, cols) tensor in `dtype` (the panel scratch slot).
+at::Tensor decode_columns(const BaseWeight& w, int64_t k0, int64_t cols, int64_t N, int64_t K, at::ScalarType dtype) {
+  at::Tensor slab = scratch(kPanelSlot, {N, cols}, dtype);
   char* dst = static_cast<char*>(slab.data_ptr());
   const int64_t esize = slab.element_size();
-  const auto dtype = slab.scalar_type();
   at::parallel_for(0, N, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) decode_range(w.view, n * K + k0, cols, dst + n * cols * esize, dtype);
   });
   return slab;
+}
+
+// Rows [m0, m0 + rows) of `t` (2-D, contiguous) in float32: a view when t is float32, else a converted
+// copy in the convert scratch slot.
+at::Tensor rows_as_float(const at::Tensor& t, int64_t m0, int64_t rows) {
+  const at::Tensor part = t.narrow(0, m0, rows);
+  if (t.scalar_type() == at::kFloat) return part;
+  return scratch(kConvertSlot, {rows, t.size(1)}, at::kFloat).copy_(part);
+}
+
+// out (strided view, `dtype`) = a @ b + dtype(update32): the float32 low-rank update is rounded once to
+// the output dtype and enters the GEMM as its C operand, so `out` is written once.
+void gemm_plus_update(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& update32) {
+  if (out.scalar_type() == at::kFloat) {
+    at::addmm_out(out, update32, a, b);
+    return;
+  }
+  const at::Tensor update = scratch(kStageLowSlot, update32.sizes(), out.scalar_type()).copy_(update32);
+  at::addmm_out(out, update, a, b);
 }
 
 struct Shapes {
@@ -145,36 +177,33 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   const at::Tensor xl = x_lora.has_value() ? x_lora->contiguous() : x;
   const at::Tensor A32 = A.to(at::kFloat);
   const at::Tensor B32 = B.to(at::kFloat);
+  const std::optional<at::Tensor> bias32 =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
 
   at::Tensor xa = at::empty({s.M, s.r}, x.options().dtype(at::kFloat));
   const int64_t x_chunk = rows_per_chunk(s.K);
   for (int64_t m0 = 0; m0 < s.M; m0 += x_chunk) {
     const int64_t rows = std::min(x_chunk, s.M - m0);
     at::Tensor xa_rows = xa.narrow(0, m0, rows);
-    at::mm_out(xa_rows, xl.narrow(0, m0, rows).to(at::kFloat), A32.t());
+    at::mm_out(xa_rows, rows_as_float(xl, m0, rows), A32.t());
   }
   const at::Tensor xa_scaled = xa * scale;
 
   at::Tensor y = at::empty({s.M, s.N}, x.options());
-  const std::optional<at::Tensor> bias_c =
-      bias.has_value() ? std::optional<at::Tensor>(bias->to(dtype)) : std::nullopt;
   const int64_t panel_rows = w.quantized ? panel_extent(s.K, x.element_size(), s.N) : s.N;
-  at::Tensor buffer;
-  if (w.quantized) buffer = at::empty({std::min(panel_rows, s.N), s.K}, x.options());
   for (int64_t n0 = 0; n0 < s.N; n0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, s.N - n0);
-    const at::Tensor panel = w.quantized ? decode_rows(w, n0, rows, s.K, buffer) : w.dense.narrow(0, n0, rows);
-    at::Tensor y_panel = y.narrow(1, n0, rows);  // strided (M, rows) view: the GEMM writes in place
-    if (bias_c.has_value()) {
-      at::addmm_out(y_panel, bias_c->narrow(0, n0, rows), x, panel.t());
-    } else {
-      at::mm_out(y_panel, x, panel.t());
+    const at::Tensor panel = w.quantized ? decode_rows(w, n0, rows, s.K, dtype) : w.dense.narrow(0, n0, rows);
+    const at::Tensor B_panel = B32.narrow(0, n0, rows);
+    const int64_t m_chunk = rows_per_chunk(rows);
+    for (int64_t m0 = 0; m0 < s.M; m0 += m_chunk) {
+      const int64_t m_rows = std::min(m_chunk, s.M - m0);
+      at::Tensor update = scratch(kStageSlot, {m_rows, rows}, at::kFloat);
+      at::mm_out(update, xa_scaled.narrow(0, m0, m_rows), B_panel.t());
+      if (bias32.has_value()) update.add_(bias32->narrow(0, n0, rows));
+      at::Tensor y_block = y.narrow(0, m0, m_rows).narrow(1, n0, rows);  // strided: the GEMM writes in place
+      gemm_plus_update(y_block, x.narrow(0, m0, m_rows), panel.t(), update);
     }
-  }
-  const int64_t y_chunk = rows_per_chunk(s.N);
-  for (int64_t m0 = 0; m0 < s.M; m0 += y_chunk) {
-    const int64_t rows = std::min(y_chunk, s.M - m0);
-    y.narrow(0, m0, rows).add_(at::mm(xa_scaled.narrow(0, m0, rows), B32.t()));
   }
   return {y, xa};
 }
@@ -208,11 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const int64_t dy_chunk = rows_per_chunk(std::max(s.N, s.K));
     for (int64_t m0 = 0; m0 < s.M; m0 += dy_chunk) {
       const int64_t rows = std::min(dy_chunk, s.M - m0);
-      const at::Tensor dy32 = dy.narrow(0, m0, rows).to(at::kFloat);
       at::Tensor g_rows = need_g ? g.narrow(0, m0, rows) : empty;
-      if (need_g) at::mm_out(g_rows, dy32, B32);
-      if (need_dA) dA32.addmm_(g_rows.t(), xl.narrow(0, m0, rows).to(at::kFloat));
-      if (need_dB) dB32.addmm_(dy32.t(), xa.narrow(0, m0, rows));
+      {
+        const at::Tensor dy32 = rows_as_float(dy, m0, rows);  // holds the convert slot until the block ends
+        if (need_g) at::mm_out(g_rows, dy32, B32);
+        if (need_dB) dB32.addmm_(dy32.t(), xa.narrow(0, m0, rows));
+      }
+      if (need_dA) dA32.addmm_(g_rows.t(), rows_as_float(xl, m0, rows));
     }
   }
   const at::Tensor dA = need_dA ? (dA32 * scale).to(A.scalar_type()) : empty;
@@ -224,19 +255,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor g_scaled = g * scale;
     dx = at::empty({s.M, s.K}, x.options());
     const int64_t slab_cols = w.quantized ? panel_extent(s.N, x.element_size(), s.K) : s.K;
-    at::Tensor buffer;
-    if (w.quantized) buffer = at::empty({s.N, std::min(slab_cols, s.K)}, x.options());
     for (int64_t k0 = 0; k0 < s.K; k0 += slab_cols) {
       const int64_t cols = std::min(slab_cols, s.K - k0);
-      const at::Tensor slab =
-          w.quantized ? decode_columns(w, k0, cols, s.N, s.K, buffer) : w.dense.narrow(1, k0, cols);
-      at::Tensor dx_slab = dx.narrow(1, k0, cols);
-      at::mm_out(dx_slab, dy, slab);
-    }
-    const int64_t dx_chunk = rows_per_chunk(s.K);
-    for (int64_t m0 = 0; m0 < s.M; m0 += dx_chunk) {
-      const int64_t rows = std::min(dx_chunk, s.M - m0);
-      dx.narrow(0, m0, rows).add_(at::mm(g_scaled.narrow(0, m0, rows), A32));
+      const at::Tensor slab = w.quantized ? decode_columns(w, k0, cols, s.N, s.K, dtype) : w.dense.narrow(1, k0, cols);
+      const at::Tensor A_slab = A32.narrow(1, k0, cols);
+      const int64_t m_chunk = rows_per_chunk(cols);
+      for (int64_t m0 = 0; m0 < s.M; m0 += m_chunk) {
+        const int64_t m_rows = std::min(m_chunk, s.M - m0);
+        at::Tensor update = scratch(kStageSlot, {m_rows, cols}, at::kFloat);
+        at::mm_out(update, g_scaled.narrow(0, m0, m_rows), A_slab);
+        at::Tensor dx_block = dx.narrow(0, m0, m_rows).narrow(1, k0, cols);
+        gemm_plus_update(dx_block, dy.narrow(0, m0, m_rows), slab, update);
+      }
     }
   }
   return {dx, dA, dB};
