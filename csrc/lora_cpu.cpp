@@ -22,23 +22,46 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace lowrank_ext {
 namespace {
 
+// A positive byte count from the environment, else `fallback`.
+int64_t bytes_from_env(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  const long long bytes = value != nullptr ? std::atoll(value) : 0;
+  return bytes > 0 ? bytes : fallback;
+}
+
 // Bytes of one decoded panel/slab of W: big enough that the GEMM runs at full speed and that there are
 // few parallel regions (each is a barrier, and on a loaded machine a barrier can cost a time slice),
 // small enough to stay in the last-level cache and far below a dequantized copy of a large W.
-constexpr int64_t kPanelBytes = 8 << 20;
+// LOWRANK_EXT_PANEL_BYTES / LOWRANK_EXT_CHUNK_BYTES override both sizes (read once), so that the tests'
+// small problems cross panel, slab and row-chunk boundaries.
+int64_t panel_bytes() {
+  static const int64_t bytes = bytes_from_env("LOWRANK_EXT_PANEL_BYTES", 8 << 20);
+  return bytes;
+}
 // Bytes of one float32 row chunk (of x, dy, or of a panel's low-rank update): the thin rank-r GEMMs and
 // the dtype conversions work on chunks this size, so their temporaries stay in cache.
-constexpr int64_t kChunkBytes = 4 << 20;
+int64_t chunk_bytes() {
+  static const int64_t bytes = bytes_from_env("LOWRANK_EXT_CHUNK_BYTES", 4 << 20);
+  return bytes;
+}
 
-int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkBytes / (4 * std::max<int64_t>(1, cols))); }
+int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, chunk_bytes() / (4 * std::max<int64_t>(1, cols))); }
+
+// Row chunks of the reductions over M (dA = g^T x_lora, dB = dy^T xa) round the running float32 sum once
+// per chunk: at least 256 rows per chunk keeps that to what a BLAS's own K-blocking does (measured: chunks
+// of 4 rows tripled the dA error of a single sgemm at M = 67).
+constexpr int64_t kMinReductionRows = 256;
+
+int64_t rows_per_reduction_chunk(int64_t cols) { return std::max(kMinReductionRows, rows_per_chunk(cols)); }
 
 // Rows (forward) or columns (backward) of W per panel: `other` is the panel's other dimension.
 int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
-  const int64_t extent = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(1, other * element_size));
+  const int64_t extent = std::max<int64_t>(64, panel_bytes() / std::max<int64_t>(1, other * element_size));
   return std::min(extent, total);
 }
 
@@ -234,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   at::Tensor dA32 = need_dA ? at::zeros({s.r, s.K}, x.options().dtype(at::kFloat)) : empty;
   at::Tensor dB32 = need_dB ? at::zeros({s.N, s.r}, x.options().dtype(at::kFloat)) : empty;
   if (need_g || need_dB) {
-    const int64_t dy_chunk = rows_per_chunk(std::max(s.N, s.K));
+    const int64_t dy_chunk = rows_per_reduction_chunk(std::max(s.N, s.K));
     for (int64_t m0 = 0; m0 < s.M; m0 += dy_chunk) {
       const int64_t rows = std::min(dy_chunk, s.M - m0);
       at::Tensor g_rows = need_g ? g.narrow(0, m0, rows) : empty;

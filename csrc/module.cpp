@@ -17,6 +17,10 @@ TORCH_LIBRARY(lowrank_ext, m) {
   m.def(
       "dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? offset, int[] shape, "
       "ScalarType dtype, int blocksize, str quant_type, ScalarType nested_dtype) -> Tensor");
+  // the same into `out` (contiguous, its shape and dtype are the request's), e.g. a buffer reused across calls
+  m.def(
+      "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? offset, int blocksize, "
+      "str quant_type, ScalarType nested_dtype, Tensor(a!) out) -> ()");
   // y = x W^T + scale (x_lora A^T) B^T + bias, W (N, K) 4-bit (packed uint8 + constants) or dense when absmax
   // is None. x (M, K), A (r, K), B (N, r) -> y (M, N) in x.dtype, xa = x_lora A^T (M, r) float32.
   m.def(

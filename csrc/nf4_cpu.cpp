@@ -455,31 +455,58 @@ at::Tensor double_dequantize_cpu(const at::Tensor& qabsmax_in, const at::Tensor&
   return out;
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
-                               c10::IntArrayRef shape, at::ScalarType dtype, int64_t blocksize,
-                               c10::string_view quant_type_view, at::ScalarType nested_dtype) {
-  const std::string quant_type(quant_type_view);
-  check_float_dtype(dtype, "dtype");
+int64_t checked_numel(c10::IntArrayRef shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, "shape must not have negative sizes, got ", shape);
     n *= d;
   }
   TORCH_CHECK(n > 0, "shape ", shape, " has no elements");
+  return n;
+}
+
+// Decodes all n elements of `w` into out (contiguous CPU, n elements of a float dtype), over all threads.
+void decode_all(const Nf4View& w, int64_t n, at::Tensor& out) {
+  void* out_ptr = out.data_ptr();
+  const auto dtype = out.scalar_type();
+  const int64_t esize = out.element_size();
+  const int64_t nb = num_blocks(n, w.blocksize);
+  at::parallel_for(0, nb, std::max<int64_t>(1, kGrainElements / w.blocksize), [&](int64_t b0, int64_t b1) {
+    const int64_t start = b0 * w.blocksize;
+    const int64_t count = std::min(b1 * w.blocksize, n) - start;
+    decode_range(w, start, count, static_cast<char*>(out_ptr) + start * esize, dtype);
+  });
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                               c10::IntArrayRef shape, at::ScalarType dtype, int64_t blocksize,
+                               c10::string_view quant_type_view, at::ScalarType nested_dtype) {
+  const std::string quant_type(quant_type_view);
+  check_float_dtype(dtype, "dtype");
+  const int64_t n = checked_numel(shape);
   std::vector<at::Tensor> keep;
   const Nf4View w = make_view(packed, absmax, absmax2, offset, n, blocksize, quant_type, nested_dtype, keep);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  void* out_ptr = out.data_ptr();
-  advise_huge_pages(out_ptr, out.nbytes());
-  const int64_t nb = num_blocks(n, blocksize);
-  at::parallel_for(0, nb, std::max<int64_t>(1, kGrainElements / blocksize), [&](int64_t b0, int64_t b1) {
-    const int64_t start = b0 * blocksize;
-    const int64_t count = std::min(b1 * blocksize, n) - start;
-    char* dst = static_cast<char*>(out_ptr) + start * out.element_size();
-    decode_range(w, start, count, dst, dtype);
-  });
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  decode_all(w, n, out);
   return out;
+}
+
+// The same decode into a caller's buffer: a buffer reused across calls skips the page faults of a fresh
+// output, which cost several times the decode itself (measured: 2.4 ms fresh vs ~0.3 ms reused, 4096^2 bf16).
+void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                             int64_t blocksize, c10::string_view quant_type_view, at::ScalarType nested_dtype,
+                             at::Tensor& out) {
+  const std::string quant_type(quant_type_view);
+  check_float_dtype(out.scalar_type(), "out dtype");
+  TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor for the ext CPU kernels, got ", out.device());
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous, got strides ", out.strides(), " for shape ", out.sizes());
+  const int64_t n = checked_numel(out.sizes());
+  std::vector<at::Tensor> keep;
+  const Nf4View w = make_view(packed, absmax, absmax2, offset, n, blocksize, quant_type, nested_dtype, keep);
+  decode_all(w, n, out);
 }
 
 }  // namespace
@@ -557,6 +584,7 @@ TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   m.impl("double_quantize", &double_quantize_cpu);
   m.impl("double_dequantize", &double_dequantize_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cpu);
 }
 
 }  // namespace lowrank_ext

@@ -182,6 +182,21 @@ def check_float_input(x: torch.Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
 
 
+def check_dequantize_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """A caller's output buffer must be exactly what the dequantization would return, and contiguous."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(
+            f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+            f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad (dequantization writes it in place)")
+
+
 def check_dequantize_args(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -644,18 +659,22 @@ def dequantize_4bit(
     blocksize: int = 64,
     quant_type: str = "nf4",
     nested_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One-launch Triton dequantization, double-quantized constants decoded in the same kernel.
 
     packed: uint8 ``((n + 1) // 2, 1)``; absmax: fp32 ``[nb]``, or uint8 ``[nb]`` with absmax2 fp32
     ``[ceil(nb / 256)]`` and offset fp32 0-dim (reconstructed in ``nested_dtype``, see
-    :func:`double_dequantize_ref`). Returns ``shape`` in ``dtype``.
+    :func:`double_dequantize_ref`). Returns ``shape`` in ``dtype``, written into ``out`` when given.
     """
     n = check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
     device = packed.device
     packed = packed.contiguous()
     double_quant = absmax2 is not None
-    out = torch.empty(shape, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        check_dequantize_out(out, shape, dtype, device)
     # Measured on an H100 (triton 3.6, NF4+DQ -> bf16): 2048 bytes and 2 warps per program reach 82-88 %
     # of copy bandwidth at 4096x14336 and 8192x28672; 4 or 8 warps were slower at these sizes.
     bytes_per_program = max(blocksize // 2, 2048)

@@ -23,11 +23,13 @@ from lowrank.kernels import nf4 as K
 
 log = logging.getLogger(__name__)
 
-#: Ops with a CPU kernel in the extension (device type -> op names).
+#: Ops with a kernel in the extension (device type -> op names). The CUDA kernels (csrc/cuda/) exist only in
+#: a build with LOWRANK_BUILD_CUDA=1; :meth:`Extension.supports` also asks :func:`cuda_kernels_built`.
 _SUPPORTED = {
     "cpu": frozenset(
         {"quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward"}
     ),
+    "cuda": frozenset({"double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward"}),
 }
 
 
@@ -39,6 +41,8 @@ def disabled() -> bool:
 # (module, None) or (None, reason), set once. A plain global rather than functools.lru_cache: torch.compile
 # traces through lru_cache wrappers (and cannot trace importlib), but reads a global as a constant.
 _IMPORT_RESULT: tuple[object | None, str | None] | None = None
+# Whether the loaded module registered CUDA kernels; set with _IMPORT_RESULT.
+_CUDA_KERNELS_BUILT = False
 
 
 def _import() -> tuple[object | None, str | None]:
@@ -50,6 +54,7 @@ def _import() -> tuple[object | None, str | None]:
 
 
 def _import_once() -> tuple[object | None, str | None]:
+    global _CUDA_KERNELS_BUILT
     try:
         module = importlib.import_module("lowrank._C")
     except ModuleNotFoundError as err:
@@ -62,6 +67,7 @@ def _import_once() -> tuple[object | None, str | None]:
         log.warning("lowrank: the C++ extension lowrank._C failed to load (%s); using the torch/triton backends", err)
         return None, f"lowrank._C failed to load: {type(err).__name__}: {err}"
     _register_fakes()
+    _CUDA_KERNELS_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("lowrank_ext::dequantize_4bit", "CUDA")
     return module, None
 
 
@@ -71,6 +77,11 @@ def load() -> Extension | None:
         return None
     module, _ = _import()
     return None if module is None else _EXTENSION
+
+
+def cuda_kernels_built() -> bool:
+    """True when the extension is usable and has the CUDA kernels of csrc/cuda/ (``LOWRANK_BUILD_CUDA=1``)."""
+    return load() is not None and _CUDA_KERNELS_BUILT
 
 
 def load_error() -> str | None:
@@ -111,6 +122,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "dequantize_4bit")
     def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
         return packed.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake(lib + "dequantize_4bit_out")
+    def _(packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out):
+        return None
 
     @torch.library.register_fake(lib + "lora_forward")
     def _(x, weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, A, B, scale, bias, x_lora):
@@ -187,10 +202,13 @@ def _check_lora_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tup
 
 
 class Extension:
-    """The loaded extension, seen through the dispatch point's signatures (CPU kernels only)."""
+    """The loaded extension, seen through the dispatch point's signatures (CPU kernels, and CUDA kernels for
+    dequantization and the LoRA linear when built with them)."""
 
     @staticmethod
     def supports(op: str, device_type: str) -> bool:
+        if device_type == "cuda" and not _CUDA_KERNELS_BUILT:
+            return False
         return op in _SUPPORTED.get(device_type, ())
 
     # -- 4-bit quantization -------------------------------------------------------------------------
@@ -230,9 +248,21 @@ class Extension:
         blocksize: int = 64,
         quant_type: str = "nf4",
         nested_dtype: torch.dtype = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One pass: nested constants decoded per block, then ``dtype(code * absmax)`` -> ``shape``."""
+        """One pass: nested constants decoded per block, then ``dtype(code * absmax)`` -> ``shape``
+        (written into ``out`` when given: a buffer reused across calls skips a fresh output's page faults)."""
         K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+        if out is not None:
+            K.check_dequantize_out(out, shape, dtype, packed.device)
+            if out.device.type == "cpu":
+                torch.ops.lowrank_ext.dequantize_4bit_out(
+                    packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out
+                )
+                return out
+            return out.copy_(Extension.dequantize_4bit(
+                packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype
+            ))
         return torch.ops.lowrank_ext.dequantize_4bit(
             packed, absmax, absmax2, offset, [int(d) for d in shape], dtype, blocksize, quant_type, nested_dtype
         )
@@ -271,7 +301,7 @@ class Extension:
 
 _EXTENSION = Extension()
 
-__all__ = ["Extension", "disabled", "load", "load_error"]
+__all__ = ["Extension", "cuda_kernels_built", "disabled", "load", "load_error"]
 
 
 # Load at import (when not disabled), so that a torch.compile trace never has to run the import itself.

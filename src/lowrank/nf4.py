@@ -320,24 +320,34 @@ def quantize(
     return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize, quant_type, nested_absmax, offset)
 
 
-def dequantize(qw: NF4Weight, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
-    """Reconstruct the tensor in ``dtype`` (default: the original dtype), in the original shape."""
+def dequantize(
+    qw: NF4Weight, dtype: torch.dtype | None = None, backend: str | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reconstruct the tensor in ``dtype`` (default: ``out``'s dtype, else the original dtype), in the
+    original shape. With ``out`` (contiguous, that shape and dtype, on ``qw``'s device) the result is written
+    there and ``out`` is returned: reusing one buffer skips the allocation (on CPU, its page faults cost
+    several times the decode)."""
     if not isinstance(qw, NF4Weight):
         raise TypeError(f"dequantize expects an NF4Weight, got {type(qw).__name__}")
-    dtype = qw.dtype if dtype is None else dtype
+    if dtype is None:
+        dtype = out.dtype if isinstance(out, torch.Tensor) else qw.dtype
     if dtype not in K.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
+    if out is not None:
+        K.check_dequantize_out(out, qw.shape, dtype, qw.device)
     _dispatch, ops = _ops()
     name = _dispatch.resolve("dequantize_4bit", qw.device, backend)
     args = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset)
     if torch.compiler.is_compiling():
-        return ops.dequantize_4bit_op(*args, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name, qw.nested_dtype)
+        result = ops.dequantize_4bit_op(*args, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name, qw.nested_dtype)
+        return result if out is None else out.copy_(result)
     # Eager calls launch the implementation directly: the torch.library dispatcher costs tens of
     # microseconds per call, as much as the whole kernel for a 4096x4096 weight on an H100.
+    impl = _dispatch.implementation("dequantize_4bit", name)
     with torch.no_grad():
-        return _dispatch.implementation("dequantize_4bit", name)(
-            *args, tuple(qw.shape), dtype, qw.blocksize, qw.quant_type, qw.nested_dtype
-        )
+        if out is None:
+            return impl(*args, tuple(qw.shape), dtype, qw.blocksize, qw.quant_type, qw.nested_dtype)
+        return impl(*args, tuple(qw.shape), dtype, qw.blocksize, qw.quant_type, qw.nested_dtype, out=out)
 
 
 def dequantize_absmax(qw: NF4Weight, backend: str | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ Tests that need the extension skip when it is not built; CI builds it, so they r
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import math
 import os
 import subprocess
@@ -201,6 +203,15 @@ def test_opcheck_quantization_ops():
     torch.library.opcheck(
         ops.dequantize_4bit, (packed, absmax, None, None, [40, 70], torch.float32, 64, "nf4", torch.float32)
     )
+    out = torch.empty(40, 70, dtype=torch.bfloat16)
+    torch.library.opcheck(ops.dequantize_4bit_out, (packed, q, a2, off, 64, "nf4", torch.float32, out))
+    ops.dequantize_4bit_out(packed, q, a2, off, 64, "nf4", torch.float32, out)  # opcheck ran on copies
+    expected = ops.dequantize_4bit(packed, q, a2, off, [40, 70], torch.bfloat16, 64, "nf4", torch.float32)
+    assert_bit_equal(out, expected, "dequantize_4bit_out")
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        ops.dequantize_4bit_out(packed, q, a2, off, 64, "nf4", torch.float32, torch.empty(70, 40).t())
+    with pytest.raises(RuntimeError, match="packed must be uint8 with 1420 bytes for 2840 elements, got Byte with 1400"):
+        ops.dequantize_4bit_out(packed, q, a2, off, 64, "nf4", torch.float32, torch.empty(40, 71))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,9 +279,10 @@ def test_disable_switch_is_honoured_and_library_still_works():
 # Fused LoRA linear on a 4-bit (or dense) base: forward and backward within the tolerance policy.
 # ---------------------------------------------------------------------------------------------------
 
-# (M, K, N, r): N = 130 and K = 300 cross the kernel's 128-row panels and 256-column slabs, and N * K
-# is not a multiple of the blocksize, so panels start in the middle of a quantization block.
-LORA_SHAPES = [(1, 64, 96, 4), (3, 300, 130, 8), (67, 256, 300, 16)]
+# (M, K, N, r): N * K is not a multiple of the blocksize. With the default panel size these run as one
+# panel; test_lora_with_tiny_panels_and_chunks reruns them with panels of 64 rows / slabs of 64 columns
+# and row chunks of a few rows, so panels start in the middle of a quantization block.
+LORA_SHAPES = [(1, 64, 96, 4), (3, 300, 130, 8), (67, 256, 300, 16), (300, 72, 40, 4)]
 WEIGHTS = ["nf4-dq-64", "fp4-128", "nf4-dq-bf16-nested", "dense"]
 
 
@@ -383,6 +395,42 @@ def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
             assert (got is None) != wanted
             if wanted:
                 assert_bit_equal(got, ref, "partial gradient")
+
+
+@needs_ext
+def test_lora_with_tiny_panels_and_chunks():
+    """The tolerance tests again, in a fresh process whose panels are 64 rows/columns and row chunks a few
+    rows: many panels and chunks per call, panels starting inside a quantization block."""
+    env = dict(os.environ, LOWRANK_EXT_PANEL_BYTES="4096", LOWRANK_EXT_CHUNK_BYTES="1024")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", __file__,
+         "-k", "within_tolerance or partial_gradients or opcheck_lora"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
+
+
+@needs_ext
+def test_lora_concurrent_calls_from_threads_match_sequential_ones():
+    """Each calling thread has its own scratch buffers: concurrent calls of different shapes give the
+    bits of sequential ones."""
+    problems = []
+    for seed, (M, K, N, r) in enumerate([(33, 200, 150, 4), (5, 96, 300, 8), (70, 320, 64, 16)] * 2):
+        x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=seed)
+        problems.append((x, make_weight("nf4-dq-64", w)[0], A, B, bias, dy))
+
+    def step(problem):
+        x, weight, A, B, bias, dy = problem
+        y, xa = EXT.lora_forward(x, weight, A, B, 2.0, bias)
+        return (y, xa, *EXT.lora_backward(dy, x, weight, A, B, 2.0, xa))
+
+    sequential = [step(p) for p in problems]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(step, problems), sequential, strict=True):
+                for a, b in zip(got, want, strict=True):
+                    assert_bit_equal(a, b, "concurrent LoRA call")
 
 
 @needs_ext

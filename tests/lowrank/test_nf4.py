@@ -61,6 +61,35 @@ def test_every_usable_backend_gives_the_same_bits(shape, blocksize, quant_type, 
                 assert torch.equal(bits(dequantize(variant, backend=backend)), bits(expected)), (backend, nested_dtype)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_into_a_reused_buffer_gives_the_same_bits(double_quant):
+    x = torch.randn(37, 130, generator=torch.Generator().manual_seed(1))  # odd numel, partial last block
+    qw = quantize(x, 64, double_quant, "nf4", backend="torch")
+    for backend in usable_backends():
+        for out_dtype in K.FLOAT_DTYPES:
+            expected = dequantize(qw, out_dtype, backend="torch")
+            buffer = torch.full((37, 130), float("nan"), dtype=out_dtype)
+            for _ in range(2):  # the second call overwrites the first's result in place
+                got = dequantize(qw, backend=backend, out=buffer)
+                assert got is buffer and torch.equal(bits(got), bits(expected)), (backend, out_dtype)
+
+
+def test_dequantize_rejects_a_wrong_out_buffer():
+    qw = quantize(torch.randn(8, 8))
+    for backend in usable_backends():
+        with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(8, 8\) on cpu, got "
+                           r"torch.float32 of shape \(8, 4\)"):
+            dequantize(qw, backend=backend, out=torch.empty(8, 4))
+        with pytest.raises(ValueError, match=r"out must be a torch.bfloat16 tensor .* got torch.float32"):
+            dequantize(qw, torch.bfloat16, backend=backend, out=torch.empty(8, 8))
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            dequantize(qw, backend=backend, out=torch.empty(8, 8).t())
+        with pytest.raises(ValueError, match="must not require grad"):
+            dequantize(qw, backend=backend, out=torch.empty(8, 8, requires_grad=True))
+        with pytest.raises(TypeError, match="out must be a torch.Tensor, got list"):
+            dequantize(qw, torch.float32, backend=backend, out=[0.0] * 64)
+
+
 def test_defaults_and_derived_facts():
     x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)).bfloat16()
     qw = quantize(x)

@@ -23,12 +23,15 @@ register("double_dequantize", "torch")(K.double_dequantize_ref)
 
 @register("dequantize_4bit", "torch")
 def _dequantize_4bit_torch(
-    packed, absmax, absmax2, offset, shape, dtype, blocksize=64, quant_type="nf4", nested_dtype=torch.float32
+    packed, absmax, absmax2, offset, shape, dtype, blocksize=64, quant_type="nf4", nested_dtype=torch.float32, out=None
 ):
     K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+    if out is not None:
+        K.check_dequantize_out(out, shape, dtype, packed.device)
     if absmax2 is not None:
         absmax = K.double_dequantize_ref(absmax, absmax2, offset, nested_dtype)
-    return K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
+    result = K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
+    return result if out is None else out.copy_(result)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ if K.HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------
 
 for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit"):
-    register(_op, "ext")(lambda *args, _op=_op: getattr(_dispatch.ext_module(), _op)(*args))
+    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(_dispatch.ext_module(), _op)(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------
