@@ -302,14 +302,24 @@ def _backward(provider: str, p: Problem):
         def fn():
             return lm.lora_backward(p.dy, p.x, p.qw, p.A, p.B, p.scale, xa)
 
-    else:
-        forward, inputs = _graph(provider, p)
-        y = forward()
+        return fn, {**_grad_errors(fn(), reference), **_triton_paths(p)}
+    forward, inputs = _graph(provider, p)
+    y = forward()
 
-        def fn():
-            return torch.autograd.grad(y, inputs, p.dy, retain_graph=True)
+    def fn():
+        return torch.autograd.grad(y, inputs, p.dy, retain_graph=True)
 
     return fn, _grad_errors(fn(), reference)
+
+
+def _triton_paths(p: Problem) -> dict:
+    """The forward and backward paths lowrank.kernels.lora_matmul chooses for this problem."""
+    lm = optional_module("lowrank.kernels.lora_matmul")[0]
+    (m, k), n, r = p.x.shape, p.w_dense.shape[0], p.A.shape[0]
+    return {
+        "path": lm.choose_forward_path(m, n, k, p.x.device),
+        "backward_path": lm.choose_backward_path(m, n, k, r, p.x.device),
+    }
 
 
 def _forward_backward(provider: str, p: Problem):
@@ -321,7 +331,8 @@ def _forward_backward(provider: str, p: Problem):
     def fn():
         return torch.autograd.grad(forward(), inputs, p.dy)
 
-    return fn, _grad_errors(fn(), reference)
+    paths = _triton_paths(p) if provider == "lowrank_op" else {}
+    return fn, {**_grad_errors(fn(), reference), **paths}
 
 
 def _grad_errors(got, reference) -> dict:

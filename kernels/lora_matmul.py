@@ -38,6 +38,11 @@ Forward paths (``choose_forward_path`` is the one place that picks): ``fused_sma
 and decoded in registers, shrink in the K loop), ``fused_tiled`` (each weight tile decoded once per
 program feeding tl.dot, shrink precomputed), ``dequant_matmul`` (one-launch dequant + torch.matmul,
 then the LoRA term added with one addmm). The M thresholds are to be measured on GPU.
+
+Backward paths (``choose_backward_path`` picks; ``LOWRANK_LORA_BACKWARD_PATH`` forces): ``fused`` (the dX
+kernel above, W decoded tile by tile) and ``dequant`` (the forward's ``dequant_matmul`` helper with
+t = n: W dequantized once into a transient, dX = dy · W on cuBLAS, then ``dX += s · dS · A``). dS, dA and
+dB are computed the same way on both paths.
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ SMALL_M_MAX = 64
 #: Largest M served by the tile-decoding fused GEMM; above it, dequant + cuBLAS. To be measured on GPU
 #: (a guess from the roofline: up to two 128-row tiles re-decode each weight tile at most twice).
 TILED_M_MAX = 256
+BACKWARD_PATHS = ("fused", "dequant")
+#: Largest M whose dX runs the fused kernel; above it, dequantize + cuBLAS. A guess: on one H100 (bf16,
+#: 4096 x 4096, r = 16, forward + backward of one layer) the fused backward won at M = 16 (1.99 ms vs 3.31
+#: for pure torch) and was 3x slower than dequantize + matmul at M = 8192 (13.5 vs 4.40 ms). The crossover
+#: is not measured; bench/gpu/run.sh records the backward path of each case so that it can be.
+FUSED_BACKWARD_M_MAX = 256
+#: Environment variable forcing the backward path: "fused", "dequant" or "auto" (unset = auto).
+BACKWARD_PATH_ENV = "LOWRANK_LORA_BACKWARD_PATH"
 #: Largest row tile of the small-M kernel (see _tile_config).
 SMALL_BLOCK_M_MAX = 32
 #: Largest rank whose shrink is accumulated inside the main loop (its accumulator lives in registers).
@@ -423,6 +436,22 @@ def choose_forward_path(M: int, N: int, K: int, device: torch.device | str) -> s
     return "dequant_matmul"
 
 
+def choose_backward_path(M: int, N: int, K: int, r: int, device: torch.device | str) -> str:
+    """The backward path (one of BACKWARD_PATHS): the ONE place this choice is made.
+
+    ``fused`` for M <= FUSED_BACKWARD_M_MAX (dX decodes W tile by tile), ``dequant`` above (W dequantized
+    once, dX on cuBLAS). The environment variable LOWRANK_LORA_BACKWARD_PATH = fused | dequant forces a
+    path (tests use it to cover both at tiny shapes); ``auto`` or unset chooses by M. N, K, r and device
+    are accepted so that a measured table can use them.
+    """
+    forced = os.environ.get(BACKWARD_PATH_ENV, "auto")
+    if forced in BACKWARD_PATHS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{BACKWARD_PATH_ENV} must be one of {BACKWARD_PATHS} or 'auto', got {forced!r}")
+    return "fused" if M <= FUSED_BACKWARD_M_MAX else "dequant"
+
+
 def _is_quantized(weight) -> bool:
     return not isinstance(weight, torch.Tensor)
 
@@ -622,6 +651,25 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
+    """``inp · Wop + bias + s · low · q`` on cuBLAS through a transient dequantized W (forward and dX).
+
+    inp: (M, T) in the compute dtype; Wop = Wᵀ (forward: T = K, C = N) or W (dX: T = N, C = K); low: (M, r)
+    fp32, or None for no low-rank term; q: (r, C); bias: (C,) or None. Returns (M, C) in inp.dtype.
+    The decoded W (N·K·inp.dtype.itemsize bytes, the only full copy) lives until the main product is done.
+    The low-rank term is one in-place addmm on inp.dtype operands with fp32 accumulation, as in the fused
+    kernels' epilogue (except that the main product is rounded to inp.dtype once before it is added).
+    """
+    w = _dequantize(weight, inp.dtype)
+    w_op = w.T if transpose_weight else w
+    out = torch.addmm(bias.to(inp.dtype), inp, w_op) if bias is not None else inp @ w_op
+    del w, w_op  # release the transient before the low-rank term
+    # scale 0 (the ops layer's base-only dX under dropout) skips the term instead of multiplying it by 0.
+    if low is not None and scale != 0.0:
+        out.addmm_(low.to(inp.dtype), q.to(inp.dtype), alpha=scale)
+    return out
+
+
 def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
     """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
 
@@ -641,11 +689,7 @@ def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path:
     lin = x if x_lora is None else x_lora
     if path == "dequant_matmul":
         xa = _shrink(lin, A.T, r)
-        w = _dequantize(weight, x.dtype)  # transient: freed when this function returns
-        y = torch.addmm(bias.to(x.dtype), x, w.T) if bias is not None else x @ w.T
-        del w
-        y.addmm_(xa.to(x.dtype), B.to(x.dtype).T, alpha=scale)
-        return y, xa
+        return _dequant_matmul(x, weight, True, xa, B.T, scale, bias), xa
     fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
     if not fuse_low:
         xa = _shrink(lin, A.T, r)
@@ -654,13 +698,21 @@ def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path:
 
 
 def lora_backward(
-    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True
+    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
 ):
     """Gradients of :func:`lora_forward` (bias gradient excluded: it is ``dy.sum(0)``).
 
     dy: (M, N) in x.dtype; xa: (M, r) fp32 from the forward. Returns (dx (M, K) x.dtype or None,
-    dA (r, K) A.dtype or None, dB (N, r) B.dtype or None). ``dS = dy · B`` is computed once (inside the
-    dX kernel when M is small) and reused for dA; W is decoded tile by tile, never materialized.
+    dA (r, K) A.dtype or None, dB (N, r) B.dtype or None). ``dS = dy · B`` is computed once and reused for
+    dA. ``path`` forces one of BACKWARD_PATHS (default: :func:`choose_backward_path`):
+
+    * ``fused``: one kernel computes dX with W decoded tile by tile, never materialized (and dS in the
+      same loop when M is small).
+    * ``dequant``: W is dequantized into x.dtype, dX = dy · W on cuBLAS, then ``dX += s · dS · A``. The
+      decoded W is transient but raises the peak memory by N·K·x.dtype.itemsize bytes (2·N·K in bf16,
+      32 MiB for 4096 x 4096) while dX is computed. Nothing extra is saved by the forward.
+
+    dA and dB are the same on both paths.
     """
     M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, None, x_lora)
     if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
@@ -670,6 +722,10 @@ def lora_backward(
     for name, t in (("dy", dy), ("xa", xa)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if path is None:
+        path = choose_backward_path(M, N, K, r, x.device)
+    elif path not in BACKWARD_PATHS:
+        raise ValueError(f"path must be one of {BACKWARD_PATHS} or None, got {path!r}")
     dy = dy.contiguous()
     lin = x if x_lora is None else x_lora
     dx = dA = dB = None
@@ -679,9 +735,13 @@ def lora_backward(
             torch.zeros_like(A) if need_dA else None,
             torch.zeros_like(B) if need_dB else None,
         )
-    small = choose_forward_path(M, N, K, x.device) == "fused_small_m"
     ds = None
-    if need_dx:
+    if need_dx and path == "dequant":
+        if need_dA or scale != 0.0:
+            ds = _shrink(dy, B, r)
+        dx = _dequant_matmul(dy, weight, False, ds, A, scale)
+    elif need_dx:
+        small = choose_forward_path(M, N, K, x.device) == "fused_small_m"
         dx = torch.empty_like(x)
         fuse = small and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
         ds = torch.empty((M, r), dtype=torch.float32, device=x.device) if fuse else _shrink(dy, B, r)

@@ -101,17 +101,18 @@ def check_forward(M, dtype, kind, device, bias, separate, path=None, k=KDIM, n=N
     return y, xa
 
 
-def check_backward(M, dtype, kind, device, separate, k=KDIM, n=N, blocksize=64):
+def check_backward(M, dtype, kind, device, separate, k=KDIM, n=N, blocksize=64, path=None):
     weight, dense = make_weight(kind, n, k, device, blocksize)
     x, A, B, _, x_lora = make_operands(M, dtype, device, False, separate, k=k, n=n)
     _, xa = L.lora_forward(x, weight, A, B, RSLORA_SCALE, None, x_lora)
     dy = torch.randn(M, n, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
-    dx, dA, dB = L.lora_backward(dy, x, weight, A, B, RSLORA_SCALE, xa, x_lora)
+    dx, dA, dB = L.lora_backward(dy, x, weight, A, B, RSLORA_SCALE, xa, x_lora, path=path)
     assert (dx.dtype, dA.dtype, dB.dtype) == (dtype, A.dtype, B.dtype)
     ref = backward_in(torch.float64, dy, x, dense, A, B, RSLORA_SCALE, x_lora)
     same = backward_in(dtype, dy, x, dense, A, B, RSLORA_SCALE, x_lora)
     for name, out, t, r in zip(("dx", "dA", "dB"), (dx, dA, dB), same, ref):
-        assert_close_by_rule(out, t, r, dtype, f"{name} ({kind}, {dtype}, M={M})")
+        assert_close_by_rule(out, t, r, dtype, f"{name} ({kind}, {dtype}, M={M}, path={path})")
+    return dx, dA, dB
 
 
 # -- forward and backward over weight formats, dtypes and M -----------------------------------------
@@ -125,11 +126,82 @@ def test_forward(kind, dtype, M, device):
     check_forward(M, dtype, kind, device, bias=M % 2 == 1, separate=kind in ("dense", "nf4_dq", "fp4") or M == 16)
 
 
+@pytest.mark.parametrize("path", L.BACKWARD_PATHS)
 @pytest.mark.parametrize("M", [1, 3, 16, 67])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["dense", "nf4", "nf4_dq", "fp4_dq"])
-def test_backward(kind, dtype, M, device):
-    check_backward(M, dtype, kind, device, separate=M in (3, 67))
+def test_backward(kind, dtype, M, path, device):
+    check_backward(M, dtype, kind, device, separate=M in (3, 67), path=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 3, 67])
+@pytest.mark.parametrize("path", L.BACKWARD_PATHS)
+def test_backward_paths_odd_n_and_k(path, M, dtype, device):
+    # N = 23 and K = 35 odd: 4-bit blocks span rows and a packed byte holds the end of one row and the
+    # start of the next, for the tile decoder (fused) and the dequantize kernel (dequant) alike.
+    check_backward(M, dtype, "nf4_dq", device, separate=M != 1, k=35, n=23, blocksize=32, path=path)
+
+
+def test_adapter_grads_do_not_depend_on_the_backward_path(device):
+    # The paths differ only in how dX is computed: dA and dB come from the same reductions, bit for bit.
+    fused = check_backward(67, torch.bfloat16, "nf4_dq", device, separate=True, path="fused")
+    dequant = check_backward(67, torch.bfloat16, "nf4_dq", device, separate=True, path="dequant")
+    assert torch.equal(fused[1], dequant[1]) and torch.equal(fused[2], dequant[2])
+
+
+def _record_calls(monkeypatch, calls):
+    """Wrap the fused dX launcher and the dequantize helper so a test sees which backward path ran."""
+    for attr, label in (("_matmul", "fused"), ("_dequantize", "dequant")):
+        original = getattr(L, attr)
+
+        def wrapper(*args, _original=original, _label=label, **kwargs):
+            calls.append(_label)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(L, attr, wrapper)
+
+
+@pytest.mark.parametrize(
+    "setting, M, expected",
+    [
+        ("fused", 3, "fused"),
+        ("dequant", 3, "dequant"),
+        ("auto", 3, "fused"),
+        (None, 3, "fused"),
+        (None, L.FUSED_BACKWARD_M_MAX + 1, "dequant"),
+    ],
+)
+def test_backward_path_env_var_selects_the_kernel(setting, M, expected, device, monkeypatch):
+    weight, _ = make_weight("nf4_dq", N, KDIM, device)
+    x, A, B, _, _ = make_operands(M, torch.float16, device, False, False)
+    _, xa = L.lora_forward(x, weight, A, B, 2.0)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(torch.float16).to(device)
+    if setting is None:
+        monkeypatch.delenv(L.BACKWARD_PATH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(L.BACKWARD_PATH_ENV, setting)
+    calls = []
+    _record_calls(monkeypatch, calls)
+    L.lora_backward(dy, x, weight, A, B, 2.0, xa)
+    assert calls == [expected]
+    calls.clear()
+    other = "dequant" if expected == "fused" else "fused"
+    L.lora_backward(dy, x, weight, A, B, 2.0, xa, path=other)  # an explicit path wins over the variable
+    assert calls == [other]
+
+
+def test_choose_backward_path_threshold_and_bad_setting(monkeypatch):
+    monkeypatch.delenv(L.BACKWARD_PATH_ENV, raising=False)
+    assert L.choose_backward_path(1, 4096, 4096, 16, "cuda") == "fused"
+    assert L.choose_backward_path(L.FUSED_BACKWARD_M_MAX, 4096, 4096, 16, "cuda") == "fused"
+    assert L.choose_backward_path(L.FUSED_BACKWARD_M_MAX + 1, 4096, 4096, 16, "cuda") == "dequant"
+    assert L.choose_backward_path(8192, 4096, 4096, 16, "cuda") == "dequant"
+    monkeypatch.setenv(L.BACKWARD_PATH_ENV, "fused")
+    assert L.choose_backward_path(8192, 4096, 4096, 16, "cuda") == "fused"
+    monkeypatch.setenv(L.BACKWARD_PATH_ENV, "cublas")
+    with pytest.raises(ValueError, match="LOWRANK_LORA_BACKWARD_PATH must be one of .*'cublas'"):
+        L.choose_backward_path(8, 4096, 4096, 16, "cuda")
 
 
 @pytest.mark.parametrize("path", L.FORWARD_PATHS)
@@ -192,10 +264,11 @@ def test_unfused_shrink_small_m(M, device, monkeypatch):
     check_backward(M, torch.float16, "nf4_dq", device, separate=True)
 
 
-def test_split_reductions(device):
+@pytest.mark.parametrize("path", L.BACKWARD_PATHS)
+def test_split_reductions(path, device):
     # K = 600 splits the shrink over 2 programs' partials; M = 1100 splits the dA / dB reductions.
     check_forward(3, torch.float32, "nf4", device, bias=False, separate=True, k=600, n=24)
-    check_backward(1100, torch.float32, "dense", device, separate=True, k=600, n=24)
+    check_backward(1100, torch.float32, "dense", device, separate=True, k=600, n=24, path=path)
 
 
 @pytest.mark.parametrize("nested_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -235,14 +308,17 @@ def test_reference_matches_peft_formula(device):
 # -- partial gradients, empty batches, non-contiguous input -----------------------------------------
 
 
-def test_need_flags_skip_work(device):
+@pytest.mark.parametrize("path", L.BACKWARD_PATHS)
+def test_need_flags_skip_work(path, device):
     weight, dense = make_weight("nf4", N, KDIM, device)
     x, A, B, _, _ = make_operands(3, torch.float32, device, False, False)
     _, xa = L.lora_forward(x, weight, A, B, 2.0)
     dy = torch.randn(3, N, generator=torch.Generator().manual_seed(2)).to(device)
-    full = L.lora_backward(dy, x, weight, A, B, 2.0, xa)
+    full = L.lora_backward(dy, x, weight, A, B, 2.0, xa, path=path)
     for flags in [(False, True, True), (True, False, False), (False, True, False), (False, False, True)]:
-        got = L.lora_backward(dy, x, weight, A, B, 2.0, xa, need_dx=flags[0], need_dA=flags[1], need_dB=flags[2])
+        got = L.lora_backward(
+            dy, x, weight, A, B, 2.0, xa, need_dx=flags[0], need_dA=flags[1], need_dB=flags[2], path=path
+        )
         for wanted, g, f in zip(flags, got, full):
             if wanted:
                 torch.testing.assert_close(g, f, rtol=0, atol=1e-5)
@@ -319,6 +395,8 @@ def test_bad_backward_input_and_path(device):
         L.lora_forward(x, w, A, B, 2.0, x_lora=x[:2])
     with pytest.raises(ValueError, match="path must be"):
         L.lora_forward(x, w, A, B, 2.0, path="fastest")
+    with pytest.raises(ValueError, match="path must be one of .*'fastest'"):
+        L.lora_backward(torch.zeros(3, N, device=device), x, w, A, B, 2.0, xa, path="fastest")
 
 
 def test_cpu_without_interpreter_is_rejected(monkeypatch):

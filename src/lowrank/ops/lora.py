@@ -14,6 +14,9 @@ Autograd saves only what the caller already holds -- x, the packed weight (never
 the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed: the keep-mask is regenerated in the
 backward instead of storing ``drop(x)`` (M·K). Dropout follows PEFT (only the LoRA input is dropped) but is
 applied as ``x_lora = x·mask`` with ``1/(1-p)`` folded into the scale, so the mask is exact in every dtype.
+Every backward that needs W decodes it from the saved packed bytes: the triton backend either tile by tile
+or, for large M, into a transient freed before it returns (``lowrank.kernels.lora_matmul.choose_backward_path``;
+``LOWRANK_LORA_BACKWARD_PATH=fused|dequant`` forces one).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from lowrank.kernels import lora_matmul as LK
 
 from lowrank.nf4 import dequantize, quantize
 from lowrank.ops import _dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
@@ -70,15 +71,15 @@ def assert_within_rule(ours, torch_same, ref64, dtype, what):
     assert err <= bound, f"{what}: max err {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]:.0e}"
 
 
-def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0):
-    w, dense, x, A, B, b = make_problem(M, dtype, kind, bias, seed=seed, lead=lead)
+def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0, n=N, k=KDIM):
+    w, dense, x, A, B, b = make_problem(M, dtype, kind, bias, seed=seed, lead=lead, n=n, k=k)
     scale = ALPHA / math.sqrt(RANK) if rslora else ALPHA / RANK
-    keep = L.dropout_mask(x.reshape(-1, KDIM).shape, p, 1234, "cpu").reshape(x.shape) if p else None
+    keep = L.dropout_mask(x.reshape(-1, k).shape, p, 1234, "cpu").reshape(x.shape) if p else None
     xs, As, Bs = x.clone().requires_grad_(True), A.clone().requires_grad_(True), B.clone().requires_grad_(True)
     bs = None if b is None else b.clone().requires_grad_(True)
     fn = lora_linear_nf4 if kind == "nf4" else lora_linear
     y = fn(xs, w, As, Bs, scale, bs, dropout=p, backend=backend, dropout_seed=1234)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], N)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
     g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
     (y * g).sum().backward()
     ref = peft_style(x, dense.double(), A.double(), B.double(), scale, b, keep, p, torch.float64)
@@ -111,14 +112,23 @@ def test_torch_backend_bias_dropout_rslora(bias, p, rslora):
     run_and_check(16, torch.bfloat16, "nf4", bias, p, rslora, backend="torch", lead=(2,))
 
 
+@pytest.mark.parametrize("backward_path", LK.BACKWARD_PATHS)
 @pytest.mark.parametrize(
-    "M,dtype,kind,p",
-    [(1, torch.float32, "nf4", 0.0), (67, torch.float16, "nf4", 0.25), (3, torch.float32, "dense", 0.0)],
+    "M,dtype,kind,bias,p,rslora,n,k",
+    [
+        (1, torch.float32, "nf4", True, 0.0, True, N, KDIM),
+        (3, torch.bfloat16, "nf4", False, 0.3, False, 37, 45),  # odd N and K
+        (67, torch.float16, "nf4", True, 0.25, True, N, KDIM),
+        (67, torch.bfloat16, "nf4", True, 0.0, False, 37, 45),
+        (3, torch.float32, "dense", True, 0.0, True, N, KDIM),
+        (67, torch.bfloat16, "dense", False, 0.2, True, 37, 45),
+    ],
 )
-def test_triton_backend_matches_reference(M, dtype, kind, p):
+def test_triton_backend_matches_reference(M, dtype, kind, bias, p, rslora, n, k, backward_path, monkeypatch):
     if not usable("triton"):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
-    run_and_check(M, dtype, kind, bias=True, p=p, rslora=True, backend="triton")
+    monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+    run_and_check(M, dtype, kind, bias=bias, p=p, rslora=rslora, backend="triton", n=n, k=k)
 
 
 @pytest.mark.parametrize("M,dtype,p", [(3, torch.float32, 0.0), (67, torch.bfloat16, 0.2)])
@@ -181,15 +191,26 @@ def saved_tensors_of(fn):
     return out, saved
 
 
+@pytest.mark.parametrize("backend,backward_path", [("torch", None), ("triton", "fused"), ("triton", "dequant")])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_saves_packed_weight_x_and_adapters_only(p):
+def test_saves_packed_weight_x_and_adapters_only(p, backend, backward_path, monkeypatch):
+    if backend == "triton" and not usable("triton"):
+        pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
     w, dense, x, A, B, b = make_problem(67, torch.float32, "nf4")
     x.requires_grad_(True)
     A.requires_grad_(True)
+    dequantized = []
+    if backward_path is not None:
+        monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+        original = LK._dequantize
+        monkeypatch.setattr(LK, "_dequantize", lambda *a, **kw: dequantized.append(1) or original(*a, **kw))
     y, saved = saved_tensors_of(
-        lambda: lora_linear_nf4(x, w, A, B.requires_grad_(True), 2.0, b, dropout=p, backend="torch")
+        lambda: lora_linear_nf4(x, w, A, B.requires_grad_(True), 2.0, b, dropout=p, backend=backend)
     )
+    assert not dequantized, "the forward at M = 67 runs a fused path: it must not dequantize W"
     y.sum().backward()
+    # The dequant backward decodes W once, inside the backward (dx only), from the saved packed bytes.
+    assert len(dequantized) == (1 if backward_path == "dequant" else 0)
     for t in saved:
         assert not (t.dtype.is_floating_point and t.shape == (N, KDIM)), "a dense copy of W was saved"
     big = [t for t in saved if t.numel() >= x.numel()]
@@ -303,6 +324,40 @@ def test_multi_equals_separate_calls(p):
     for (dA, dB), (_, A, B, _, _) in zip(multi_grads, projections, strict=True):
         torch.testing.assert_close(dA, A.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dB, B.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backward_path", LK.BACKWARD_PATHS)
+@pytest.mark.parametrize("M,dtype,p", [(3, torch.float32, 0.3), (67, torch.bfloat16, 0.0), (1, torch.float16, 0.2)])
+def test_multi_triton_matches_reference(M, dtype, p, backward_path, monkeypatch):
+    # q/k/v-style: two NF4 projections (one with odd N) and a dense one in ONE op, dx summed over them.
+    if not usable("triton"):
+        pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
+    monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+    problems, projections = [], []
+    x = make_problem(M, dtype)[2]
+    for i, (kind, n, bias) in enumerate([("nf4", 40, True), ("nf4", 23, False), ("dense", 24, True)]):
+        w, dense, _, A, B, b = make_problem(M, dtype, kind, bias, seed=i, n=n)
+        scale = ALPHA / math.sqrt(RANK) if i == 0 else ALPHA / RANK
+        problems.append((dense, A, B, scale, b))
+        projections.append((w, A.clone().requires_grad_(True), B.clone().requires_grad_(True), scale, b))
+    xm = x.clone().requires_grad_(True)
+    outs = lora_linear_multi(xm, projections, dropout=p, backend="triton", dropout_seed=21)
+    grads = [torch.linspace(-1, 1, o.numel(), dtype=torch.float64).reshape(o.shape).to(dtype) for o in outs]
+    sum((o * g).sum() for o, g in zip(outs, grads, strict=True)).backward()
+    refs = {torch.float64: [], dtype: []}
+    for i, (dense, A, B, scale, b) in enumerate(problems):
+        keep = L.dropout_mask(x.shape, p, 21 + i, "cpu") if p else None
+        ref64 = peft_style(x, dense.double(), A.double(), B.double(), scale, b, keep, p, torch.float64)
+        refs[torch.float64].append(ref64)
+        refs[dtype].append(peft_style(x, dense, A, B, scale, b, keep, p, dtype))
+    what = f"(triton multi, {backward_path}, M={M}, {dtype})"
+    for i, (_, A, B, _, _) in enumerate(projections):
+        ref, same = refs[torch.float64][i], refs[dtype][i]
+        assert_within_rule(outs[i], same[0], ref[0], dtype, f"y[{i}] {what}")
+        assert_within_rule(A.grad, same[2], ref[2], dtype, f"dA[{i}] {what}")
+        assert_within_rule(B.grad, same[3], ref[3], dtype, f"dB[{i}] {what}")
+    dx_same = sum(r[1].float() for r in refs[dtype]).to(dtype)  # summed in fp32 like the op
+    assert_within_rule(xm.grad, dx_same, sum(r[1] for r in refs[torch.float64]), dtype, f"dx {what}")
 
 
 def test_multi_with_unused_output_and_errors():
