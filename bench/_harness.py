@@ -140,6 +140,7 @@ PROVIDER_LABELS = {
     "gemm_dx": "dX GEMM alone (dy·W, W pre-dequantized)",
     "gemm_fwd_dx": "GEMM fwd + dX GEMM, W pre-dequantized",
     "lowrank": "lowrank (prepare_model)",
+    "ext": "lowrank C++/CUDA extension" if ON_GPU else "lowrank C++ extension",
 }
 
 
@@ -199,6 +200,14 @@ def skip_reason(provider: str) -> str | None:
             reason = f"peft is not installed here ({optional_module('peft')[1]})"
         return reason
     if provider == "lowrank":
+        return None
+    if provider == "ext":
+        from lowrank import _ext
+
+        if _ext.load() is None:
+            return f"the C++ extension is unavailable: {_ext.load_error()}"
+        if not _ext.load().supports("dequantize_4bit", torch.device(DEVICE).type):
+            return f"the C++ extension has no {torch.device(DEVICE).type} kernels in this build"
         return None
     raise KeyError(f"unknown provider {provider!r}; known: {sorted(PROVIDER_LABELS)} (and triton:<forward path>)")
 

@@ -9,7 +9,8 @@ Goal on H100 (kernels-and-limits.md §8): NF4 + double quant → bf16 dequantize
 4096x14336 ≤ 55 µs, 8192x28672 ≤ 220 µs (bitsandbytes ≈ 151 µs at 4096x14336).
 
 Providers: ``triton`` (lowrank.nf4 public API, backend="triton"), ``torch`` (same API, backend="torch":
-the reference), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference functions, called
+the reference), ``ext`` (same API, backend="ext": the C++ extension's kernels -- CUDA ones when built
+with them; its quantize runs on CPU only), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference functions, called
 directly because the public op is opaque to the compiler), ``bitsandbytes`` (``bnb.functional``).
 The public API's ``quantize`` also checks that the input is finite (one more read and a host sync): that is
 part of what a user pays, and it is in the lowrank figures.
@@ -43,7 +44,7 @@ def _cases() -> list:
     """Run order: lowrank and bitsandbytes on every case first, then eager, then compiled (cold compiles are slow;
     a time-boxed run loses the tail, never the goal figures)."""
     shapes = NF4_GOAL_SHAPES if SUITE == "goal" else NF4_SHAPES
-    tiers = (("triton", "bitsandbytes"), ("torch",), ("torch_compiled",))
+    tiers = (("triton", "bitsandbytes", "ext"), ("torch",), ("torch_compiled",))
     cases = []
     for providers in tiers:
         for op in ("dequantize", "quantize"):
@@ -84,6 +85,8 @@ def _random_weight(shape_name: str) -> torch.Tensor:
 @pytest.mark.parametrize("op, shape_name, double_quant, provider", _cases())
 def test_nf4(bench, op: str, shape_name: str, double_quant: bool, provider: str) -> None:
     reason = skip_reason(provider)
+    if provider == "ext" and op == "quantize" and not reason and torch.device(DEVICE).type != "cpu":
+        reason = "the extension quantizes on CPU only"
     if reason:
         pytest.skip(f"{provider}: {reason}")
     w = _random_weight(shape_name)
@@ -103,7 +106,8 @@ def test_nf4(bench, op: str, shape_name: str, double_quant: bool, provider: str)
         case=case,
         provider=provider,
         bytes_moved=bytes_moved,
-        ours=provider == "triton",
+        # the row the others are compared with: Triton on a GPU, the extension on a CPU
+        ours=provider == ("triton" if torch.device(DEVICE).type == "cuda" else "ext"),
         extra=extra,
     )
 
@@ -127,9 +131,10 @@ def _dequantize_fn(provider: str, w: torch.Tensor, double_quant: bool):
             return compiled(qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, qw.numel).view(qw.shape)
 
     else:
+        backend = "ext" if provider == "ext" else "triton"
 
         def fn():
-            return lowrank.nf4.dequantize(qw, DTYPE, backend="triton")
+            return lowrank.nf4.dequantize(qw, DTYPE, backend=backend)
 
     return fn, lambda: bool(torch.equal(fn(), reference))
 
@@ -156,8 +161,10 @@ def _quantize_fn(provider: str, w: torch.Tensor, double_quant: bool):
 
         return fn, check
 
+    backend = "ext" if provider == "ext" else "triton"
+
     def fn():
-        return lowrank.nf4.quantize(w, BLOCKSIZE, double_quant, backend="triton")
+        return lowrank.nf4.quantize(w, BLOCKSIZE, double_quant, backend=backend)
 
     def check() -> bool:
         got = fn()
