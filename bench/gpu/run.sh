@@ -11,6 +11,8 @@
 # package (lowrank -> src/lowrank/*, lowrank/kernels -> kernels). Every stage is time-boxed with `timeout`
 # (SIGINT first, so pytest still writes its results; SIGKILL 15 s later); a failed or timed-out stage never
 # stops the next one, and the report is always written. Whole run: LOWRANK_RUN_BUDGET_S (default 480 s).
+# On a CUDA machine the first stage JIT-builds the C++ extension with its CUDA kernels into the symlink package
+# (bench/gpu/build_ext_cuda.py, up to 150 s of the budget); LOWRANK_BUILD_CUDA_EXT=0 skips it.
 # LOWRANK_BENCH_DRY=1 rehearses the same pipeline on CPU: tiny shapes, Triton interpreter, short stages.
 set -u -o pipefail
 
@@ -25,9 +27,9 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/lowrank-run.XXXXXX")"
 
 if [ "$DRY" = "1" ]; then
     export TRITON_INTERPRET=1 LOWRANK_BENCH_TINY=1 CUDA_VISIBLE_DEVICES=""
-    TESTS_S=60; NF4_S=150; LORA_S=150; TRAIN_S=90
+    TESTS_S=60; NF4_S=150; LORA_S=150; TRAIN_S=90; EXT_S=150
 else
-    TESTS_S=110; NF4_S=80; LORA_S=140; TRAIN_S=100
+    TESTS_S=110; NF4_S=80; LORA_S=140; TRAIN_S=100; EXT_S=150
 fi
 export LOWRANK_BENCH_SUITE="${LOWRANK_BENCH_SUITE:-goal}"
 export LOWRANK_BENCH_JSONL="$WORK/records.jsonl"
@@ -96,6 +98,16 @@ done
 ln -s "$ROOT/kernels" "$LRPATH/lowrank/kernels"
 export PYTHONPATH="$LRPATH:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
+# --- (a2) the C++ extension with its CUDA kernels, JIT-built into $LRPATH/lowrank (nvcc + ninja, no pip) --------
+# Before the environment probe, so that it reports the CUDA kernels. LOWRANK_BUILD_CUDA_EXT=0 skips it.
+if [ "${LOWRANK_BUILD_CUDA_EXT:-1}" = "0" ]; then
+    log "stage build_ext_cuda: skipped (LOWRANK_BUILD_CUDA_EXT=0)"
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+    log "stage build_ext_cuda: skipped (torch has no CUDA or no device is visible)"
+else
+    stage build_ext_cuda "$EXT_S" "$RUN_LOG" "$PY" -P bench/gpu/build_ext_cuda.py --build-dir "$WORK/ext_build" --package-dir "$LRPATH/lowrank"
+fi
+
 {
     echo "===== environment ====="
     date -u
@@ -127,9 +139,9 @@ BENCH=("${PYTEST[@]}" --benchmark-only -q -rsfE --benchmark-columns=min,median,m
 
 # --- (b) correctness tests on the device -----------------------------------------------------------------------
 if [ "$DRY" = "1" ]; then
-    stage tests "$TESTS_S" "$TESTS_LOG" "${PYTEST[@]}" tests/kernels tests/lowrank/ops -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
+    stage tests "$TESTS_S" "$TESTS_LOG" "${PYTEST[@]}" tests/kernels tests/lowrank/ops tests/csrc -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
 else
-    stage tests "$TESTS_S" "$TESTS_LOG" env LOWRANK_TEST_GPU=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/kernels tests/lowrank/ops -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
+    stage tests "$TESTS_S" "$TESTS_LOG" env LOWRANK_TEST_GPU=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/kernels tests/lowrank/ops tests/csrc -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
 fi
 
 # --- (c) microbenchmarks at the goal shapes, then the training step -----------------------------------------

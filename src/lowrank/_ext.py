@@ -255,14 +255,11 @@ class Extension:
         K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
         if out is not None:
             K.check_dequantize_out(out, shape, dtype, packed.device)
-            if out.device.type == "cpu":
-                torch.ops.lowrank_ext.dequantize_4bit_out(
-                    packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out
-                )
-                return out
-            return out.copy_(Extension.dequantize_4bit(
-                packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype
-            ))
+            # a kernel exists wherever dequantize_4bit has one: CPU, and CUDA when built with it
+            torch.ops.lowrank_ext.dequantize_4bit_out(
+                packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out
+            )
+            return out
         return torch.ops.lowrank_ext.dequantize_4bit(
             packed, absmax, absmax2, offset, [int(d) for d in shape], dtype, blocksize, quant_type, nested_dtype
         )

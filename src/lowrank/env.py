@@ -72,6 +72,7 @@ def collect() -> dict:
         "cuda_devices": devices,
         "extension_loaded": ext is not None,
         "extension_reason": None if ext is not None else _dispatch.ext_unavailable_reason(),
+        "extension_cuda_kernels": ext is not None and ext.supports("dequantize_4bit", "cuda"),
         "environment": {
             name: os.environ.get(name) for name in ("LOWRANK_BACKEND", "LOWRANK_DISABLE_EXT", "TRITON_INTERPRET")
         },
@@ -92,7 +93,8 @@ def format_report(info: dict) -> str:
     else:
         lines.append("CUDA: no device available")
     if info["extension_loaded"]:
-        lines.append("C++ extension: loaded")
+        cuda = "built" if info["extension_cuda_kernels"] else "not built (LOWRANK_BUILD_CUDA=1 builds them)"
+        lines.append(f"C++ extension: loaded; CUDA kernels: {cuda}")
     else:
         lines.append(f"C++ extension: not loaded ({info['extension_reason']})")
     env = ", ".join(f"{k}={v}" for k, v in info["environment"].items() if v is not None) or "none set"

@@ -1,0 +1,399 @@
+"""The CUDA kernels of the extension (csrc/cuda/) on a GPU: dequantization bit-exact against the torch
+references, the LoRA forward/backward within the tolerance policy against an fp64 reference, clear errors,
+opcheck. Needs a CUDA device, ``LOWRANK_TEST_GPU=1`` (``-m gpu``) and an extension built with the CUDA
+kernels (``LOWRANK_BUILD_CUDA=1``, or bench/gpu/build_ext_cuda.py); otherwise every test skips.
+
+References run on the CPU from the same inputs, so the comparison does not depend on torch's CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lowrank.kernels import nf4 as K
+
+import lowrank
+from lowrank import _ext
+from lowrank.ops import _dispatch
+from lowrank.ops.lora import lora_forward_torch
+
+EXT = _ext.load()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        not _ext.cuda_kernels_built(),
+        reason=f"the extension has no CUDA kernels ({_ext.load_error() or 'built without LOWRANK_BUILD_CUDA=1'})",
+    ),
+]
+
+CUDA = torch.device("cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes, so -0.0 vs +0.0 and NaN payloads count as differences."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_bit_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (
+        f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
+    )
+    mismatch = (bits(out) != bits(ref)).nonzero().view(-1)
+    assert mismatch.numel() == 0, (
+        f"{what}: {mismatch.numel()} differing bytes, first at bytes {mismatch[:5].tolist()} "
+        f"(element size {out.element_size()})"
+    )
+
+
+def sample(shape, seed: int) -> torch.Tensor:
+    """fp32 randn over several decades, with a run of exact zeros and an all-zero first block where it fits."""
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    x = torch.randn(n, generator=gen) * torch.logspace(-3, 2, n)[torch.randperm(n, generator=gen)]
+    if n >= 96:
+        x[:64] = 0.0
+        x[80:90] = 0.0
+    return x.reshape(shape)
+
+
+def dequantize_op(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
+    return torch.ops.lowrank_ext.dequantize_4bit(
+        packed, absmax, absmax2, offset, list(shape), dtype, blocksize, quant_type, nested_dtype
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dequantization: bit-exact.
+# ---------------------------------------------------------------------------------------------------
+
+# odd counts, counts below / at / above one 32-element chunk, partial last blocks, several rows
+SHAPES = [(1,), (7,), (31,), (32,), (33,), (64,), (3, 129), (33, 96), (5, 7, 11), (2, 4097), (257, 300)]
+
+
+@pytest.mark.parametrize("quant_type", K.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", K.BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_bit_exact_plain_and_double_quantized(dtype, blocksize, quant_type):
+    for i, shape in enumerate(SHAPES):
+        packed, absmax = K.quantize_4bit_ref(sample(shape, seed=i + blocksize), blocksize, quant_type)
+        ref = K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
+        out = dequantize_op(packed.to(CUDA), absmax.to(CUDA), None, None, shape, dtype, blocksize, quant_type,
+                            torch.float32)  # fmt: skip
+        assert out.device.type == "cuda"
+        assert_bit_equal(out, ref, f"plain {shape}")
+        qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+        for nested_dtype in NESTED_DTYPES:
+            constants = K.double_dequantize_ref(qabsmax, absmax2, offset, nested_dtype)
+            ref = K.dequantize_4bit_ref(packed, constants, shape, dtype, blocksize, quant_type)
+            nested = (qabsmax.to(CUDA), absmax2.to(CUDA), offset.to(CUDA))
+            out = dequantize_op(packed.to(CUDA), *nested, shape, dtype, blocksize, quant_type, nested_dtype)
+            assert_bit_equal(out, ref, f"double quant, nested {nested_dtype}, {shape}")
+            assert_bit_equal(
+                EXT.double_dequantize(*nested, nested_dtype), constants, f"double_dequantize {nested_dtype}"
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_unaligned_packed_view(dtype):
+    """A packed view at an odd byte offset takes the byte-wise path; same bits."""
+    shape, blocksize = (37, 131), 64
+    packed, absmax = K.quantize_4bit_ref(sample(shape, seed=5), blocksize, "nf4")
+    qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+    storage = torch.zeros(packed.numel() + 3, dtype=torch.uint8, device=CUDA)
+    for start in (1, 2, 3):
+        view = storage[start : start + packed.numel()]
+        view.copy_(packed.reshape(-1))
+        assert view.data_ptr() % 16 != 0
+        constants = K.double_dequantize_ref(qabsmax, absmax2, offset, torch.float32)
+        ref = K.dequantize_4bit_ref(packed, constants, shape, dtype, blocksize, "nf4")
+        out = dequantize_op(view, qabsmax.to(CUDA), absmax2.to(CUDA), offset.to(CUDA), shape, dtype, blocksize, "nf4",
+                            torch.float32)  # fmt: skip
+        assert_bit_equal(out, ref, f"view at byte offset {start}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_into_out_buffer(dtype):
+    """dequantize_4bit_out writes the same bits into a fresh buffer and into a view at an odd element offset
+    (not 16-byte aligned: the byte-wise path); the public API passes ``out`` through to it."""
+    shape, blocksize = (45, 70), 128
+    packed, absmax = K.quantize_4bit_ref(sample(shape, seed=6), blocksize, "fp4")
+    qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+    ref = K.dequantize_4bit_ref(
+        packed, K.double_dequantize_ref(qabsmax, absmax2, offset), shape, dtype, blocksize, "fp4"
+    )
+    args = [t.to(CUDA) for t in (packed, qabsmax, absmax2, offset)]
+    storage = torch.full((math.prod(shape) + 1,), float("nan"), dtype=dtype, device=CUDA)
+    for out in (torch.empty(shape, dtype=dtype, device=CUDA), storage[1:].view(shape)):
+        torch.ops.lowrank_ext.dequantize_4bit_out(*args, blocksize, "fp4", torch.float32, out)
+        assert_bit_equal(out, ref, f"out at element offset {out.storage_offset()}")
+    qw = lowrank.quantize(sample(shape, seed=7), blocksize=64, backend="torch")
+    buffer = torch.empty(shape, dtype=dtype, device=CUDA)
+    got = lowrank.dequantize(qw.to(CUDA), backend="ext", out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert_bit_equal(got, lowrank.dequantize(qw, dtype, backend="torch"), "lowrank.dequantize(out=)")
+
+
+def test_ties_subnormal_and_zero_blocks():
+    values = torch.tensor(K.NF4_CODE + K.thresholds("nf4"), dtype=torch.float32)
+    x = torch.cat([values, torch.zeros(64), torch.full((64,), 1e-40), -values * 3e-39]).reshape(-1)
+    for dtype in DTYPES:
+        packed, absmax = K.quantize_4bit_ref(x, 32, "nf4")
+        ref = K.dequantize_4bit_ref(packed, absmax, x.shape, dtype, 32, "nf4")
+        out = dequantize_op(packed.to(CUDA), absmax.to(CUDA), None, None, x.shape, dtype, 32, "nf4", torch.float32)
+        assert_bit_equal(out, ref, f"ties and zeros in {dtype}")
+
+
+@pytest.mark.slow
+def test_dequantize_beyond_2_31_elements():
+    """Element and byte offsets past 2^31 (int64 indexing). Checks windows at the start, across 2^31 and at
+    the odd-length end against the reference on the same bytes. Needs ~6 GiB of device memory."""
+    n, blocksize = 2**31 + 4096 + 7, 64
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, device=CUDA, generator=gen)
+    absmax = torch.rand(K.num_blocks(n, blocksize), device=CUDA, generator=gen) + 0.5
+    out = dequantize_op(packed, absmax, None, None, (n,), torch.bfloat16, blocksize, "nf4", torch.float32)
+    for start in (0, 2**31 - 4096, n - (n % blocksize) - 4096):
+        length = min(8192, n - start)
+        window_packed = packed[start // 2 : (start + length + 1) // 2].cpu()
+        window_absmax = absmax[start // blocksize : K.num_blocks(start + length, blocksize)].cpu()
+        ref = K.dequantize_4bit_ref(window_packed, window_absmax, (length,), torch.bfloat16, blocksize, "nf4")
+        assert_bit_equal(out[start : start + length], ref, f"window at {start}")
+
+
+def test_public_api_and_dispatch_use_the_cuda_kernels():
+    w = sample((96, 80), seed=11).to(CUDA)
+    qw = lowrank.quantize(w, blocksize=64, double_quant=True, backend="torch")
+    assert _dispatch.resolve("dequantize_4bit", "cuda", "ext") == "ext"
+    for dtype in DTYPES:
+        got = lowrank.dequantize(qw, dtype, backend="ext")
+        want = lowrank.dequantize(qw.to("cpu"), dtype, backend="torch")
+        assert_bit_equal(got, want, f"lowrank.dequantize({dtype})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA forward / backward: the tolerance policy against fp64.
+# ---------------------------------------------------------------------------------------------------
+
+# (M, K, N, r). M <= 16 with K % 16 == 0 takes the fused kernel: one K tile, three tiles with a partial last
+# one (K = 1040), N not a multiple of the 16 rows per CTA, N = 1. M > 16, an odd K and K % 16 != 0 take
+# dequantize + at::mm.
+LORA_SHAPES = [
+    (1, 64, 48, 4),
+    (3, 96, 33, 8),
+    (13, 1040, 70, 16),
+    (16, 512, 1, 4),
+    (17, 64, 40, 4),
+    (67, 128, 96, 8),
+    (5, 33, 20, 4),
+    (2, 100, 24, 4),
+]
+WEIGHTS = ["nf4-dq-64", "fp4-128", "nf4-dq-bf16-nested", "dense"]
+
+
+def make_weight(kind: str, w: torch.Tensor):
+    """(weight argument on the GPU, its exact value in fp32 on the CPU)."""
+    if kind == "dense":
+        return w.to(CUDA), w.float()
+    quant_type, *flags, blocksize = kind.split("-")
+    qw = lowrank.quantize(
+        w,
+        blocksize=64 if blocksize == "nested" else int(blocksize),
+        double_quant="dq" in flags,
+        quant_type=quant_type,
+        backend="torch",
+    )
+    if blocksize == "nested":  # a transformers-written state: constants reconstructed in bf16
+        qw = lowrank.NF4Weight(
+            qw.packed,
+            qw.absmax,
+            qw.shape,
+            qw.dtype,
+            qw.blocksize,
+            qw.quant_type,
+            qw.nested_absmax,
+            qw.nested_offset,
+            nested_dtype=torch.bfloat16,
+        )
+    return qw.to(CUDA), lowrank.dequantize(qw, torch.float32, backend="torch")
+
+
+def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
+    """CPU tensors: x, the dense weight to quantize, A, B, bias, a dropped-out x_lora, dy."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * std).to(dt)
+
+    x = randn(M, K)
+    w = randn(N, K, std=K**-0.5)
+    A = randn(r, K, std=K**-0.5, dt=lora_dtype)
+    B = randn(N, r, std=0.5, dt=lora_dtype)
+    bias = randn(N, std=0.1)
+    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)
+    dy = randn(M, N)
+    return x, w, A, B, bias, x_lora, dy
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.detach().cpu().double() - ref.double()).abs().max().item()
+
+
+def check_rule(name, out, ref64, low, dtype):
+    """max|out - ref64| <= 2 max|low - ref64| + atol(dtype): as good as torch at the same precision."""
+    assert out.dtype == low.dtype and tuple(out.shape) == tuple(ref64.shape), f"{name}: {out.dtype}{tuple(out.shape)}"
+    assert out.device.type == "cuda", f"{name} came back on {out.device}"
+    bound = 2 * max_err(low, ref64) + ATOL[dtype]
+    assert max_err(out, ref64) <= bound, f"{name}: error {max_err(out, ref64):.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("weight_kind", WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
+    M, K, N, r = shape
+    scale = 2.0
+    use_bias = use_x_lora = N % 2 == 0
+    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
+    weight, w32 = make_weight(weight_kind, w)
+    bias = bias if use_bias else None
+    x_lora = x_lora if use_x_lora else None
+    xl = x if x_lora is None else x_lora
+    on_gpu = [None if t is None else t.to(CUDA) for t in (x, A, B, bias, x_lora, dy)]
+    xg, Ag, Bg, biasg, x_lorag, dyg = on_gpu
+
+    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, x_lorag)
+    dx, dA, dB = EXT.lora_backward(dyg, xg, weight, Ag, Bg, scale, xa, x_lorag)
+
+    # fp64 reference from the exact dequantized weight
+    x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, xl, A, B, dy, w32))
+    xa64 = xl64 @ A64.t()
+    y64 = x64 @ w64.t() + scale * xa64 @ B64.t() + (0 if bias is None else bias.double())
+    g64 = dy64 @ B64
+    dx64, dA64, dB64 = dy64 @ w64 + scale * g64 @ A64, scale * g64.t() @ xl64, scale * dy64.t() @ xa64
+    # torch on the GPU at the same precision, PEFT-style: every matmul in dtype
+    w_low = w32.to(CUDA, dtype)
+    xl_g = xg if x_lorag is None else x_lorag
+    xa_low = xl_g @ Ag.t()
+    y_low = torch.nn.functional.linear(xg, w_low, biasg) + (xa_low @ Bg.t()) * scale
+    g_low = (dyg @ Bg) * scale
+    dx_low, dA_low, dB_low = dyg @ w_low + g_low @ Ag, g_low.t() @ xl_g, (dyg * scale).t() @ xa_low
+
+    assert xa.dtype == torch.float32 and xa.device.type == "cuda"
+    assert max_err(xa, xa64) <= 2 * max_err(xa_low, xa64) + ATOL[dtype]
+    for name, out, ref, low in (
+        ("y", y, y64, y_low),
+        ("dx", dx, dx64, dx_low),
+        ("dA", dA, dA64, dA_low),
+        ("dB", dB, dB64, dB_low),
+    ):
+        check_rule(name, out, ref, low, dtype)
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 16])
+def test_fused_forward_matches_the_unfused_torch_backend(M):
+    """Same inputs through the fused kernel (M <= 16) and through lowrank's torch backend on the GPU; the
+    rule against fp64, per accumulator bucket of the kernel (M = 1, <= 4, <= 16)."""
+    K, N, r = 2048, 200, 16
+    x, w, A, B, bias, _, _ = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=M)
+    weight, w32 = make_weight("nf4-dq-64", w)
+    y, xa = EXT.lora_forward(x.to(CUDA), weight, A.to(CUDA), B.to(CUDA), 0.5, bias.to(CUDA))
+    y_torch, _ = lora_forward_torch(x.to(CUDA), weight, A.to(CUDA), B.to(CUDA), 0.5, bias.to(CUDA))
+    x64 = x.double()
+    y64 = x64 @ w32.double().t() + 0.5 * (x64 @ A.double().t()) @ B.double().t() + bias.double()
+    check_rule("y", y, y64, y_torch, torch.bfloat16)
+
+
+def test_lora_partial_gradients_and_fp32_adapters_on_bf16():
+    M, K, N, r = 5, 128, 200, 8
+    x, w, A, B, bias, _, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
+    x, A, B, bias, dy = (t.to(CUDA) for t in (x, A, B, bias, dy))
+    weight, _ = make_weight("nf4-dq-64", w)
+    y, xa = EXT.lora_forward(x, weight, A, B, 0.5, bias, None)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N) and xa.dtype == torch.float32
+    full = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa)
+    assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
+    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        part = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
+        for wanted, got, ref in zip(need, part, full, strict=True):
+            assert (got is None) != wanted
+            if wanted:
+                assert_bit_equal(got, ref, "partial gradient")
+
+
+def test_lora_dispatch_picks_ext_when_asked():
+    assert _dispatch.resolve("lora_forward", "cuda", "ext") == "ext"
+    assert _dispatch.resolve("lora_backward", "cuda", "ext") == "ext"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clear errors and opcheck.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    packed, absmax = K.quantize_4bit_ref(sample((4, 64), seed=3), 64, "nf4")
+    packed_g, absmax_g = packed.to(CUDA), absmax.to(CUDA)
+    ops = torch.ops.lowrank_ext
+    with pytest.raises(RuntimeError, match="absmax must be a CUDA tensor .* got cpu"):
+        ops.dequantize_4bit(packed_g, absmax, None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="blocksize must be one of .* got 48"):
+        ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.float32, 48, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="quant_type must be 'nf4' or 'fp4', got 'int4'"):
+        ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.float32, 64, "int4", torch.float32)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16, got Int"):
+        ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.int32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="packed must be uint8 with 64 bytes for 128 elements, got Byte with 128"):
+        ops.dequantize_4bit(packed_g, absmax_g, None, None, [2, 64], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="absmax must be float32 with 4 entries"):
+        ops.dequantize_4bit(packed_g, absmax_g[:3], None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="absmax2 and offset must be given together"):
+        ops.dequantize_4bit(packed_g, absmax_g, absmax_g, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        out = torch.empty(64, 4, device=CUDA).t()
+        ops.dequantize_4bit_out(packed_g, absmax_g, None, None, 64, "nf4", torch.float32, out)
+    with pytest.raises(RuntimeError, match="out dtype must be float32, float16 or bfloat16, got Double"):
+        out = torch.empty(4, 64, dtype=torch.float64, device=CUDA)
+        ops.dequantize_4bit_out(packed_g, absmax_g, None, None, 64, "nf4", torch.float32, out)
+
+    x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
+    x, w, A, B = (t.to(CUDA) for t in (x, w, A, B))
+    with pytest.raises(RuntimeError, match="A must be a CUDA tensor for the ext CUDA kernels, got cpu"):
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A.cpu(), B, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="A must have shape"):
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got Double"):
+        ops.lora_forward(x.double(), w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(32\)"):
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[0, :31], None)
+    with pytest.raises(RuntimeError, match="xa must be float32 of shape"):
+        ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], None,
+                          True, True, True)  # fmt: skip
+
+
+def test_opcheck_cuda_ops():
+    packed, absmax = K.quantize_4bit_ref(sample((33, 96), seed=4), 64, "nf4")
+    qabsmax, absmax2, offset = (t.to(CUDA) for t in K.double_quantize_ref(absmax))
+    packed = packed.to(CUDA)
+    ops = torch.ops.lowrank_ext
+    torch.library.opcheck(
+        ops.dequantize_4bit, (packed, qabsmax, absmax2, offset, [33, 96], torch.bfloat16, 64, "nf4", torch.float32)
+    )
+    torch.library.opcheck(ops.double_dequantize, (qabsmax, absmax2, offset, torch.bfloat16))
+    out = torch.empty(33, 96, dtype=torch.float16, device=CUDA)
+    torch.library.opcheck(ops.dequantize_4bit_out, (packed, qabsmax, absmax2, offset, 64, "nf4", torch.float32, out))
+
+    x, w, A, B, bias, x_lora, dy = (t.to(CUDA) for t in lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, 3))
+    qw, _ = make_weight("nf4-dq-64", w.cpu())
+    quant = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, 64, "nf4", torch.float32)
+    dense = (w, None, None, None, 64, "nf4", torch.float32)
+    for weight_args in (quant, dense):
+        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, x_lora))
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True))
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, None, True, False, True))
