@@ -123,6 +123,16 @@ def load_junit(path: Path) -> dict:
     return counts
 
 
+def merge_test_counts(a: dict | None, b: dict) -> dict:
+    """The counts of two JUnit files as one (run.sh's Triton tests and the extension's CUDA tests)."""
+    if not a:
+        return b
+    merged = {k: a.get(k, 0) + b.get(k, 0) for k in ("tests", "failures", "errors", "skipped", "passed")}
+    merged["time_s"] = round(a.get("time_s", 0) + b.get("time_s", 0), 1)
+    merged["failed_tests"] = a.get("failed_tests", []) + b.get("failed_tests", [])
+    return merged
+
+
 # ----------------------------------------------------------------------------------------------------
 # Formatting.
 # ----------------------------------------------------------------------------------------------------
@@ -443,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="markdown output (default: stdout)")
     parser.add_argument("--json-out", type=Path, help="combined JSON output")
     parser.add_argument("--stages", type=Path, help="JSON lines of run.sh stage outcomes")
-    parser.add_argument("--tests-xml", type=Path, help="JUnit XML of the correctness tests")
+    parser.add_argument(
+        "--tests-xml", type=Path, action="append", default=[], help="JUnit XML of correctness tests (repeatable)"
+    )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.results if not p.is_file()]
     if missing:
@@ -451,11 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     merged = load([p for p in args.results if p.is_file()])
     if args.stages and args.stages.is_file():
         merged["stages"] += load_stages(args.stages)
-    if args.tests_xml and args.tests_xml.is_file():
+    for path in args.tests_xml:
+        if not path.is_file():
+            continue
         try:
-            merged["tests"] = load_junit(args.tests_xml)
+            merged["tests"] = merge_test_counts(merged["tests"], load_junit(path))
         except ET.ParseError as err:
-            print(f"report: {args.tests_xml} is not valid JUnit XML ({err})", file=sys.stderr)
+            print(f"report: {path} is not valid JUnit XML ({err})", file=sys.stderr)
     markdown = render(merged)
     if args.out:
         write_atomic(args.out, markdown)

@@ -74,7 +74,10 @@ def install(library: pathlib.Path, package_dir: pathlib.Path) -> pathlib.Path:
     for old in package_dir.glob("_C*.so"):
         old.unlink()  # a symlink into the tree loses only the link, never its target
     target = package_dir / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    shutil.copy2(library, target)
+    # run.sh builds while tests already run: a process importing lowrank._C must see the whole file or none
+    partial = package_dir / f".{target.name}.partial"
+    shutil.copy2(library, partial)
+    os.replace(partial, target)
     return target
 
 

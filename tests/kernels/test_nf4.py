@@ -381,3 +381,21 @@ def test_double_quantize_rejects_bad_absmax(fn):
             fn(bad)
     with pytest.raises(ValueError, match="rounding must be 'nearest' or 'bnb_cpu_lut', got 'up'"):
         K.double_quantize_ref(torch.rand(10), "up")
+
+
+def test_references_compile_to_the_same_bits():
+    """``torch.compile`` of the references (what the benchmarks' compiled provider runs) gives the eager bits,
+    partial last blocks included. Inductor on CPU (torch 2.13) miscompiled the gather ``absmax[arange(n) //
+    blocksize]`` in a partial last block, so the references broadcast the constants with repeat_interleave."""
+
+    def dequantize_flat(packed, absmax, absmax2, offset, numel: int):
+        return K.dequantize_4bit_ref(
+            packed, K.double_dequantize_ref(absmax, absmax2, offset), (numel,), torch.bfloat16, 64, "nf4"
+        )
+
+    compiled = torch.compile(dequantize_flat, dynamic=True)
+    for n in (64 * 5 + 3, 64 * 300 + 17):  # 6 and 301 blocks: the nested 256-block is partial in both
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        packed, absmax = K.quantize_4bit_ref(x, 64, "nf4")
+        nested = K.double_quantize_ref(absmax)
+        assert_bitwise_equal(compiled(packed, *nested, n), dequantize_flat(packed, *nested, n))
