@@ -66,9 +66,29 @@ def weight() -> torch.Tensor:
     return (torch.randn(N, K, generator=gen) * K**-0.5).to(torch.bfloat16)
 
 
+# What each provider is to the report (bench/report.py): the competitor every row is compared with, the
+# hardware limit the memory-bound rows are a fraction of, the compute floor, or a reference point.
+ROLES = {
+    "bnb_cpu": "competitor",
+    "peft_bnb": "competitor",
+    "memcpy_same_output_bytes": "limit",
+    "dense_bf16_floor": "floor",
+    "fresh_alloc_fill": "reference",
+    "torch_ref": "reference",
+    "lowrank_torch": "reference",
+}
+
+
 def run(benchmark, fn, **extra):
     fn()  # warm-up: first-touch of buffers, oneDNN primitive creation
-    benchmark.extra_info.update(extra, threads=torch.get_num_threads(), machine="2 CPU cores (AMD EPYC, AVX-512 BF16)")
+    provider = benchmark.name.partition("[")[2].rstrip("]")
+    benchmark.extra_info.update(
+        extra,
+        provider=provider,
+        role=ROLES.get(provider, "lowrank"),
+        threads=torch.get_num_threads(),
+        machine="2 CPU cores (AMD EPYC, AVX-512 BF16)",
+    )
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 

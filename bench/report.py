@@ -40,7 +40,9 @@ GOAL_DEQUANT_US = {"4096x14336": 55.0, "8192x28672": 220.0}
 
 def load(paths: list[Path]) -> dict:
     """Merge result files into ``{"machine", "benchmarks", "skipped", "errors", "stages", "tests"}``."""
-    merged = {"machine": {}, "benchmarks": {}, "skipped": {}, "errors": {}, "stages": [], "tests": None}
+    merged = {
+        "machine": {}, "benchmarks": {}, "skipped": {}, "errors": {}, "stages": [], "tests": None, "side_by_side": {}
+    }  # fmt: skip
     for path in paths:
         text = path.read_text(encoding="utf-8").strip()
         if not text:
@@ -92,6 +94,8 @@ def _add_record(merged: dict, record: dict) -> None:
             merged["machine"]["limits"] = limits
         for key, value in record["extra_info"].get("env", {}).items():
             merged["machine"].setdefault(key, value)
+    elif kind == "benchmark" and record.get("extra_info", {}).get("role"):  # bench_ext_cpu.py's groups
+        merged["side_by_side"].setdefault(record.get("group") or "", {})[record["nodeid"]] = record
     elif kind == "skip":
         merged["skipped"][record["nodeid"]] = record
     elif kind == "error":
@@ -191,15 +195,51 @@ def _row_order(info: dict) -> tuple:
     return (rank, provider)
 
 
+def _side_by_side(groups: dict) -> list[str]:
+    """Tables of the CPU side-by-side groups: each row against the group's competitor and memcpy rows."""
+    out = []
+    for group, records in sorted(groups.items()):
+        rows = sorted(records.values(), key=lambda r: r["stats"]["min"])
+        by_role = {r["extra_info"]["role"]: r for r in rows}
+        competitor, limit = by_role.get("competitor"), by_role.get("limit")
+        out += [
+            f"## {group} (side by side, one run)",
+            "",
+            "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this | peak extra MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        limit_rate = limit["extra_info"]["bytes_moved"] / limit["stats"]["min"] if limit else None
+        for r in rows:
+            info, best = r["extra_info"], r["stats"]["min"]
+            rate, pct = "–", "–"
+            if info.get("bytes_moved"):
+                rate = f"{info['bytes_moved'] / best / 1e9:,.1f} GB/s"
+                if limit_rate and r is not limit:
+                    pct = f"{100 * info['bytes_moved'] / best / limit_rate:.0f} %"
+            elif info.get("flops"):
+                rate = f"{info['flops'] / best / 1e9:,.0f} GFLOP/s"
+            ratio = f"{competitor['stats']['min'] / best:.2f}×" if competitor else "–"
+            peak = info.get("peak_extra_mib")
+            out.append(
+                f"| {info['provider']} | {info['role']} | {best * 1e3:,.3f} | {r['stats']['median'] * 1e3:,.3f} | "
+                f"{rate} | {pct} | {ratio} | {'–' if peak is None else f'{peak:.1f}'} |"
+            )
+        out.append("")
+    return out
+
+
 def render(merged: dict) -> str:
     machine = merged["machine"]
     limits = machine.get("limits") or {}
     records = sorted(merged["benchmarks"].values(), key=lambda r: r["nodeid"])
     ours = _ours_index(records)
     out = ["# lowrank performance", ""]
+    if not records and merged["side_by_side"]:  # only bench_ext_cpu.py: its shapes are fixed, never tiny
+        machine = {**machine, "tiny_shapes": False}
     out += _header(machine, limits)
     out += _goals(records, machine)
     out += _forward_paths(records)
+    out += _side_by_side(merged["side_by_side"])
     for op, title in SECTIONS:
         rows = [r for r in records if r["extra_info"]["op"] == op]
         if rows:

@@ -82,3 +82,31 @@ def test_a_later_success_supersedes_a_failure_and_pytest_benchmark_json_merges(t
     )
     again = report.load([tmp_path / "out.json"])
     assert list(again["benchmarks"]) == [ok["nodeid"]]
+
+
+def test_cpu_side_by_side_groups_compare_with_competitor_and_memcpy(tmp_path) -> None:
+    def bench(provider: str, role: str, seconds: float, **extra) -> dict:
+        stats = {"min": seconds, "max": seconds, "mean": seconds, "median": seconds, "stddev": 0.0, "rounds": 3}
+        return {
+            "name": f"test_dequantize[{provider}]",
+            "fullname": f"bench/bench_ext_cpu.py::test_dequantize[{provider}]",
+            "group": "dequantize 4096x4096",
+            "stats": stats,
+            "extra_info": {"provider": provider, "role": role, **extra},
+        }
+
+    data = {
+        "machine_info": {"lowrank": {"device": "CPU", "tiny_shapes": True}},
+        "benchmarks": [
+            bench("ext_out", "lowrank", 0.5e-3, bytes_moved=40e6),
+            bench("bnb_cpu", "competitor", 6.0e-3, bytes_moved=40e6),
+            bench("memcpy_same_output_bytes", "limit", 1.0e-3, bytes_moved=64e6),
+        ],
+    }
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    markdown = report.render(report.load([path]))
+    assert "## dequantize 4096x4096 (side by side, one run)" in markdown
+    # 40 MB in 0.5 ms = 80 GB/s = 125 % of memcpy's 64 GB/s; bitsandbytes takes 12x as long
+    assert "| ext_out | lowrank | 0.500 | 0.500 | 80.0 GB/s | 125 % | 12.00× | – |" in markdown
+    assert "| bnb_cpu | competitor | 6.000 |" in markdown and "full size" in markdown
