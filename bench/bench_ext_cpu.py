@@ -6,7 +6,8 @@ Goals (4096 x 4096 bf16 weight, NF4, blocksize 64, double quantization):
      a ``copy_`` of the same number of output bytes, counted read + write). Two ext figures: ``ext`` returns
      a fresh tensor (like bitsandbytes, whose CPU backend has no ``out=``), ``ext_out`` writes a buffer the
      caller reuses (``lowrank.dequantize(w, out=buf)``); the memcpy also writes a reused buffer. A fresh
-     32 MiB output costs page faults that dominate on this VM (``fresh_alloc_fill``: allocate + fill);
+     32 MiB output costs page faults that dominate on this VM (``fresh_alloc_fill``: allocate + fill), so
+     the allocator's regime is fixed for every provider (see ``_keep_large_blocks_on_the_heap``);
   2. quantize with double quantization: >= 20x faster than ``bitsandbytes.functional.quantize_4bit``;
   3. LoRA linear on the NF4 weight, forward + backward, M = 512, r = 16, bf16 activations, fp32 adapters:
      >= 2x faster than PEFT on a bitsandbytes ``Linear4bit``, with peak memory no higher.
@@ -47,6 +48,27 @@ M, K, N, R = 512, 4096, 4096, 16
 BLOCKSIZE = 64
 SCALE = 2.0  # lora_alpha / r = 32 / 16
 ROUNDS = int(os.environ.get("LOWRANK_BENCH_ROUNDS", "7"))
+
+
+def _keep_large_blocks_on_the_heap() -> str:
+    """Every provider allocates its 32 MiB output; whether those pages are fresh depends on glibc's state:
+    a block above its mmap threshold is a new mapping whose pages fault in on first touch (~6 ms for 32 MiB
+    on this VM, more than any decode), and the threshold grows as earlier blocks are freed, so results
+    depended on test order. By default large blocks stay on the heap and are reused, already faulted: every
+    provider gets warm memory (the regime that favours bitsandbytes, which has no ``out=``).
+    LOWRANK_BENCH_WARM_HEAP=0 keeps glibc's default instead."""
+    if os.environ.get("LOWRANK_BENCH_WARM_HEAP", "1") == "0":
+        return "glibc default (fresh mappings above the mmap threshold)"
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 1 << 30) != 1 or libc.mallopt(m_trim_threshold, (1 << 31) - 1) != 1:
+        return "glibc default (mallopt refused)"
+    return "warm heap (large blocks reused, already faulted in)"
+
+
+MEMORY_REGIME = _keep_large_blocks_on_the_heap()
 if "LOWRANK_BENCH_THREADS" in os.environ:  # e.g. 1, with --benchmark-timer=time.process_time on a busy machine
     torch.set_num_threads(int(os.environ["LOWRANK_BENCH_THREADS"]))
 
@@ -86,6 +108,7 @@ def run(benchmark, fn, **extra):
         extra,
         provider=provider,
         role=ROLES.get(provider, "lowrank"),
+        memory_regime=MEMORY_REGIME,
         threads=torch.get_num_threads(),
         machine="2 CPU cores (AMD EPYC, AVX-512 BF16)",
     )
@@ -237,7 +260,12 @@ def test_lora_forward_backward(benchmark, provider):
 
 def peak_extra_mib(provider: str) -> float:
     """Peak memory above the set-up of one training step, measured in a fresh subprocess (MiB)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", LOWRANK_BENCH_THREADS=str(torch.get_num_threads()))
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        LOWRANK_BENCH_WARM_HEAP="0",
+        LOWRANK_BENCH_THREADS=str(torch.get_num_threads()),
+    )
     out = subprocess.run(
         [sys.executable, __file__, "peak", provider], env=env, capture_output=True, text=True, timeout=600, check=True
     )
