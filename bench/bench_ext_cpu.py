@@ -6,8 +6,8 @@ Goals (4096 x 4096 bf16 weight, NF4, blocksize 64, double quantization):
      a ``copy_`` of the same number of output bytes, counted read + write). Two ext figures: ``ext`` returns
      a fresh tensor (like bitsandbytes, whose CPU backend has no ``out=``), ``ext_out`` writes a buffer the
      caller reuses (``lowrank.dequantize(w, out=buf)``); the memcpy also writes a reused buffer. A fresh
-     32 MiB output costs page faults that dominate on this VM (``fresh_alloc_fill``: allocate + fill), so
-     the allocator's regime is fixed for every provider (see ``_keep_large_blocks_on_the_heap``);
+     32 MiB output can cost page faults that dominate on this VM, so the allocator's regime is fixed for
+     every provider (see ``_fix_allocator_regime``);
   2. quantize with double quantization: >= 20x faster than ``bitsandbytes.functional.quantize_4bit``;
   3. LoRA linear on the NF4 weight, forward + backward, M = 512, r = 16, bf16 activations, fp32 adapters:
      >= 2x faster than PEFT on a bitsandbytes ``Linear4bit``, with peak memory no higher.
@@ -50,25 +50,36 @@ SCALE = 2.0  # lora_alpha / r = 32 / 16
 ROUNDS = int(os.environ.get("LOWRANK_BENCH_ROUNDS", "7"))
 
 
-def _keep_large_blocks_on_the_heap() -> str:
-    """Every provider allocates its 32 MiB output; whether those pages are fresh depends on glibc's state:
-    a block above its mmap threshold is a new mapping whose pages fault in on first touch (~6 ms for 32 MiB
-    on this VM, more than any decode), and the threshold grows as earlier blocks are freed, so results
-    depended on test order. By default large blocks stay on the heap and are reused, already faulted: every
-    provider gets warm memory (the regime that favours bitsandbytes, which has no ``out=``).
-    LOWRANK_BENCH_WARM_HEAP=0 keeps glibc's default instead."""
-    if os.environ.get("LOWRANK_BENCH_WARM_HEAP", "1") == "0":
-        return "glibc default (fresh mappings above the mmap threshold)"
+def _fix_allocator_regime() -> str:
+    """Every provider allocates 32 MiB outputs; whether their pages are fresh depends on glibc: a block at or
+    above its mmap threshold is a new mapping whose pages fault in on first touch (~6 ms for 32 MiB on this
+    VM, more than any decode), a smaller one is reused from the heap, already faulted. The threshold grows
+    as blocks are freed, so results depended on test order. LOWRANK_BENCH_MALLOC fixes it:
+
+    * ``steady`` (default): the threshold at glibc's own maximum, 32 MiB, where a long-running process ends
+      up: blocks >= 32 MiB (a 4096x4096 bf16 weight, just) are fresh mappings, smaller ones are reused;
+    * ``warm``: every block reused from the heap -- the regime that favours bitsandbytes, which dequantizes
+      into a new tensor on every call;
+    * ``default``: glibc as it starts (order-dependent).
+    """
+    regime = os.environ.get("LOWRANK_BENCH_MALLOC", "steady")
+    thresholds = {"steady": 32 << 20, "warm": 1 << 30}
+    if regime == "default":
+        return "glibc default (order-dependent)"
+    if regime not in thresholds:
+        raise ValueError(f"LOWRANK_BENCH_MALLOC must be steady, warm or default, got {regime!r}")
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 1 << 30) != 1 or libc.mallopt(m_trim_threshold, (1 << 31) - 1) != 1:
-        return "glibc default (mallopt refused)"
-    return "warm heap (large blocks reused, already faulted in)"
+    if libc.mallopt(m_mmap_threshold, thresholds[regime]) != 1 or libc.mallopt(m_trim_threshold, 1 << 30) != 1:
+        raise RuntimeError("mallopt refused the allocator settings; run with LOWRANK_BENCH_MALLOC=default")
+    if regime == "steady":
+        return "steady (mmap threshold 32 MiB: blocks >= 32 MiB are fresh mappings)"
+    return "warm heap (every block reused, already faulted in)"
 
 
-MEMORY_REGIME = _keep_large_blocks_on_the_heap()
+MEMORY_REGIME = _fix_allocator_regime()
 if "LOWRANK_BENCH_THREADS" in os.environ:  # e.g. 1, with --benchmark-timer=time.process_time on a busy machine
     torch.set_num_threads(int(os.environ["LOWRANK_BENCH_THREADS"]))
 
@@ -83,9 +94,9 @@ def _bnb():
     return bitsandbytes
 
 
-def weight() -> torch.Tensor:
+def weight(n: int = N) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(N, K, generator=gen) * K**-0.5).to(torch.bfloat16)
+    return (torch.randn(n, K, generator=gen) * K**-0.5).to(torch.bfloat16)
 
 
 # What each provider is to the report (bench/report.py): the competitor every row is compared with, the
@@ -95,7 +106,6 @@ ROLES = {
     "peft_bnb": "competitor",
     "memcpy_same_output_bytes": "limit",
     "dense_bf16_floor": "floor",
-    "fresh_alloc_fill": "reference",
     "torch_ref": "reference",
     "lowrank_torch": "reference",
 }
@@ -124,7 +134,7 @@ DEQUANT_BYTES = N * K * (0.5 + 1 / BLOCKSIZE + 2)
 
 @pytest.mark.benchmark(group="dequantize 4096x4096 nf4+dq -> bf16")
 @pytest.mark.parametrize(
-    "provider", ["ext", "ext_out", "torch_ref", "bnb_cpu", "memcpy_same_output_bytes", "fresh_alloc_fill"]
+    "provider", ["ext", "ext_out", "torch_ref", "bnb_cpu", "memcpy_same_output_bytes"]
 )
 def test_dequantize(benchmark, provider):
     qw = lowrank.quantize(weight(), blocksize=BLOCKSIZE, backend="ext")
@@ -134,9 +144,6 @@ def test_dequantize(benchmark, provider):
     elif provider == "ext_out":
         buffer = torch.empty(N, K, dtype=torch.bfloat16)
         fn = lambda: lowrank.dequantize(qw, out=buffer, backend="ext")  # noqa: E731
-    elif provider == "fresh_alloc_fill":  # what a fresh output costs before any decode: allocate, touch
-        fn = lambda: torch.empty(N, K, dtype=torch.bfloat16).fill_(1.0)  # noqa: E731
-        return run(benchmark, fn, bytes_moved=2 * N * K)
     elif provider == "torch_ref":
         fn = lambda: implementation("dequantize_4bit", "torch")(*args)  # noqa: E731
     elif provider == "bnb_cpu":
@@ -179,14 +186,14 @@ def test_quantize_double_quant(benchmark, provider):
 # ---------------------------------------------------------------------------------------------------
 
 
-def lora_step(provider: str):
-    """A zero-argument training step (forward + backward) for ``provider``, after its set-up."""
+def lora_step(provider: str, n: int = N):
+    """A zero-argument training step (forward + backward) for ``provider`` on a (n, K) weight, after its set-up."""
     gen = torch.Generator().manual_seed(1)
-    w = weight()
+    w = weight(n)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16).requires_grad_(True)
-    dy = torch.randn(M, N, generator=gen).to(torch.bfloat16)
+    dy = torch.randn(M, n, generator=gen).to(torch.bfloat16)
     A = (torch.randn(R, K, generator=gen) * K**-0.5).requires_grad_(True)
-    B = (torch.randn(N, R, generator=gen) * 0.1).requires_grad_(True)
+    B = (torch.randn(n, R, generator=gen) * 0.1).requires_grad_(True)
     if provider == "peft_bnb":
         bnb = _bnb()
         try:
@@ -197,7 +204,7 @@ def lora_step(provider: str):
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+                self.lin = bnb.nn.Linear4bit(K, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
 
             def forward(self, inp):
                 return self.lin(inp)
@@ -258,16 +265,26 @@ def test_lora_forward_backward(benchmark, provider):
     run(benchmark, step, flops=3 * 2 * M * K * N, peak_extra_mib=peak_extra_mib(provider))
 
 
-def peak_extra_mib(provider: str) -> float:
+GATE_UP_N = 14336  # Llama-3-8B gate_proj / up_proj: a dequantized copy (112 MiB) is far above glibc's threshold
+
+
+@pytest.mark.benchmark(group="lora linear fwd+bwd M512 4096->14336 r16 bf16")
+@pytest.mark.parametrize("provider", ["lowrank_ext", "peft_bnb", "dense_bf16_floor"])
+def test_lora_forward_backward_gate_up(benchmark, provider):
+    step = lora_step(provider, GATE_UP_N)
+    run(benchmark, step, flops=3 * 2 * M * K * GATE_UP_N, peak_extra_mib=peak_extra_mib(provider, GATE_UP_N))
+
+
+def peak_extra_mib(provider: str, n: int = N) -> float:
     """Peak memory above the set-up of one training step, measured in a fresh subprocess (MiB)."""
     env = dict(
         os.environ,
         MALLOC_MMAP_THRESHOLD_="65536",
-        LOWRANK_BENCH_WARM_HEAP="0",
+        LOWRANK_BENCH_MALLOC="default",
         LOWRANK_BENCH_THREADS=str(torch.get_num_threads()),
     )
     out = subprocess.run(
-        [sys.executable, __file__, "peak", provider], env=env, capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, __file__, "peak", provider, str(n)], env=env, capture_output=True, text=True, timeout=600, check=True
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -280,8 +297,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure_peak(provider: str) -> None:
-    step = lora_step(provider)
+def _measure_peak(provider: str, n: int) -> None:
+    step = lora_step(provider, n)
     with open("/proc/self/clear_refs", "w") as refs:  # reset VmHWM to the current RSS
         refs.write("5")
     before = _rss_kib("VmRSS")
@@ -290,5 +307,5 @@ def _measure_peak(provider: str) -> None:
     print((_rss_kib("VmHWM") - before) / 1024)
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "peak":
-    _measure_peak(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "peak":
+    _measure_peak(sys.argv[2], int(sys.argv[3]))
