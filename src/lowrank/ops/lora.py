@@ -213,7 +213,7 @@ def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need
         # The backends' dx has no mask on the LoRA term: take the base part (scale 0) and add the masked term.
         base, _, _ = impl(dy, x, w, A, B, 0.0, xa, None, True, False, False)
         lora = (eff_scale * (dy.float() @ B.float())) @ A.float()
-        dx = base.float() + lora * mask
+        dx = lora.mul_(mask).add_(base)  # in place: the same bits as base.float() + lora * mask, two temporaries fewer
     return dx, dA, dB
 
 
