@@ -248,6 +248,7 @@ Nf4DeviceWeight make_device_weight(const at::Tensor& packed, const at::Tensor& a
                                    int64_t numel, int64_t blocksize, const std::string& quant_type,
                                    at::ScalarType nested_dtype, const at::Device& device) {
   check_quant_args(blocksize, quant_type);
+  const NestedKind kind = nested_kind(nested_dtype);  // checked for a plain absmax too, as the CPU kernels do
   check_on_device(packed, "packed", device);
   check_on_device(absmax, "absmax", device);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (numel + 1) / 2, "packed must be uint8 with ",
@@ -264,7 +265,6 @@ Nf4DeviceWeight make_device_weight(const at::Tensor& packed, const at::Tensor& a
   const float* code = quant_type == "nf4" ? kNF4Code : kFP4Code;
   std::copy(code, code + 16, w.code.value);
   if (absmax2.has_value()) {
-    const NestedKind kind = nested_kind(nested_dtype);
     check_on_device(*absmax2, "absmax2", device);
     check_on_device(*offset, "offset", device);
     TORCH_CHECK(absmax.scalar_type() == at::kByte && absmax.numel() == nb, "absmax (nested codes) must be uint8 with ",

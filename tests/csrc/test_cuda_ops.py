@@ -1,14 +1,19 @@
 """The CUDA kernels of the extension (csrc/cuda/) on a GPU: dequantization bit-exact against the torch
 references, the LoRA forward/backward within the tolerance policy against an fp64 reference, clear errors,
-opcheck. Needs a CUDA device, ``LOWRANK_TEST_GPU=1`` (``-m gpu``) and an extension built with the CUDA
-kernels (``LOWRANK_BUILD_CUDA=1``, or bench/gpu/build_ext_cuda.py); otherwise every test skips.
+opcheck, CUDA-graph capture. Needs a CUDA device, ``LOWRANK_TEST_GPU=1`` (``-m gpu``) and an extension built
+with the CUDA kernels (``LOWRANK_BUILD_CUDA=1``, or bench/gpu/build_ext_cuda.py); otherwise every test skips.
+
+With ``LOWRANK_TEST_CUDA_EMULATED=1`` the same tests run on the CPU against the CUDA sources built as host code
+(tests/csrc/test_cuda_emulated.py sets this up; the few tests about devices and streams skip there).
 
 References run on the CPU from the same inputs, so the comparison does not depend on torch's CUDA kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -17,19 +22,26 @@ from lowrank.kernels import nf4 as K
 import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
-from lowrank.ops.lora import lora_forward_torch
+from lowrank.ops.lora import lora_backward_torch, lora_forward_torch
 
 EXT = _ext.load()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        not _ext.cuda_kernels_built(),
-        reason=f"the extension has no CUDA kernels ({_ext.load_error() or 'built without LOWRANK_BUILD_CUDA=1'})",
-    ),
-]
+EMULATED = os.environ.get("LOWRANK_TEST_CUDA_EMULATED") == "1"
+if EMULATED:
+    # The kernels are registered for the CPU by the emulated build; every "CUDA" tensor lives on the CPU.
+    pytestmark = []
+    CUDA = torch.device("cpu")
+else:
+    pytestmark = [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        pytest.mark.skipif(
+            not _ext.cuda_kernels_built(),
+            reason=f"the extension has no CUDA kernels ({_ext.load_error() or 'built without LOWRANK_BUILD_CUDA=1'})",
+        ),
+    ]
+    CUDA = torch.device("cuda")
+needs_real_gpu = pytest.mark.skipif(EMULATED, reason="about devices or streams: not emulated")
 
-CUDA = torch.device("cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -85,7 +97,7 @@ def test_dequantize_bit_exact_plain_and_double_quantized(dtype, blocksize, quant
         ref = K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
         out = dequantize_op(packed.to(CUDA), absmax.to(CUDA), None, None, shape, dtype, blocksize, quant_type,
                             torch.float32)  # fmt: skip
-        assert out.device.type == "cuda"
+        assert out.device.type == CUDA.type
         assert_bit_equal(out, ref, f"plain {shape}")
         qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
         for nested_dtype in NESTED_DTYPES:
@@ -169,7 +181,7 @@ def test_dequantize_beyond_2_31_elements():
 def test_public_api_and_dispatch_use_the_cuda_kernels():
     w = sample((96, 80), seed=11).to(CUDA)
     qw = lowrank.quantize(w, blocksize=64, double_quant=True, backend="torch")
-    assert _dispatch.resolve("dequantize_4bit", "cuda", "ext") == "ext"
+    assert _dispatch.resolve("dequantize_4bit", CUDA.type, "ext") == "ext"
     for dtype in DTYPES:
         got = lowrank.dequantize(qw, dtype, backend="ext")
         want = lowrank.dequantize(qw.to("cpu"), dtype, backend="torch")
@@ -247,7 +259,7 @@ def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check_rule(name, out, ref64, low, dtype):
     """max|out - ref64| <= 2 max|low - ref64| + atol(dtype): as good as torch at the same precision."""
     assert out.dtype == low.dtype and tuple(out.shape) == tuple(ref64.shape), f"{name}: {out.dtype}{tuple(out.shape)}"
-    assert out.device.type == "cuda", f"{name} came back on {out.device}"
+    assert out.device.type == CUDA.type, f"{name} came back on {out.device}"
     bound = 2 * max_err(low, ref64) + ATOL[dtype]
     assert max_err(out, ref64) <= bound, f"{name}: error {max_err(out, ref64):.3g} > bound {bound:.3g}"
 
@@ -284,7 +296,7 @@ def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
     g_low = (dyg @ Bg) * scale
     dx_low, dA_low, dB_low = dyg @ w_low + g_low @ Ag, g_low.t() @ xl_g, (dyg * scale).t() @ xa_low
 
-    assert xa.dtype == torch.float32 and xa.device.type == "cuda"
+    assert xa.dtype == torch.float32 and xa.device.type == CUDA.type
     assert max_err(xa, xa64) <= 2 * max_err(xa_low, xa64) + ATOL[dtype]
     for name, out, ref, low in (
         ("y", y, y64, y_low),
@@ -326,9 +338,131 @@ def test_lora_partial_gradients_and_fp32_adapters_on_bf16():
                 assert_bit_equal(got, ref, "partial gradient")
 
 
+# (x dtype, A/B dtype), cycled over M: each accumulator bucket of the fused kernel sees fp32, fp16 and bf16 x,
+# with fp32 and low-precision adapters.
+DTYPE_PAIRS = [
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("M", range(1, 17))
+def test_lora_forward_every_fused_m(M):
+    """Every M the fused kernel takes: K = 528 (a full 512-column tile, then a 16-column one), N = 37 (not a
+    multiple of the 16 rows per CTA), rank 64 on even M and 8 on odd M, bias on odd M, x_lora on every third M.
+    The rule against fp64, with lowrank's torch backend on the same device as the same-precision result."""
+    K, N, r, scale = 528, 37, 64 if M % 2 == 0 else 8, 1.5
+    dtype, lora_dtype = DTYPE_PAIRS[M % 4]
+    x, w, A, B, bias, x_lora, _ = lora_problem(M, K, N, r, dtype, lora_dtype, seed=100 + M)
+    bias = bias if M % 2 == 1 else None
+    x_lora = x_lora if M % 3 == 0 else None
+    weight, w32 = make_weight(WEIGHTS[M % 3], w)  # the 4-bit kinds only: a dense weight never takes the kernel
+    xg, Ag, Bg, biasg, x_lorag = (None if t is None else t.to(CUDA) for t in (x, A, B, bias, x_lora))
+
+    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, x_lorag)
+    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, x_lorag)
+
+    xa64 = (x if x_lora is None else x_lora).double() @ A.double().t()
+    y64 = x.double() @ w32.double().t() + scale * xa64 @ B.double().t() + (0 if bias is None else bias.double())
+    check_rule("y", y, y64, y_torch, dtype)
+    check_rule("xa", xa, xa64, xa_torch, torch.float32)
+
+
+def packed_at_offset(weight: lowrank.NF4Weight, offset: int) -> lowrank.NF4Weight:
+    """The same weight with its packed bytes in a view starting `offset` bytes into a fresh allocation."""
+    storage = torch.zeros(weight.packed.numel() + 16, dtype=torch.uint8, device=weight.packed.device)
+    view = storage[offset : offset + weight.packed.numel()].view(weight.packed.shape)
+    view.copy_(weight.packed)
+    return dataclasses.replace(weight, packed=view)
+
+
+@pytest.mark.parametrize("M", [3, 40], ids=["fused", "dequant_mm"])
+def test_lora_strided_inputs_and_packed_views(M):
+    """Non-contiguous x, A, B, bias, x_lora and dy, and a packed weight that is a view at byte offset 8 (8- but not
+    16-byte aligned: the fused kernel's 64-bit loads still apply) or 4 (not 8-byte aligned: dequantize + mm).
+    Offsets 0 and 8 give the same bits; every result passes the rule against fp64."""
+    K, N, r, scale, dtype = 96, 50, 8, 2.0, torch.bfloat16
+    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, torch.float32, seed=7)
+    weight, w32 = make_weight("nf4-dq-64", w)
+
+    def strided(t: torch.Tensor) -> torch.Tensor:
+        """The same values on the device in a non-contiguous layout (column-major, or every other element)."""
+        t = t.to(CUDA)
+        strided_t = t.t().contiguous().t() if t.dim() == 2 else torch.stack([t, t], dim=1)[:, 0]
+        assert not strided_t.is_contiguous() and torch.equal(strided_t, t)
+        return strided_t
+
+    xs, As, Bs, biass, x_loras, dys = (strided(t) for t in (x, A, B, bias, x_lora, dy))
+    xg, Ag, Bg, biasg, x_lorag, dyg = (t.to(CUDA) for t in (x, A, B, bias, x_lora, dy))
+    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, x_lorag)
+    grads_torch = lora_backward_torch(dyg, xg, weight, Ag, Bg, scale, xa_torch, x_lorag)
+
+    x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, x_lora, A, B, dy, w32))
+    xa64 = xl64 @ A64.t()
+    y64 = x64 @ w64.t() + scale * xa64 @ B64.t() + bias.double()
+    g64 = scale * dy64 @ B64
+    grads64 = (dy64 @ w64 + g64 @ A64, g64.t() @ xl64, scale * dy64.t() @ xa64)
+
+    results = {}
+    for offset in (0, 8, 4):
+        view = packed_at_offset(weight, offset)
+        y, xa = EXT.lora_forward(xs, view, As, Bs, scale, biass, x_loras)
+        grads = EXT.lora_backward(dys, xs, view, As, Bs, scale, xa, x_loras)
+        check_rule(f"y (packed at +{offset})", y, y64, y_torch, dtype)
+        for name, got, ref, low in zip(("dx", "dA", "dB"), grads, grads64, grads_torch, strict=True):
+            check_rule(f"{name} (packed at +{offset})", got, ref, low, dtype)
+        results[offset] = (y, xa, *grads)
+    for got, want in zip(results[8], results[0], strict=True):
+        assert_bit_equal(got, want, "packed at byte offset 8 vs 0")
+
+
+@needs_real_gpu
+def test_ops_run_on_the_current_stream_and_capture_in_a_cuda_graph():
+    """Every launch goes to the current stream with no host synchronisation: the ops capture in a CUDA graph (a
+    launch on another stream, or a sync, makes the capture fail) and a replay reproduces the eager results."""
+    x, w, A, B, bias, x_lora, dy = lora_problem(40, 96, 50, 8, torch.bfloat16, torch.float32, seed=9)
+    weight, _ = make_weight("nf4-dq-64", w)
+    x, A, B, bias, x_lora, dy = (t.to(CUDA) for t in (x, A, B, bias, x_lora, dy))
+    quant = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset)
+    weight_args = (*quant, 64, "nf4", torch.float32)
+    ops = torch.ops.lowrank_ext
+
+    def run() -> dict[str, torch.Tensor]:
+        out = torch.empty(50, 96, dtype=torch.float16, device=CUDA)
+        ops.dequantize_4bit_out(*weight_args, out)
+        y_fused, xa_fused = ops.lora_forward(x[:3], *weight_args, A, B, 2.0, bias, x_lora[:3])
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
+        dx, dA, dB = ops.lora_backward(dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True)
+        return {
+            "dequantize_4bit": ops.dequantize_4bit(*quant, [50, 96], torch.bfloat16, 64, "nf4", torch.float32),
+            "dequantize_4bit_out": out,
+            "double_dequantize": ops.double_dequantize(*quant[1:], torch.bfloat16),
+            "y fused": y_fused, "xa fused": xa_fused, "y": y, "xa": xa, "dx": dx, "dA": dA, "dB": dB,
+        }  # fmt: skip
+
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS handles and workspaces)
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, want in eager.items():
+        if name.startswith("dequantize") or name == "double_dequantize":
+            assert_bit_equal(captured[name], want, f"{name} replayed")
+        else:  # cuBLAS may pick another algorithm inside a capture
+            torch.testing.assert_close(captured[name], want, msg=f"{name} replayed")
+
+
 def test_lora_dispatch_picks_ext_when_asked():
-    assert _dispatch.resolve("lora_forward", "cuda", "ext") == "ext"
-    assert _dispatch.resolve("lora_backward", "cuda", "ext") == "ext"
+    assert _dispatch.resolve("lora_forward", CUDA.type, "ext") == "ext"
+    assert _dispatch.resolve("lora_backward", CUDA.type, "ext") == "ext"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,8 +474,6 @@ def test_bad_inputs_raise_clear_errors():
     packed, absmax = K.quantize_4bit_ref(sample((4, 64), seed=3), 64, "nf4")
     packed_g, absmax_g = packed.to(CUDA), absmax.to(CUDA)
     ops = torch.ops.lowrank_ext
-    with pytest.raises(RuntimeError, match="absmax must be a CUDA tensor .* got cpu"):
-        ops.dequantize_4bit(packed_g, absmax, None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="blocksize must be one of .* got 48"):
         ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.float32, 48, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="quant_type must be 'nf4' or 'fp4', got 'int4'"):
@@ -354,6 +486,8 @@ def test_bad_inputs_raise_clear_errors():
         ops.dequantize_4bit(packed_g, absmax_g[:3], None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="absmax2 and offset must be given together"):
         ops.dequantize_4bit(packed_g, absmax_g, absmax_g, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
+    with pytest.raises(RuntimeError, match="nested_dtype must be float32, float16 or bfloat16, got Int"):
+        ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.float32, 64, "nf4", torch.int32)
     with pytest.raises(RuntimeError, match="out must be contiguous"):
         out = torch.empty(64, 4, device=CUDA).t()
         ops.dequantize_4bit_out(packed_g, absmax_g, None, None, 64, "nf4", torch.float32, out)
@@ -363,8 +497,6 @@ def test_bad_inputs_raise_clear_errors():
 
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     x, w, A, B = (t.to(CUDA) for t in (x, w, A, B))
-    with pytest.raises(RuntimeError, match="A must be a CUDA tensor for the ext CUDA kernels, got cpu"):
-        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A.cpu(), B, 1.0, None, None)
     with pytest.raises(RuntimeError, match="A must have shape"):
         ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got Double"):
@@ -374,6 +506,18 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="xa must be float32 of shape"):
         ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], None,
                           True, True, True)  # fmt: skip
+
+
+@needs_real_gpu
+def test_cpu_tensors_are_rejected_by_name():
+    packed, absmax = K.quantize_4bit_ref(sample((4, 64), seed=3), 64, "nf4")
+    ops = torch.ops.lowrank_ext
+    with pytest.raises(RuntimeError, match="absmax must be a CUDA tensor .* got cpu"):
+        ops.dequantize_4bit(packed.to(CUDA), absmax, None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
+    x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
+    with pytest.raises(RuntimeError, match="A must be a CUDA tensor for the ext CUDA kernels, got cpu"):
+        ops.lora_forward(x.to(CUDA), w.to(CUDA), None, None, None, 64, "nf4", torch.float32, A, B.to(CUDA), 1.0, None,
+                         None)  # fmt: skip
 
 
 def test_opcheck_cuda_ops():
