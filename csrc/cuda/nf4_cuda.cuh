@@ -3,7 +3,9 @@
 // Numerics are those of csrc/nf4_cpu.h and kernels/nf4.py: a double-quantized block constant is
 // fp32(dyn[q] * absmax2) + offset with two roundings -- written with __fmul_rn / __fadd_rn, which the
 // compiler never contracts into an FMA, so the build does not need --fmad=false -- and a bf16/fp16
-// nested state rounds the product and the sum to that dtype: T(T(p) + T(offset)).
+// nested state rounds the product and the sum to that dtype: T(T(p) + T(offset)). Subnormal constants and
+// products must survive: never build with -ftz=true or --use_fast_math (nvcc 13 defines no macro to check;
+// test_ties_subnormal_and_zero_blocks in tests/csrc/test_cuda_ops.py fails if they are flushed).
 #pragma once
 
 #include <ATen/ATen.h>
