@@ -23,6 +23,9 @@ import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
 from lowrank.ops.lora import lora_backward_torch, lora_forward_torch
+from lora_cases import ATOL, WEIGHTS, lora_problem, max_err
+from lora_cases import check_rule as shared_check_rule
+from lora_cases import make_weight as shared_make_weight
 
 EXT = _ext.load()
 EMULATED = os.environ.get("LOWRANK_TEST_CUDA_EMULATED") == "1"
@@ -44,7 +47,6 @@ needs_real_gpu = pytest.mark.skipif(EMULATED, reason="about devices or streams: 
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -205,63 +207,17 @@ LORA_SHAPES = [
     (5, 33, 20, 4),
     (2, 100, 24, 4),
 ]
-WEIGHTS = ["nf4-dq-64", "fp4-128", "nf4-dq-bf16-nested", "dense"]
 
 
 def make_weight(kind: str, w: torch.Tensor):
-    """(weight argument on the GPU, its exact value in fp32 on the CPU)."""
-    if kind == "dense":
-        return w.to(CUDA), w.float()
-    quant_type, *flags, blocksize = kind.split("-")
-    qw = lowrank.quantize(
-        w,
-        blocksize=64 if blocksize == "nested" else int(blocksize),
-        double_quant="dq" in flags,
-        quant_type=quant_type,
-        backend="torch",
-    )
-    if blocksize == "nested":  # a transformers-written state: constants reconstructed in bf16
-        qw = lowrank.NF4Weight(
-            qw.packed,
-            qw.absmax,
-            qw.shape,
-            qw.dtype,
-            qw.blocksize,
-            qw.quant_type,
-            qw.nested_absmax,
-            qw.nested_offset,
-            nested_dtype=torch.bfloat16,
-        )
-    return qw.to(CUDA), lowrank.dequantize(qw, torch.float32, backend="torch")
-
-
-def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
-    """CPU tensors: x, the dense weight to quantize, A, B, bias, a dropped-out x_lora, dy."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * std).to(dt)
-
-    x = randn(M, K)
-    w = randn(N, K, std=K**-0.5)
-    A = randn(r, K, std=K**-0.5, dt=lora_dtype)
-    B = randn(N, r, std=0.5, dt=lora_dtype)
-    bias = randn(N, std=0.1)
-    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)
-    dy = randn(M, N)
-    return x, w, A, B, bias, x_lora, dy
-
-
-def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (out.detach().cpu().double() - ref.double()).abs().max().item()
+    """(weight argument on the (emulated) GPU, its exact value in fp32 on the CPU)."""
+    return shared_make_weight(kind, w, CUDA)
 
 
 def check_rule(name, out, ref64, low, dtype):
-    """max|out - ref64| <= 2 max|low - ref64| + atol(dtype): as good as torch at the same precision."""
-    assert out.dtype == low.dtype and tuple(out.shape) == tuple(ref64.shape), f"{name}: {out.dtype}{tuple(out.shape)}"
+    """The tolerance rule of tests/README.md, and the result must come back on the (emulated) GPU."""
     assert out.device.type == CUDA.type, f"{name} came back on {out.device}"
-    bound = 2 * max_err(low, ref64) + ATOL[dtype]
-    assert max_err(out, ref64) <= bound, f"{name}: error {max_err(out, ref64):.3g} > bound {bound:.3g}"
+    shared_check_rule(name, out, ref64, low, dtype)
 
 
 @pytest.mark.parametrize("weight_kind", WEIGHTS)

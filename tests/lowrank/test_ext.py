@@ -20,12 +20,12 @@ from lowrank.kernels import nf4 as K
 import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
+from lora_cases import ATOL, WEIGHTS, check_rule, lora_problem, make_weight, max_err
 
 EXT = _ext.load()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"C++ extension unavailable: {_ext.load_error()}")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -283,61 +283,6 @@ def test_disable_switch_is_honoured_and_library_still_works():
 # panel; test_lora_with_tiny_panels_and_chunks reruns them with panels of 64 rows / slabs of 64 columns
 # and row chunks of a few rows, so panels start in the middle of a quantization block.
 LORA_SHAPES = [(1, 64, 96, 4), (3, 300, 130, 8), (67, 256, 300, 16), (300, 72, 40, 4)]
-WEIGHTS = ["nf4-dq-64", "fp4-128", "nf4-dq-bf16-nested", "dense"]
-
-
-def make_weight(kind: str, w: torch.Tensor):
-    """(weight argument, its exact fp32 value)."""
-    if kind == "dense":
-        return w, w.float()
-    quant_type, *flags, blocksize = kind.split("-")
-    qw = lowrank.quantize(
-        w,
-        blocksize=64 if blocksize == "nested" else int(blocksize),
-        double_quant="dq" in flags,
-        quant_type=quant_type,
-        backend="torch",
-    )
-    if blocksize == "nested":  # a transformers-written state: constants reconstructed in bf16
-        qw = lowrank.NF4Weight(
-            qw.packed,
-            qw.absmax,
-            qw.shape,
-            qw.dtype,
-            qw.blocksize,
-            qw.quant_type,
-            qw.nested_absmax,
-            qw.nested_offset,
-            nested_dtype=torch.bfloat16,
-        )
-    return qw, lowrank.dequantize(qw, torch.float32, backend="torch")
-
-
-def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * std).to(dt)
-
-    x = randn(M, K)
-    w = randn(N, K, std=K**-0.5)
-    A = randn(r, K, std=K**-0.5, dt=lora_dtype)
-    B = randn(N, r, std=0.5, dt=lora_dtype)
-    bias = randn(N, std=0.1)
-    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)  # a dropped-out LoRA input
-    dy = randn(M, N)
-    return x, w, A, B, bias, x_lora, dy
-
-
-def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (out.float() - ref.float()).abs().max().item()
-
-
-def check_rule(name, out, ref32, low, dtype):
-    """max|out - ref32| <= 2 max|low - ref32| + atol(dtype): as good as torch at the same precision."""
-    assert out.dtype == low.dtype and out.shape == ref32.shape, f"{name}: {out.dtype}{tuple(out.shape)}"
-    bound = 2 * max_err(low, ref32) + ATOL[dtype]
-    assert max_err(out, ref32) <= bound, f"{name}: error {max_err(out, ref32):.3g} > bound {bound:.3g}"
 
 
 @needs_ext
@@ -416,8 +361,8 @@ def test_lora_concurrent_calls_from_threads_match_sequential_ones():
     """Each calling thread has its own scratch buffers: concurrent calls of different shapes give the
     bits of sequential ones."""
     problems = []
-    for seed, (M, K, N, r) in enumerate([(33, 200, 150, 4), (5, 96, 300, 8), (70, 320, 64, 16)] * 2):
-        x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=seed)
+    for seed, (m, k, n, r) in enumerate([(33, 200, 150, 4), (5, 96, 300, 8), (70, 320, 64, 16)] * 2):
+        x, w, A, B, bias, x_lora, dy = lora_problem(m, k, n, r, torch.bfloat16, torch.float32, seed=seed)
         problems.append((x, make_weight("nf4-dq-64", w)[0], A, B, bias, dy))
 
     def step(problem):
