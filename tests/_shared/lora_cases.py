@@ -66,3 +66,18 @@ def check_rule(name, out, ref, low, dtype):
     assert out.dtype == low.dtype and tuple(out.shape) == tuple(ref.shape), f"{name}: {out.dtype}{tuple(out.shape)}"
     bound = 2 * max_err(low, ref) + ATOL[dtype]
     assert max_err(out, ref) <= bound, f"{name}: error {max_err(out, ref):.3g} > bound {bound:.3g}"
+
+
+def check_partial_gradients(ext, x, weight, A, B, bias, dy, assert_bit_equal) -> None:
+    """bf16 x with fp32 adapters: output dtypes, and every subset of (dx, dA, dB) asked of the extension's
+    backward gives the bits of the full backward (``assert_bit_equal(got, ref, what)``)."""
+    y, xa = ext.lora_forward(x, weight, A, B, 0.5, bias, None)
+    assert y.dtype == torch.bfloat16 and tuple(y.shape) == (x.shape[0], B.shape[0]) and xa.dtype == torch.float32
+    full = ext.lora_backward(dy, x, weight, A, B, 0.5, xa)
+    assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
+    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        part = ext.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
+        for wanted, got, ref in zip(need, part, full, strict=True):
+            assert (got is None) != wanted
+            if wanted:
+                assert_bit_equal(got, ref, "partial gradient")

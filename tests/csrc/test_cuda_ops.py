@@ -23,7 +23,7 @@ import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
 from lowrank.ops.lora import lora_backward_torch, lora_forward_torch
-from lora_cases import ATOL, WEIGHTS, lora_problem, max_err
+from lora_cases import ATOL, WEIGHTS, check_partial_gradients, lora_problem, max_err
 from lora_cases import check_rule as shared_check_rule
 from lora_cases import make_weight as shared_make_weight
 
@@ -282,16 +282,7 @@ def test_lora_partial_gradients_and_fp32_adapters_on_bf16():
     x, w, A, B, bias, _, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
     x, A, B, bias, dy = (t.to(CUDA) for t in (x, A, B, bias, dy))
     weight, _ = make_weight("nf4-dq-64", w)
-    y, xa = EXT.lora_forward(x, weight, A, B, 0.5, bias, None)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N) and xa.dtype == torch.float32
-    full = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa)
-    assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
-    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
-        part = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
-        for wanted, got, ref in zip(need, part, full, strict=True):
-            assert (got is None) != wanted
-            if wanted:
-                assert_bit_equal(got, ref, "partial gradient")
+    check_partial_gradients(EXT, x, weight, A, B, bias, dy, assert_bit_equal)
 
 
 # (x dtype, A/B dtype), cycled over M: each accumulator bucket of the fused kernel sees fp32, fp16 and bf16 x,

@@ -20,7 +20,7 @@ from lowrank.kernels import nf4 as K
 import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
-from lora_cases import ATOL, WEIGHTS, check_rule, lora_problem, make_weight, max_err
+from lora_cases import ATOL, WEIGHTS, check_partial_gradients, check_rule, lora_problem, make_weight, max_err
 
 EXT = _ext.load()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"C++ extension unavailable: {_ext.load_error()}")
@@ -330,16 +330,7 @@ def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
     M, K, N, r = 5, 128, 200, 8
     x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
     weight, _ = make_weight("nf4-dq-64", w)
-    y, xa = EXT.lora_forward(x, weight, A, B, 0.5, bias, None)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N) and xa.dtype == torch.float32
-    full = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa)
-    assert [t.dtype for t in full] == [torch.bfloat16, torch.float32, torch.float32]
-    for need in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
-        part = EXT.lora_backward(dy, x, weight, A, B, 0.5, xa, None, *need)
-        for wanted, got, ref in zip(need, part, full, strict=True):
-            assert (got is None) != wanted
-            if wanted:
-                assert_bit_equal(got, ref, "partial gradient")
+    check_partial_gradients(EXT, x, weight, A, B, bias, dy, assert_bit_equal)
 
 
 @needs_ext
