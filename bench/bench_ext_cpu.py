@@ -133,9 +133,7 @@ DEQUANT_BYTES = N * K * (0.5 + 1 / BLOCKSIZE + 2)
 
 
 @pytest.mark.benchmark(group="dequantize 4096x4096 nf4+dq -> bf16")
-@pytest.mark.parametrize(
-    "provider", ["ext", "ext_out", "torch_ref", "bnb_cpu", "memcpy_same_output_bytes"]
-)
+@pytest.mark.parametrize("provider", ["ext", "ext_out", "torch_ref", "bnb_cpu", "memcpy_same_output_bytes"])
 def test_dequantize(benchmark, provider):
     qw = lowrank.quantize(weight(), blocksize=BLOCKSIZE, backend="ext")
     args = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, (N, K), torch.bfloat16, BLOCKSIZE, "nf4")
@@ -284,7 +282,12 @@ def peak_extra_mib(provider: str, n: int = N) -> float:
         LOWRANK_BENCH_THREADS=str(torch.get_num_threads()),
     )
     out = subprocess.run(
-        [sys.executable, __file__, "peak", provider, str(n)], env=env, capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, __file__, "peak", provider, str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -52,7 +52,6 @@ import numbers
 import os
 
 import torch
-
 from lowrank.kernels import nf4 as _nf4
 
 try:
@@ -164,11 +163,14 @@ if HAS_TRITON:
         table_ptr,  # fp32 [16] code values
         offs_t,  # int64 [BLOCK_T] reduction-axis indices
         offs_c,  # int64 [BLOCK_C] output-column indices
-        T, C,
+        T,
+        C,
         stride_w_t,  # element stride of W along t (for 4-bit: the logical row-major stride)
         stride_w_c,
         COMPUTE_DTYPE: tl.constexpr,  # the decoded value is rounded to this dtype (= dequantize_4bit's)
-        W_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        W_QUANT: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
         NESTED_KIND: tl.constexpr,  # see nf4._block_constant
         ROUND_BY_BITS: tl.constexpr,
     ):
@@ -179,7 +181,13 @@ if HAS_TRITON:
             # element 2i sits in the high nibble of byte i
             code = (byte >> ((1 - (element & 1)) * 4).to(tl.int32)) & 0xF
             constant = _nf4._block_constant(
-                element // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT,
+                element // BLOCKSIZE,
+                mask,
+                absmax_ptr,
+                absmax2_ptr,
+                offset_ptr,
+                dynamic_map_ptr,
+                DOUBLE_QUANT,
                 NESTED_KIND,
             )
             value = tl.where(mask, tl.load(table_ptr + code) * constant, 0.0)
@@ -190,14 +198,21 @@ if HAS_TRITON:
     @triton.jit
     def _lora_load_4bit_rows(
         packed_ptr,  # uint8 packed codes of the flattened (N, K) weight
-        absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        dynamic_map_ptr,
+        table_ptr,
         offs_n,  # int64 [ROWS] weight rows
         k0,  # first column; a multiple of DECODE_SUB
         N,
         K,  # a multiple of BLOCKSIZE (so K is even and no run of DECODE_SUB columns crosses a block)
-        ROWS: tl.constexpr, COLS: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
         DECODE_SUB: tl.constexpr,  # min(BLOCKSIZE, COLS): columns sharing one block constant
-        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_KIND: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        NESTED_KIND: tl.constexpr,
     ):
         # [ROWS, COLS] fp32 tile W[n, k0:k0+COLS]: contiguous byte loads, one block constant per
         # DECODE_SUB columns, hi/lo nibbles interleaved back into element order (as nf4's dequant kernel).
@@ -213,7 +228,12 @@ if HAS_TRITON:
         constant = _nf4._block_constant(
             (offs_n[:, None] * K + k0) // BLOCKSIZE + sub[None, :],
             row_ok & ((k0 + sub * DECODE_SUB)[None, :] < K),
-            absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, DOUBLE_QUANT, NESTED_KIND,
+            absmax_ptr,
+            absmax2_ptr,
+            offset_ptr,
+            dynamic_map_ptr,
+            DOUBLE_QUANT,
+            NESTED_KIND,
         )
         hi = tl.reshape(tl.load(table_ptr + (byte >> 4)), (ROWS, NB, DECODE_SUB // 2)) * constant[:, :, None]
         lo = tl.reshape(tl.load(table_ptr + (byte & 0xF)), (ROWS, NB, DECODE_SUB // 2)) * constant[:, :, None]
@@ -225,24 +245,52 @@ if HAS_TRITON:
         in_ptr,  # [M, T]: x (forward) or dy (dX)
         lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
         w_ptr,  # dense W or packed 4-bit codes
-        absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        offset_ptr,
+        dynamic_map_ptr,
+        table_ptr,
         p_ptr,  # [T, R] shrink factor (Aᵀ forward, B for dX)
         q_ptr,  # [R, C] expand factor (Bᵀ forward, A for dX)
         low_ptr,  # fp32 [M, R]: written when FUSE_LOW (xa or dS), else read
         bias_ptr,  # [C] (HAS_BIAS)
         out_ptr,  # [M, C]
-        M, C, T, R,
+        M,
+        C,
+        T,
+        R,
         scale,  # fp32 low-rank scale s
-        stride_in_m, stride_in_t, stride_lin_m, stride_lin_t, stride_w_t, stride_w_c, stride_p_t, stride_p_r,
-        stride_q_r, stride_q_c, stride_low_m, stride_low_r, stride_out_m, stride_out_c,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+        stride_in_m,
+        stride_in_t,
+        stride_lin_m,
+        stride_lin_t,
+        stride_w_t,
+        stride_w_c,
+        stride_p_t,
+        stride_p_r,
+        stride_q_r,
+        stride_q_c,
+        stride_low_m,
+        stride_low_r,
+        stride_out_m,
+        stride_out_c,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_T: tl.constexpr,
         BLOCK_R: tl.constexpr,  # >= R when FUSE_LOW, else the chunk of R per epilogue step
         GROUP_M: tl.constexpr,  # row tiles per L2-friendly group
-        W_QUANT: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, FUSE_LOW: tl.constexpr,
-        SEPARATE_LORA_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, NESTED_KIND: tl.constexpr,
+        W_QUANT: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        FUSE_LOW: tl.constexpr,
+        SEPARATE_LORA_INPUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        NESTED_KIND: tl.constexpr,
         FAST_DECODE: tl.constexpr,  # 4-bit W with K % BLOCKSIZE == 0: _lora_load_4bit_rows
         T_IS_K: tl.constexpr,  # forward (t = k, c = n); else dX (t = n, c = k)
-        DECODE_SUB: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+        DECODE_SUB: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,  # interpreter: round to bf16 on the bits (its cast truncates)
     ):
         compute_dtype = in_ptr.dtype.element_ty
@@ -273,20 +321,64 @@ if HAS_TRITON:
                 if T_IS_K:
                     w = tl.trans(
                         _lora_load_4bit_rows(
-                            w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_c, t0, C, T,
-                            BLOCK_C, BLOCK_T, DECODE_SUB, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND,
+                            w_ptr,
+                            absmax_ptr,
+                            absmax2_ptr,
+                            offset_ptr,
+                            dynamic_map_ptr,
+                            table_ptr,
+                            offs_c,
+                            t0,
+                            C,
+                            T,
+                            BLOCK_C,
+                            BLOCK_T,
+                            DECODE_SUB,
+                            BLOCKSIZE,
+                            DOUBLE_QUANT,
+                            NESTED_KIND,
                         )
                     )
                 else:
                     w = _lora_load_4bit_rows(
-                        w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t,
-                        pid_c * BLOCK_C, T, C, BLOCK_T, BLOCK_C, DECODE_SUB, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND,
+                        w_ptr,
+                        absmax_ptr,
+                        absmax2_ptr,
+                        offset_ptr,
+                        dynamic_map_ptr,
+                        table_ptr,
+                        offs_t,
+                        pid_c * BLOCK_C,
+                        T,
+                        C,
+                        BLOCK_T,
+                        BLOCK_C,
+                        DECODE_SUB,
+                        BLOCKSIZE,
+                        DOUBLE_QUANT,
+                        NESTED_KIND,
                     )
                 w = _lora_round(w, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
             else:
                 w = _lora_load_weight_tile(
-                    w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, table_ptr, offs_t, offs_c, T, C,
-                    stride_w_t, stride_w_c, compute_dtype, W_QUANT, BLOCKSIZE, DOUBLE_QUANT, NESTED_KIND, ROUND_BY_BITS,
+                    w_ptr,
+                    absmax_ptr,
+                    absmax2_ptr,
+                    offset_ptr,
+                    dynamic_map_ptr,
+                    table_ptr,
+                    offs_t,
+                    offs_c,
+                    T,
+                    C,
+                    stride_w_t,
+                    stride_w_c,
+                    compute_dtype,
+                    W_QUANT,
+                    BLOCKSIZE,
+                    DOUBLE_QUANT,
+                    NESTED_KIND,
+                    ROUND_BY_BITS,
                 ).to(DOT_DTYPE)
             acc = _lora_mma(a, w, acc, DOT_FP32)
             if FUSE_LOW:
@@ -343,11 +435,23 @@ if HAS_TRITON:
         lin_ptr,  # [M, T] (x.dtype)
         p_ptr,  # [T, R]
         low_ptr,  # fp32 [SPLIT, M, R] partial sums over T chunks (SPLIT = grid axis 2)
-        M, T, R,
+        M,
+        T,
+        R,
         t_per_split,  # a multiple of BLOCK_T
-        stride_lin_m, stride_lin_t, stride_p_t, stride_p_r, stride_low_split, stride_low_m, stride_low_r,
-        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
+        stride_lin_m,
+        stride_lin_t,
+        stride_p_t,
+        stride_p_r,
+        stride_low_split,
+        stride_low_m,
+        stride_low_r,
+        BLOCK_M: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROUND_BY_BITS: tl.constexpr,
     ):
         compute_dtype = lin_ptr.dtype.element_ty
         offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -369,7 +473,10 @@ if HAS_TRITON:
             )
             acc = _lora_mma(a, _lora_round(p, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE), acc, DOT_FP32)
         tl.store(
-            low_ptr + tl.program_id(2) * stride_low_split + offs_m[:, None] * stride_low_m + offs_r[None, :] * stride_low_r,
+            low_ptr
+            + tl.program_id(2) * stride_low_split
+            + offs_m[:, None] * stride_low_m
+            + offs_r[None, :] * stride_low_r,
             acc,
             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
         )
@@ -379,12 +486,25 @@ if HAS_TRITON:
         u_ptr,  # [M, P]
         v_ptr,  # [M, Q]
         out_ptr,  # [SPLIT, P, Q] fp32 partials, or [P, Q] in the gradient's dtype when SPLIT == 1
-        M, P, Q,
+        M,
+        P,
+        Q,
         rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
-        scale, stride_u_m, stride_u_p, stride_v_m, stride_v_q, stride_out_split, stride_out_p, stride_out_q,
+        scale,
+        stride_u_m,
+        stride_u_p,
+        stride_v_m,
+        stride_v_q,
+        stride_out_split,
+        stride_out_p,
+        stride_out_q,
         COMPUTE_DTYPE: tl.constexpr,  # both operands are rounded to this dtype (fp32: no rounding)
-        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_FP32: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        ROUND_BY_BITS: tl.constexpr,
     ):
         # out[p, q] = s · Σ_m u[m, p] · v[m, q]: dB = s·dyᵀ·xa and dA = s·dSᵀ·x_lora.
         offs_p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -465,7 +585,9 @@ def _weight_shape(weight) -> tuple[int, int]:
         return tuple(weight.shape)
     missing = [f for f in _WEIGHT_FIELDS if not hasattr(weight, f)]
     if missing:
-        raise TypeError(f"weight must be a dense tensor or have NF4Weight's fields; {type(weight).__name__} lacks {missing}")
+        raise TypeError(
+            f"weight must be a dense tensor or have NF4Weight's fields; {type(weight).__name__} lacks {missing}"
+        )
     shape = tuple(weight.shape)
     if len(shape) != 2:
         raise ValueError(f"a 4-bit weight must have a 2-D shape (N, K), got {shape}")
@@ -481,7 +603,9 @@ def _weight_shape(weight) -> tuple[int, int]:
     double_quant = weight.nested_absmax is not None
     want = torch.uint8 if double_quant else torch.float32
     if weight.absmax.dtype != want or weight.absmax.numel() != nb:
-        raise ValueError(f"absmax must be {want} with {nb} entries, got {weight.absmax.dtype} with {weight.absmax.numel()}")
+        raise ValueError(
+            f"absmax must be {want} with {nb} entries, got {weight.absmax.dtype} with {weight.absmax.numel()}"
+        )
     if double_quant and (weight.nested_offset is None or weight.nested_offset.numel() != 1):
         raise ValueError("a double-quantized weight needs a one-element nested_offset")
     return shape
@@ -496,7 +620,9 @@ def _check_device(device: torch.device) -> None:
         raise RuntimeError("the lora_matmul kernels need triton, which is not installed")
     if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
         return
-    raise RuntimeError(f"the lora_matmul kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
+    raise RuntimeError(
+        f"the lora_matmul kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+    )
 
 
 def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
@@ -609,8 +735,20 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
     grid = (triton.cdiv(M, block_m), triton.cdiv(r, block_r), split)
     with _nf4._device_context(lin.device):
         _lora_shrink_kernel[grid](
-            lin, p, low, M, T, r, t_per_split, *lin.stride(), *p.stride(), *low.stride(),
-            BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_R=block_r, **_dot_config(lin.dtype),
+            lin,
+            p,
+            low,
+            M,
+            T,
+            r,
+            t_per_split,
+            *lin.stride(),
+            *p.stride(),
+            *low.stride(),
+            BLOCK_M=block_m,
+            BLOCK_T=block_t,
+            BLOCK_R=block_r,
+            **_dot_config(lin.dtype),
         )
     return low[0] if split == 1 else low.sum(0)
 
@@ -633,11 +771,36 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C, config["BLOCK_C"]),)
     with _nf4._device_context(inp.device):
         _lora_matmul_kernel[grid](
-            inp, lin, *w_args, p, q, low, bias if bias is not None else out, out,
-            M, C, T, R, scale,
-            *inp.stride(), *lin.stride(), stride_w_t, stride_w_c, *p.stride(), *q.stride(), *low.stride(), *out.stride(),
-            BLOCK_R=block_r, FUSE_LOW=fuse_low, SEPARATE_LORA_INPUT=lin is not inp, HAS_BIAS=bias is not None,
-            **config, **w_meta, **decode, **_dot_config(inp.dtype), **_nf4._launch_options(inp.device),
+            inp,
+            lin,
+            *w_args,
+            p,
+            q,
+            low,
+            bias if bias is not None else out,
+            out,
+            M,
+            C,
+            T,
+            R,
+            scale,
+            *inp.stride(),
+            *lin.stride(),
+            stride_w_t,
+            stride_w_c,
+            *p.stride(),
+            *q.stride(),
+            *low.stride(),
+            *out.stride(),
+            BLOCK_R=block_r,
+            FUSE_LOW=fuse_low,
+            SEPARATE_LORA_INPUT=lin is not inp,
+            HAS_BIAS=bias is not None,
+            **config,
+            **w_meta,
+            **decode,
+            **_dot_config(inp.dtype),
+            **_nf4._launch_options(inp.device),
         )
     return out
 
@@ -646,8 +809,15 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     if not _is_quantized(weight):
         return weight.to(dtype)
     return _nf4.dequantize_4bit(
-        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, tuple(weight.shape), dtype,
-        weight.blocksize, weight.quant_type, getattr(weight, "nested_dtype", torch.float32),
+        weight.packed,
+        weight.absmax,
+        weight.nested_absmax,
+        weight.nested_offset,
+        tuple(weight.shape),
+        dtype,
+        weight.blocksize,
+        weight.quant_type,
+        getattr(weight, "nested_dtype", torch.float32),
     )
 
 
@@ -716,7 +886,9 @@ def lora_backward(
     """
     M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, None, x_lora)
     if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
-        raise ValueError(f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}")
+        raise ValueError(
+            f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}"
+        )
     if need_dB and (not isinstance(xa, torch.Tensor) or tuple(xa.shape) != (M, r) or xa.dtype != torch.float32):
         raise ValueError(f"xa must be the forward's fp32 ({M}, {r}) tensor, got {getattr(xa, 'shape', xa)}")
     for name, t in (("dy", dy), ("xa", xa)):
@@ -780,7 +952,21 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
     tl_compute = getattr(tl, _TL_DTYPES[compute_dtype])
     with _nf4._device_context(u.device):
         _lora_grad_kernel[grid](
-            u, v, out, M, P, Q, rows_per_split, scale, *u.stride(), *v.stride(), *strides,
-            COMPUTE_DTYPE=tl_compute, BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=block_m, **_dot_config(compute_dtype),
+            u,
+            v,
+            out,
+            M,
+            P,
+            Q,
+            rows_per_split,
+            scale,
+            *u.stride(),
+            *v.stride(),
+            *strides,
+            COMPUTE_DTYPE=tl_compute,
+            BLOCK_P=block_p,
+            BLOCK_Q=block_q,
+            BLOCK_M=block_m,
+            **_dot_config(compute_dtype),
         )
     return out if split == 1 else out.sum(0).to(out_dtype)

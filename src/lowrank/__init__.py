@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 __all__ = ["NF4Weight", "dequantize", "nf4", "quantize", "__version__"]
 
 # Model surgery, freezing, files and the paged optimizer (issue 4).
-from lowrank import freeze, optim  # noqa: E402
+# Modules, functional ops and the training loop (issues 3 and 5).
+from lowrank import freeze, nn, ops, optim  # noqa: E402  # noqa: E402
 from lowrank.adapters import (  # noqa: E402
     load_adapter,
     load_quantized,
@@ -16,9 +17,6 @@ from lowrank.adapters import (  # noqa: E402
     save_quantized,
 )
 from lowrank.models import prepare_model, summary  # noqa: E402
-
-# Modules, functional ops and the training loop (issues 3 and 5).
-from lowrank import nn, ops  # noqa: E402
 from lowrank.nn import LinearNF4, LoRALinear  # noqa: E402
 from lowrank.ops import lora_linear, lora_linear_nf4  # noqa: E402
 from lowrank.train import TrainConfig, TrainResult, train  # noqa: E402

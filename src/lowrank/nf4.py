@@ -339,7 +339,9 @@ def dequantize(
     name = _dispatch.resolve("dequantize_4bit", qw.device, backend)
     args = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset)
     if torch.compiler.is_compiling():
-        result = ops.dequantize_4bit_op(*args, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name, qw.nested_dtype)
+        result = ops.dequantize_4bit_op(
+            *args, list(qw.shape), dtype, qw.blocksize, qw.quant_type, name, qw.nested_dtype
+        )
         return result if out is None else out.copy_(result)
     # Eager calls launch the implementation directly: the torch.library dispatcher costs tens of
     # microseconds per call, as much as the whole kernel for a 4096x4096 weight on an H100.

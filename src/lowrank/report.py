@@ -22,8 +22,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_CSV_COLUMNS = ("step", "loss", "lr", "grad_norm", "targets", "tokens", "time_s", "tokens_per_s", "peak_mem_mb",
-                "delta_w_total")
+_CSV_COLUMNS = (
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "targets",
+    "tokens",
+    "time_s",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "delta_w_total",
+)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -94,19 +104,45 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_run_report(out_dir: Path, title: str, summary: dict, metrics: dict[str, dict[str, float]],
-                     history: Sequence[dict], total_time_s: float) -> None:
+def write_run_report(
+    out_dir: Path,
+    title: str,
+    summary: dict,
+    metrics: dict[str, dict[str, float]],
+    history: Sequence[dict],
+    total_time_s: float,
+) -> None:
     """``report.md``: settings, metrics before/after, timings, and the plots."""
     times = [h["time_s"] for h in history]
-    lines = [f"# {title}", "", "## Settings", "", "```json", json.dumps(summary, indent=2, default=str), "```", "",
-             "## Metrics", "", _metrics_table(metrics), "", "## Time", "",
-             f"- optimizer steps: {len(history)}",
-             f"- total training time: {total_time_s:.2f} s",
-             f"- time per step: mean {1000 * sum(times) / max(len(times), 1):.1f} ms, "
-             f"max {1000 * max(times, default=0):.1f} ms",
-             f"- final train loss: {history[-1]['loss']:.4f}" if history else "- no steps run",
-             f"- final ‖ΔW‖_F (tracked total): {history[-1]['delta_w_total']:.4g}" if history else "",
-             "", "## Plots", "", "![loss](loss.png)", "![delta_w](delta_w.png)", "![step time](step_time.png)", ""]
+    lines = [
+        f"# {title}",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(summary, indent=2, default=str),
+        "```",
+        "",
+        "## Metrics",
+        "",
+        _metrics_table(metrics),
+        "",
+        "## Time",
+        "",
+        f"- optimizer steps: {len(history)}",
+        f"- total training time: {total_time_s:.2f} s",
+        f"- time per step: mean {1000 * sum(times) / max(len(times), 1):.1f} ms, "
+        f"max {1000 * max(times, default=0):.1f} ms",
+        f"- final train loss: {history[-1]['loss']:.4f}" if history else "- no steps run",
+        f"- final ‖ΔW‖_F (tracked total): {history[-1]['delta_w_total']:.4g}" if history else "",
+        "",
+        "## Plots",
+        "",
+        "![loss](loss.png)",
+        "![delta_w](delta_w.png)",
+        "![step time](step_time.png)",
+        "",
+    ]
     atomic_write_text(Path(out_dir) / "report.md", "\n".join(lines))
 
 
@@ -115,8 +151,14 @@ def time_saving(total_a: float, total_b: float) -> float:
     return (total_a - total_b) / total_a if total_a > 0 else 0.0
 
 
-def write_comparison(out_dir: Path, names: tuple[str, str], histories: tuple[Sequence[dict], Sequence[dict]],
-                     times: tuple[float, float], metrics: tuple[dict, dict], settings: tuple[dict, dict]) -> dict:
+def write_comparison(
+    out_dir: Path,
+    names: tuple[str, str],
+    histories: tuple[Sequence[dict], Sequence[dict]],
+    times: tuple[float, float],
+    metrics: tuple[dict, dict],
+    settings: tuple[dict, dict],
+) -> dict:
     """Side-by-side plots and ``compare.md``; returns the summary numbers."""
     out_dir = Path(out_dir)
     (a, b), (ha, hb) = names, histories
@@ -146,19 +188,43 @@ def write_comparison(out_dir: Path, names: tuple[str, str], histories: tuple[Seq
     _save_figure(fig, out_dir / "compare_delta_w.png")
 
     r = time_saving(*times)
-    summary = {"time_a_s": times[0], "time_b_s": times[1], "time_saving_r": r,
-               "final_loss_a": la[-1] if la else None, "final_loss_b": lb[-1] if lb else None,
-               "metrics_a": metrics[0], "metrics_b": metrics[1]}
-    lines = [f"# Comparison: A = {a}, B = {b}", "", "Both runs start from the same initial weights and see the same "
-             "data order.", "", "## Settings", "", "| | A | B |", "|---|---|---|"]
+    summary = {
+        "time_a_s": times[0],
+        "time_b_s": times[1],
+        "time_saving_r": r,
+        "final_loss_a": la[-1] if la else None,
+        "final_loss_b": lb[-1] if lb else None,
+        "metrics_a": metrics[0],
+        "metrics_b": metrics[1],
+    }
+    lines = [
+        f"# Comparison: A = {a}, B = {b}",
+        "",
+        "Both runs start from the same initial weights and see the same data order.",
+        "",
+        "## Settings",
+        "",
+        "| | A | B |",
+        "|---|---|---|",
+    ]
     for key in sorted(set(settings[0]) | set(settings[1])):
         va, vb = settings[0].get(key), settings[1].get(key)
         if va != vb and key != "output":
             lines.append(f"| {key} | {va} | {vb} |")
-    lines += ["", "## Results", "", _metrics_table({f"A: {a}": metrics[0], f"B: {b}": metrics[1]}), "",
-              f"- training time: T_A = {times[0]:.2f} s, T_B = {times[1]:.2f} s",
-              f"- time saving r = (T_A − T_B) / T_A = {r:+.3f}",
-              "", "![loss](compare_loss.png)", "![scatter](compare_scatter.png)", "![delta_w](compare_delta_w.png)", ""]
+    lines += [
+        "",
+        "## Results",
+        "",
+        _metrics_table({f"A: {a}": metrics[0], f"B: {b}": metrics[1]}),
+        "",
+        f"- training time: T_A = {times[0]:.2f} s, T_B = {times[1]:.2f} s",
+        f"- time saving r = (T_A − T_B) / T_A = {r:+.3f}",
+        "",
+        "![loss](compare_loss.png)",
+        "![scatter](compare_scatter.png)",
+        "![delta_w](compare_delta_w.png)",
+        "",
+    ]
     atomic_write_text(out_dir / "compare.md", "\n".join(lines))
     atomic_write_text(out_dir / "compare.json", json.dumps(summary, indent=2))
     return summary

@@ -53,32 +53,32 @@ class CheckpointError(ValueError):
 class TrainConfig:
     """Every knob of a run (the CLI exposes each as a ``--flag``)."""
 
-    task: str = "classification"          # classification | generation (causal LM)
-    epochs: float = 1.0                   # passes over train_data (ignored when max_steps is set)
-    max_steps: int | None = None          # optimizer steps; overrides epochs
-    batch_size: int = 8                   # examples per micro-batch
-    grad_accum: int = 1                   # micro-batches per optimizer step
+    task: str = "classification"  # classification | generation (causal LM)
+    epochs: float = 1.0  # passes over train_data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "cosine"              # cosine | linear | constant (after warmup)
-    max_grad_norm: float = 1.0            # 0 disables clipping (the norm is still logged)
-    optimizer: str = "adamw"              # adamw | paged_adamw (lowrank.optim.PagedAdamW)
-    precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    optimizer: str = "adamw"  # adamw | paged_adamw (lowrank.optim.PagedAdamW)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     gradient_checkpointing: bool = False
-    eval_every: int = 0                   # steps between evaluations (0: only at the end)
-    early_stopping_patience: int = 0      # evaluations without improvement before stopping (0: off)
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
     early_stopping_threshold: float = 0.0
-    save_every: int = 0                   # steps between checkpoints (0: none; needs output_dir)
-    keep_last: int = 2                    # checkpoints kept
+    save_every: int = 0  # steps between checkpoints (0: none; needs output_dir)
+    keep_last: int = 2  # checkpoints kept
     output_dir: str | None = None
-    resume: bool = False                  # continue from the latest checkpoint in output_dir
+    resume: bool = False  # continue from the latest checkpoint in output_dir
     seed: int = 0
     pad_token_id: int = 0
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
 
     def validate(self) -> TrainConfig:
@@ -103,8 +103,11 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.early_stopping_patience >= 0, "early_stopping_patience", ">= 0")
-        need(self.early_stopping_patience == 0 or self.eval_every > 0, "early_stopping_patience",
-             "0 unless eval_every > 0 (early stopping needs periodic evaluation)")
+        need(
+            self.early_stopping_patience == 0 or self.eval_every > 0,
+            "early_stopping_patience",
+            "0 unless eval_every > 0 (early stopping needs periodic evaluation)",
+        )
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.keep_last >= 1, "keep_last", ">= 1")
         need(self.save_every == 0 or self.output_dir is not None, "save_every", "0 unless output_dir is set")
@@ -114,16 +117,17 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    history: list[dict]                   # one entry per optimizer step (loss, lr, grad_norm, delta_w, ...)
-    evals: list[dict]                     # one entry per evaluation (step + metrics)
+    history: list[dict]  # one entry per optimizer step (loss, lr, grad_norm, delta_w, ...)
+    evals: list[dict]  # one entry per evaluation (step + metrics)
     steps: int
-    total_time_s: float                   # wall time of the steps run in this process
+    total_time_s: float  # wall time of the steps run in this process
     stopped_early: bool
     best_metric: float | None
     checkpoints: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------- schedule
+
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base lr for 0-based optimizer step ``step`` (transformers' shapes)."""
@@ -142,10 +146,11 @@ def micro_batch(data: Sequence[dict], index: int, batch_size: int, seed: int) ->
     per_epoch = math.ceil(len(data) / batch_size)
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return [data[i] for i in order[position * batch_size:(position + 1) * batch_size].tolist()]
+    return [data[i] for i in order[position * batch_size : (position + 1) * batch_size].tolist()]
 
 
 # --------------------------------------------------------------------------------------- loss
+
 
 def loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-target losses, logits): cross-entropy over classes, or over next tokens."""
@@ -155,8 +160,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Te
     if task == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
     shifted = logits[:, :-1].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum"), logits
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    ), logits
 
 
 def autocast_for(config: TrainConfig, device: torch.device):
@@ -175,6 +181,7 @@ def resolve_device(name: str) -> torch.device:
 
 # --------------------------------------------------------------------------------------- ‖ΔW‖_F
 
+
 class DeltaTracker:
     """‖ΔW_t‖_F of tracked matrices: ``s·B·A`` for LoRA modules, ``W_t - W_0`` for trainable 2-D weights.
 
@@ -186,8 +193,15 @@ class DeltaTracker:
         lora_params = {id(p) for m in self.lora.values() for p in (m.lora_A, m.lora_B)}
         self.dense = {}
         for name, p in model.named_parameters():
-            if (p.requires_grad and p.dim() == 2 and id(p) not in lora_params and len(self.dense) < max_dense
-                    and "embed" not in name and "wte" not in name and "wpe" not in name):
+            if (
+                p.requires_grad
+                and p.dim() == 2
+                and id(p) not in lora_params
+                and len(self.dense) < max_dense
+                and "embed" not in name
+                and "wte" not in name
+                and "wpe" not in name
+            ):
                 self.dense[name] = (p, p.detach().clone())
 
     @torch.no_grad()
@@ -212,6 +226,7 @@ def _scale(m) -> float:
 
 
 # --------------------------------------------------------------------------------------- checkpoints
+
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the model class and every parameter/buffer name and shape (catches resuming another model)."""
@@ -295,7 +310,8 @@ def load_checkpoint(path: Path, model, optimizer, fingerprint: str, check_traina
         extra, lacking = sorted(set(trainable) - current), sorted(current - set(trainable))
         raise CheckpointError(
             f"checkpoint {path} trains other parameters than this run (only in the checkpoint: {extra[:4]}, "
-            f"only in this run: {lacking[:4]}); resume with the same adapters and freezing policy")
+            f"only in this run: {lacking[:4]}); resume with the same adapters and freezing policy"
+        )
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
@@ -309,6 +325,7 @@ def load_checkpoint(path: Path, model, optimizer, fingerprint: str, check_traina
 
 # --------------------------------------------------------------------------------------- the loop
 
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -316,8 +333,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _build_optimizer(config: TrainConfig, groups):
-    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                  weight_decay=config.weight_decay)
+    kwargs = dict(
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
     if config.optimizer == "paged_adamw":
         from lowrank.optim import PagedAdamW
 
@@ -325,9 +346,16 @@ def _build_optimizer(config: TrainConfig, groups):
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
-def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequence[dict] | None,
-          config: TrainConfig, *, param_groups: list[dict] | None = None, unfreeze=None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    train_data: Sequence[dict],
+    eval_data: Sequence[dict] | None,
+    config: TrainConfig,
+    *,
+    param_groups: list[dict] | None = None,
+    unfreeze=None,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainResult:
     """Train ``model`` in place on tokenized examples (see :mod:`lowrank.data`).
 
     param_groups: optimizer groups (e.g. discriminative learning rates, ``{"params", "lr"}``); default
@@ -353,13 +381,15 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
         elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
-            raise ConfigError("gradient_checkpointing=True needs a transformers model "
-                              "(activation_checkpointing_enable)")
+            raise ConfigError(
+                "gradient_checkpointing=True needs a transformers model (activation_checkpointing_enable)"
+            )
     if unfreeze is not None:
         unfreeze.apply(model, 0)
     if param_groups is None:
-        trainable = [p for p in model.parameters()
-                     if p.is_floating_point() and (p.requires_grad or unfreeze is not None)]
+        trainable = [
+            p for p in model.parameters() if p.is_floating_point() and (p.requires_grad or unfreeze is not None)
+        ]
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("the model has no trainable parameters (everything is frozen)")
         param_groups = [{"params": trainable}]
@@ -386,7 +416,8 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
         if state["total_steps"] != total_steps or state["seed"] != config.seed:
             raise CheckpointError(
                 f"checkpoint {found[-1]} is from a run of {state['total_steps']} steps with seed {state['seed']}; "
-                f"this run has {total_steps} steps with seed {config.seed}: resume with the same configuration")
+                f"this run has {total_steps} steps with seed {config.seed}: resume with the same configuration"
+            )
         start_step, history, evals = state["step"], state["history"], state["evals"]
         best, bad_evals = state["best"], state["bad_evals"]
         _set_rng_state(state["rng"])
@@ -399,8 +430,13 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
         if unfreeze is not None:
             unfreeze.apply(model, step)
         t0 = time.perf_counter()
-        batches = [collate(micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
-                           config.pad_token_id) for i in range(config.grad_accum)]
+        batches = [
+            collate(
+                micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
+                config.pad_token_id,
+            )
+            for i in range(config.grad_accum)
+        ]
         n_targets = sum(target_count(b) for b in batches)
         factor = lr_factor(step, total_steps, config.warmup_steps, config.schedule)
         for group in optimizer.param_groups:
@@ -423,15 +459,31 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         deltas = tracker.norms()
-        entry = {"step": step, "loss": step_loss / max(n_targets, 1), "lr": config.lr * factor,
-                 "grad_norm": grad_norm, "targets": n_targets, "tokens": n_tokens, "time_s": dt,
-                 "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "peak_mem_mb": peak_memory_mb(device),
-                 "delta_w": deltas, "delta_w_total": math.sqrt(sum(v * v for v in deltas.values()))}
+        entry = {
+            "step": step,
+            "loss": step_loss / max(n_targets, 1),
+            "lr": config.lr * factor,
+            "grad_norm": grad_norm,
+            "targets": n_targets,
+            "tokens": n_tokens,
+            "time_s": dt,
+            "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+            "peak_mem_mb": peak_memory_mb(device),
+            "delta_w": deltas,
+            "delta_w_total": math.sqrt(sum(v * v for v in deltas.values())),
+        }
         history.append(entry)
 
         if eval_data and config.eval_every and (step % config.eval_every == 0 or step == total_steps):
-            metrics = evaluate(model, eval_data, config.task, batch_size=config.batch_size,
-                               pad_token_id=config.pad_token_id, device=device, precision=config.precision)
+            metrics = evaluate(
+                model,
+                eval_data,
+                config.task,
+                batch_size=config.batch_size,
+                pad_token_id=config.pad_token_id,
+                device=device,
+                precision=config.precision,
+            )
             evals.append({"step": step, **metrics})
             model.train()
             if config.early_stopping_patience:
@@ -441,16 +493,32 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
                 else:
                     bad_evals += 1
                     stopped_early = bad_evals >= config.early_stopping_patience
-        if ckpt_root is not None and config.save_every and (step % config.save_every == 0 or step == total_steps
-                                                            or stopped_early):
-            state = {"step": step, "total_steps": total_steps, "seed": config.seed, "fingerprint": fingerprint,
-                     "history": history, "evals": evals, "best": best, "bad_evals": bad_evals,
-                     "rng": _rng_state(), "config": asdict(config)}
+        if (
+            ckpt_root is not None
+            and config.save_every
+            and (step % config.save_every == 0 or step == total_steps or stopped_early)
+        ):
+            state = {
+                "step": step,
+                "total_steps": total_steps,
+                "seed": config.seed,
+                "fingerprint": fingerprint,
+                "history": history,
+                "evals": evals,
+                "best": best,
+                "bad_evals": bad_evals,
+                "rng": _rng_state(),
+                "config": asdict(config),
+            }
             checkpoints.append(str(save_checkpoint(ckpt_root, step, model, optimizer, state, config.keep_last)))
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
-                                 tok_s=f"{entry['tokens_per_s']:.0f}", mem_mb=f"{entry['peak_mem_mb']:.0f}")
+            progress.set_postfix(
+                loss=f"{entry['loss']:.4f}",
+                lr=f"{entry['lr']:.2e}",
+                tok_s=f"{entry['tokens_per_s']:.0f}",
+                mem_mb=f"{entry['peak_mem_mb']:.0f}",
+            )
         if on_step is not None:
             on_step(entry)
         if stopped_early:
@@ -458,8 +526,15 @@ def train(model: torch.nn.Module, train_data: Sequence[dict], eval_data: Sequenc
     if progress is not None:
         progress.close()
     model.eval()
-    return TrainResult(history=history, evals=evals, steps=step, total_time_s=time.perf_counter() - t_start,
-                       stopped_early=stopped_early, best_metric=best, checkpoints=checkpoints)
+    return TrainResult(
+        history=history,
+        evals=evals,
+        steps=step,
+        total_time_s=time.perf_counter() - t_start,
+        stopped_early=stopped_early,
+        best_metric=best,
+        checkpoints=checkpoints,
+    )
 
 
 def _progress(config: TrainConfig, total: int, start: int):
@@ -478,5 +553,14 @@ def config_from_dict(values: dict) -> TrainConfig:
     return TrainConfig(**values)
 
 
-__all__ = ["CheckpointError", "ConfigError", "DeltaTracker", "TrainConfig", "TrainResult", "config_from_dict",
-           "list_checkpoints", "lr_factor", "train"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DeltaTracker",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_dict",
+    "list_checkpoints",
+    "lr_factor",
+    "train",
+]

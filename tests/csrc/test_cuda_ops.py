@@ -17,15 +17,15 @@ import os
 
 import pytest
 import torch
+from lora_cases import ATOL, WEIGHTS, check_partial_gradients, lora_problem, max_err
+from lora_cases import check_rule as shared_check_rule
+from lora_cases import make_weight as shared_make_weight
 from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
 from lowrank.ops.lora import lora_backward_torch, lora_forward_torch
-from lora_cases import ATOL, WEIGHTS, check_partial_gradients, lora_problem, max_err
-from lora_cases import check_rule as shared_check_rule
-from lora_cases import make_weight as shared_make_weight
 
 EXT = _ext.load()
 EMULATED = os.environ.get("LOWRANK_TEST_CUDA_EMULATED") == "1"

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from lowrank.kernels import lora_matmul as L
 from lowrank.kernels import nf4 as K
+
 from lowrank.nf4 import NF4Weight
 
 pytestmark = pytest.mark.interpreter
@@ -22,7 +22,13 @@ pytestmark = pytest.mark.interpreter
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (quant_type, double_quant) or None for a dense weight
-WEIGHT_KINDS = {"dense": None, "nf4": ("nf4", False), "nf4_dq": ("nf4", True), "fp4": ("fp4", False), "fp4_dq": ("fp4", True)}
+WEIGHT_KINDS = {
+    "dense": None,
+    "nf4": ("nf4", False),
+    "nf4_dq": ("nf4", True),
+    "fp4": ("fp4", False),
+    "fp4_dq": ("fp4", True),
+}
 N, KDIM, RANK = 40, 96, 8  # K = 96 with blocksize 64: quantization blocks span two rows of W
 RSLORA_SCALE = 16 / math.sqrt(RANK)
 
@@ -288,13 +294,17 @@ def test_decoded_tiles_equal_dequantized_weight(M, dtype, k, device):
     # The 4-bit decode in the tile loop (generic and aligned) must give exactly dequantize_4bit's values:
     # the same kernel run on the dequantized dense weight returns the same bits.
     weight, _ = make_weight("nf4_dq", N, k, device)
-    dense = K.dequantize_4bit(weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, (N, k), dtype, 64, "nf4")
+    dense = K.dequantize_4bit(
+        weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset, (N, k), dtype, 64, "nf4"
+    )
     x, A, B, b, x_lora = make_operands(M, dtype, device, True, True, k=k)
     y_q, xa_q = L.lora_forward(x, weight, A, B, 2.0, b, x_lora)
     y_d, xa_d = L.lora_forward(x, dense, A, B, 2.0, b, x_lora)
     assert torch.equal(y_q, y_d) and torch.equal(xa_q, xa_d)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
-    for g_q, g_d in zip(L.lora_backward(dy, x, weight, A, B, 2.0, xa_q, x_lora), L.lora_backward(dy, x, dense, A, B, 2.0, xa_d, x_lora)):
+    for g_q, g_d in zip(
+        L.lora_backward(dy, x, weight, A, B, 2.0, xa_q, x_lora), L.lora_backward(dy, x, dense, A, B, 2.0, xa_d, x_lora)
+    ):
         assert torch.equal(g_q, g_d)
 
 

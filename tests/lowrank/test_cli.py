@@ -43,8 +43,9 @@ def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                                eos_token="[EOS]")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +53,30 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = word_tokenizer()
     torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, pad_token_id=0))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=True))
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    )
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+        )
+    )
     for name, model in (("bert", bert), ("llama", llama)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
@@ -65,13 +84,41 @@ def model_dirs(tmp_path_factory):
 
 
 def cls_args(model_dirs, out, *extra):
-    return ["finetune", "--model", model_dirs["bert"], "--output", str(out), "--batch-size", "16", "--lr", "5e-3",
-            "--no-progress", *extra]
+    return [
+        "finetune",
+        "--model",
+        model_dirs["bert"],
+        "--output",
+        str(out),
+        "--batch-size",
+        "16",
+        "--lr",
+        "5e-3",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def gen_args(model_dirs, out, *extra):
-    return ["finetune", "--task", "generation", "--model", model_dirs["llama"], "--method", "full", "--output",
-            str(out), "--batch-size", "16", "--lr", "1e-2", "--max-new-tokens", "12", "--no-progress", *extra]
+    return [
+        "finetune",
+        "--task",
+        "generation",
+        "--model",
+        model_dirs["llama"],
+        "--method",
+        "full",
+        "--output",
+        str(out),
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--max-new-tokens",
+        "12",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_finetune_classification_then_eval_and_merge(model_dirs, tmp_path, capsys):
@@ -79,9 +126,21 @@ def test_finetune_classification_then_eval_and_merge(model_dirs, tmp_path, capsy
     assert main(cls_args(model_dirs, out, "--max-steps", "4", "--save-every", "2", "--eval-every", "2")) == 0
     printed = capsys.readouterr().out
     assert "before: loss" in printed and "after : loss" in printed and "accuracy" in printed
-    for name in ("run.json", "metrics.json", "log.jsonl", "log.csv", "evals.jsonl", "report.md", "loss.png",
-                 "delta_w.png", "step_time.png", "trainable.safetensors", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "checkpoints/step-000004/state.json"):
+    for name in (
+        "run.json",
+        "metrics.json",
+        "log.jsonl",
+        "log.csv",
+        "evals.jsonl",
+        "report.md",
+        "loss.png",
+        "delta_w.png",
+        "step_time.png",
+        "trainable.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoints/step-000004/state.json",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and set(metrics["after"]) >= {"loss", "accuracy", "f1", "perplexity"}
@@ -132,8 +191,14 @@ def test_compare_two_configurations(model_dirs, tmp_path, capsys):
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary) >= {"time_a_s", "time_b_s", "time_saving_r", "metrics_a", "metrics_b"}
     assert summary["time_saving_r"] == pytest.approx((summary["time_a_s"] - summary["time_b_s"]) / summary["time_a_s"])
-    for name in ("compare.md", "compare_loss.png", "compare_scatter.png", "compare_delta_w.png",
-                 "full/log.jsonl", "lora/adapter/adapter_config.json"):
+    for name in (
+        "compare.md",
+        "compare_loss.png",
+        "compare_scatter.png",
+        "compare_delta_w.png",
+        "full/log.jsonl",
+        "lora/adapter/adapter_config.json",
+    ):
         assert (out / name).is_file(), name
     first_a = json.loads((out / "full" / "log.jsonl").read_text().splitlines()[0])
     first_b = json.loads((out / "lora" / "log.jsonl").read_text().splitlines()[0])
@@ -148,15 +213,33 @@ def test_quantize_prints_sizes_and_error(model_dirs, capsys):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(model_dirs, tmp_path):
-    steps = ["--max-steps", "120", "--save-every", "2", "--keep-last", "2", "--batch-size", "4", "--grad-accum", "2",
-             "--warmup-steps", "5", "--max-new-tokens", "2"]
+    steps = [
+        "--max-steps",
+        "120",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "2",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--warmup-steps",
+        "5",
+        "--max-new-tokens",
+        "2",
+    ]
     reference = tmp_path / "reference"
     assert main(gen_args(model_dirs, reference, *steps)) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lowrank", *gen_args(model_dirs, killed, *steps)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # as this process (see one_thread)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowrank", *gen_args(model_dirs, killed, *steps)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(tmp_path),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # as this process (see one_thread)
     try:
         deadline = time.monotonic() + 120
         while not list((killed / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
@@ -253,5 +336,6 @@ def test_resume_before_the_first_checkpoint_starts_from_step_zero(model_dirs, tm
     first = (out / "log.jsonl").read_text()
     assert main(cls_args(model_dirs, out, "--max-steps", "2", "--resume")) == 0
     assert "starting from step 0" in capsys.readouterr().out
-    assert [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()] == \
-        [json.loads(x)["loss"] for x in first.splitlines()]
+    assert [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()] == [
+        json.loads(x)["loss"] for x in first.splitlines()
+    ]

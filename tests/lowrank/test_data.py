@@ -72,9 +72,19 @@ def test_unknown_fields(tmp_path):
 
 def test_classification_validation(tmp_path):
     tok = WordTokenizer()
-    path = write(tmp_path, "c.jsonl", "\n".join(json.dumps(r) for r in [
-        {"text": "good movie", "label": "pos"}, {"text": "bad movie", "label": "neg"},
-        {"text": "fine", "label": "neutral"}]) + "\n")
+    path = write(
+        tmp_path,
+        "c.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "good movie", "label": "pos"},
+                {"text": "bad movie", "label": "neg"},
+                {"text": "fine", "label": "neutral"},
+            ]
+        )
+        + "\n",
+    )
     labels = D.LabelSet.from_files(D.read_records(path))
     assert labels.names == ["neg", "neutral", "pos"]
     examples = D.load_classification(path, tok, 16, labels, head_size=3)
@@ -84,8 +94,9 @@ def test_classification_validation(tmp_path):
         D.load_classification(path, tok, 16, labels, head_size=2)
     with pytest.raises(D.DataError, match=r"c\.jsonl:1: the text is 3 tokens, longer than the model allows \(2\)"):
         D.load_classification(path, tok, 2, labels, head_size=3)
-    bad = write(tmp_path, "b.jsonl",
-                '{"text": "a", "label": 0}\n{"text": "", "label": 1}\n{"text": "c", "label": 1.5}\n')
+    bad = write(
+        tmp_path, "b.jsonl", '{"text": "a", "label": 0}\n{"text": "", "label": 1}\n{"text": "c", "label": 1.5}\n'
+    )
     with pytest.raises(D.DataError, match=r"b\.jsonl:2: field 'text' is empty"):
         D.load_classification(bad, tok, 16, D.LabelSet(["0", "1"]), 2)
     missing = write(tmp_path, "m.jsonl", '{"text": "a"}\n')

@@ -48,15 +48,24 @@ def test_frequent_tokens_and_share():
 
 def tiny_llama(vocab=64):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def test_evaluate_loss_and_perplexity_match_manual_cross_entropy():
     model = tiny_llama()
-    examples = [{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]},
-                {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]}]
+    examples = [
+        {"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]},
+        {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]},
+    ]
     metrics = evaluate(model, examples, "generation", batch_size=2)
     total, count = 0.0, 0
     for e in examples:
@@ -72,8 +81,15 @@ def test_evaluate_loss_and_perplexity_match_manual_cross_entropy():
 
 def test_evaluate_classification_reports_accuracy_and_f1():
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, num_labels=3, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=32,
+    )
     model = transformers.BertForSequenceClassification(config).eval()
     examples = [{"input_ids": [1, 2 + i, 3], "labels": i % 3} for i in range(7)]
     metrics = evaluate(model, examples, "classification", batch_size=3)
@@ -88,8 +104,8 @@ def test_greedy_generation_matches_transformers_generate():
     prompt = [1, 7, 3, 9]
     (ours,) = generate(model, [prompt], max_new_tokens=8, eos_token_id=63)
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=63, pad_token_id=0)
-    ref = ref[0, len(prompt):].tolist()
+    ref = ref[0, len(prompt) :].tolist()
     if 63 in ref:
-        ref = ref[:ref.index(63)]
+        ref = ref[: ref.index(63)]
     assert ours == ref
     assert generate(model, [prompt], max_new_tokens=8, eos_token_id=63, max_length=6)[0] == ours[:2]

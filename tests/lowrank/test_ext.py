@@ -7,7 +7,6 @@ Tests that need the extension skip when it is not built; CI builds it, so they r
 from __future__ import annotations
 
 import concurrent.futures
-
 import math
 import os
 import subprocess
@@ -15,12 +14,12 @@ import sys
 
 import pytest
 import torch
+from lora_cases import ATOL, WEIGHTS, check_partial_gradients, check_rule, lora_problem, make_weight, max_err
 from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank import _ext
 from lowrank.ops import _dispatch
-from lora_cases import ATOL, WEIGHTS, check_partial_gradients, check_rule, lora_problem, make_weight, max_err
 
 EXT = _ext.load()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"C++ extension unavailable: {_ext.load_error()}")
@@ -210,7 +209,9 @@ def test_opcheck_quantization_ops():
     assert_bit_equal(out, expected, "dequantize_4bit_out")
     with pytest.raises(RuntimeError, match="out must be contiguous"):
         ops.dequantize_4bit_out(packed, q, a2, off, 64, "nf4", torch.float32, torch.empty(70, 40).t())
-    with pytest.raises(RuntimeError, match="packed must be uint8 with 1420 bytes for 2840 elements, got Byte with 1400"):
+    with pytest.raises(
+        RuntimeError, match="packed must be uint8 with 1420 bytes for 2840 elements, got Byte with 1400"
+    ):
         ops.dequantize_4bit_out(packed, q, a2, off, 64, "nf4", torch.float32, torch.empty(40, 71))
 
 

@@ -77,8 +77,11 @@ def test_dequantize_into_a_reused_buffer_gives_the_same_bits(double_quant):
 def test_dequantize_rejects_a_wrong_out_buffer():
     qw = quantize(torch.randn(8, 8))
     for backend in usable_backends():
-        with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(8, 8\) on cpu, got "
-                           r"torch.float32 of shape \(8, 4\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"out must be a torch.float32 tensor of shape \(8, 8\) on cpu, got "
+            r"torch.float32 of shape \(8, 4\)",
+        ):
             dequantize(qw, backend=backend, out=torch.empty(8, 4))
         with pytest.raises(ValueError, match=r"out must be a torch.bfloat16 tensor .* got torch.float32"):
             dequantize(qw, torch.bfloat16, backend=backend, out=torch.empty(8, 8))

@@ -24,16 +24,31 @@ def one_thread():
 
 def tiny_bert(seed=0, dropout=0.1):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, num_labels=3, max_position_embeddings=32,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        max_position_embeddings=32,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -60,8 +75,14 @@ def gen_data(n=24, seed=2):
     for _ in range(n):
         body = torch.randint(10, 48, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
         prompt = [1] + body + [3]
-        out.append({"input_ids": prompt + body + [2], "labels": [-100] * len(prompt) + body + [2],
-                    "prompt_ids": prompt, "reference": " ".join(map(str, body))})
+        out.append(
+            {
+                "input_ids": prompt + body + [2],
+                "labels": [-100] * len(prompt) + body + [2],
+                "prompt_ids": prompt,
+                "reference": " ".join(map(str, body)),
+            }
+        )
     return out
 
 
@@ -71,8 +92,10 @@ def losses(result):
 
 def test_lr_schedule_matches_transformers():
     model = torch.nn.Linear(1, 1)
-    for name, make in (("cosine", transformers.get_cosine_schedule_with_warmup),
-                       ("linear", transformers.get_linear_schedule_with_warmup)):
+    for name, make in (
+        ("cosine", transformers.get_cosine_schedule_with_warmup),
+        ("linear", transformers.get_linear_schedule_with_warmup),
+    ):
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = make(opt, num_warmup_steps=2, num_training_steps=6)
         for step in range(6):
@@ -89,8 +112,21 @@ def test_accumulation_is_normalised_by_target_count():
     runs = []
     for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
         model = tiny_llama()
-        runs.append(train(model, data, None, TrainConfig(task="generation", batch_size=batch_size, grad_accum=accum,
-                                                         max_steps=1, progress=False, max_grad_norm=0)))
+        runs.append(
+            train(
+                model,
+                data,
+                None,
+                TrainConfig(
+                    task="generation",
+                    batch_size=batch_size,
+                    grad_accum=accum,
+                    max_steps=1,
+                    progress=False,
+                    max_grad_norm=0,
+                ),
+            )
+        )
     for other in runs[1:]:
         assert other.history[0]["targets"] == runs[0].history[0]["targets"]
         assert other.history[0]["loss"] == pytest.approx(runs[0].history[0]["loss"], rel=1e-6)
@@ -99,8 +135,12 @@ def test_accumulation_is_normalised_by_target_count():
 
 def test_loss_decreases_on_a_learnable_task():
     model = tiny_llama()
-    result = train(model, gen_data(48), None, TrainConfig(task="generation", batch_size=8, lr=1e-2, max_steps=40,
-                                                          warmup_steps=2, progress=False))
+    result = train(
+        model,
+        gen_data(48),
+        None,
+        TrainConfig(task="generation", batch_size=8, lr=1e-2, max_steps=40, warmup_steps=2, progress=False),
+    )
     first, last = losses(result)[:5], losses(result)[-5:]
     assert sum(last) / 5 < 0.75 * sum(first) / 5, (first, last)
 
@@ -113,14 +153,27 @@ def _crash_at(step):
     def on_step(entry):
         if entry["step"] == step:
             raise Crash
+
     return on_step
 
 
 def test_resume_after_a_crash_reproduces_losses_bit_for_bit(tmp_path):
     """QLoRA (NF4 base, LoRA dropout, BERT dropout: RNG matters), accumulation, warmup + cosine, eval."""
     data, held_out = cls_data(30), cls_data(9, seed=5)
-    config = dict(task="classification", batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, max_steps=9,
-                  eval_every=3, save_every=2, keep_last=2, optimizer="paged_adamw", progress=False, seed=3)
+    config = dict(
+        task="classification",
+        batch_size=4,
+        grad_accum=2,
+        lr=5e-3,
+        warmup_steps=2,
+        max_steps=9,
+        eval_every=3,
+        save_every=2,
+        keep_last=2,
+        optimizer="paged_adamw",
+        progress=False,
+        seed=3,
+    )
     reference = train(qlora_bert(), data, held_out, TrainConfig(**config, output_dir=str(tmp_path / "a")))
 
     with pytest.raises(Crash):  # killed in the middle of step 5 (after step 4's checkpoint)
@@ -138,8 +191,9 @@ def test_resume_after_a_crash_reproduces_losses_bit_for_bit(tmp_path):
 
 def test_resume_refuses_another_model_or_run(tmp_path):
     data = cls_data(12)
-    config = dict(task="classification", batch_size=4, max_steps=2, save_every=1, progress=False,
-                  output_dir=str(tmp_path))
+    config = dict(
+        task="classification", batch_size=4, max_steps=2, save_every=1, progress=False, output_dir=str(tmp_path)
+    )
     train(qlora_bert(), data, None, TrainConfig(**config))
     other = prepare_model(tiny_bert(), r=8, alpha=8, modules_to_save=["classifier"])  # rank 8, not 4
     with pytest.raises(CheckpointError, match="written for another model"):
@@ -150,11 +204,19 @@ def test_resume_refuses_another_model_or_run(tmp_path):
         train(qlora_bert(), data, None, TrainConfig(**{**config, "output_dir": str(tmp_path / "empty")}, resume=True))
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("lr", 0.0, "0 < lr < 1"), ("batch_size", 0, "integer >= 1"), ("schedule", "step", "one of"),
-    ("max_grad_norm", -1.0, ">= 0"), ("early_stopping_patience", 2, "needs periodic evaluation"),
-    ("save_every", 5, "unless output_dir is set"), ("keep_last", 0, ">= 1"), ("epochs", math.inf, "finite"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("lr", 0.0, "0 < lr < 1"),
+        ("batch_size", 0, "integer >= 1"),
+        ("schedule", "step", "one of"),
+        ("max_grad_norm", -1.0, ">= 0"),
+        ("early_stopping_patience", 2, "needs periodic evaluation"),
+        ("save_every", 5, "unless output_dir is set"),
+        ("keep_last", 0, ">= 1"),
+        ("epochs", math.inf, "finite"),
+    ],
+)
 def test_config_out_of_range(field, value, expected):
     with pytest.raises(ConfigError, match=f"{field}={value!r} is out of range.*{expected}"):
         TrainConfig(**{field: value}).validate()
@@ -184,9 +246,19 @@ def test_gradient_checkpointing_with_frozen_inputs_matches_plain_run():
 
 def test_early_stopping_stops_after_patience():
     # a threshold no evaluation can beat: the second evaluation is "no improvement", patience 1 stops there
-    result = train(tiny_bert(), cls_data(16), cls_data(6, seed=9),
-                   TrainConfig(batch_size=4, max_steps=10, eval_every=1, early_stopping_patience=1,
-                               early_stopping_threshold=1e9, progress=False))
+    result = train(
+        tiny_bert(),
+        cls_data(16),
+        cls_data(6, seed=9),
+        TrainConfig(
+            batch_size=4,
+            max_steps=10,
+            eval_every=1,
+            early_stopping_patience=1,
+            early_stopping_threshold=1e9,
+            progress=False,
+        ),
+    )
     assert result.stopped_early and result.steps == 2 and len(result.evals) == 2
 
 
@@ -212,8 +284,14 @@ def test_freezing_policies_discriminative_lr_and_gradual_unfreezing():
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     groups = freeze.discriminative_lr_groups(model, 1e-2, decay=0.5, include_frozen=True)
     schedule = freeze.GradualUnfreezing.top_down(model, every=2)
-    result = train(model, cls_data(16), None, TrainConfig(batch_size=4, max_steps=3, lr=1e-2, progress=False),
-                   param_groups=groups, unfreeze=schedule)
+    result = train(
+        model,
+        cls_data(16),
+        None,
+        TrainConfig(batch_size=4, max_steps=3, lr=1e-2, progress=False),
+        param_groups=groups,
+        unfreeze=schedule,
+    )
     assert result.steps == 3
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, initial[n])}
     assert "classifier.weight" in changed  # stage 0: the head
@@ -223,8 +301,15 @@ def test_freezing_policies_discriminative_lr_and_gradual_unfreezing():
 
 
 def test_paged_adamw_gives_the_same_losses_as_adamw_on_cpu():
-    runs = [losses(train(qlora_bert(), cls_data(12), None,
-                         TrainConfig(batch_size=4, max_steps=4, lr=1e-2, optimizer=opt, progress=False)))
-            for opt in ("adamw", "paged_adamw")]
+    runs = [
+        losses(
+            train(
+                qlora_bert(),
+                cls_data(12),
+                None,
+                TrainConfig(batch_size=4, max_steps=4, lr=1e-2, optimizer=opt, progress=False),
+            )
+        )
+        for opt in ("adamw", "paged_adamw")
+    ]
     assert runs[0] == runs[1]
-

@@ -142,9 +142,7 @@ def _check_length(n: int, max_length: int, path, line_no: int, what: str) -> Non
         )
 
 
-def load_classification(
-    path, tokenizer, max_length: int, labels: LabelSet, head_size: int, records=None
-) -> list[dict]:
+def load_classification(path, tokenizer, max_length: int, labels: LabelSet, head_size: int, records=None) -> list[dict]:
     """Tokenized classification examples; every label must fall inside the head (``head_size``)."""
     records = read_records(path) if records is None else records
     examples = []
@@ -183,12 +181,14 @@ def load_generation(path, tokenizer, max_length: int, records=None) -> list[dict
         prompt_ids = encode_prompt(tokenizer, prompt)
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [end]
         _check_length(len(prompt_ids) + len(response_ids), max_length, path, line_no, "prompt + response")
-        examples.append({
-            "input_ids": prompt_ids + response_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-            "prompt_ids": prompt_ids,
-            "reference": response,
-        })
+        examples.append(
+            {
+                "input_ids": prompt_ids + response_ids,
+                "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                "prompt_ids": prompt_ids,
+                "reference": response,
+            }
+        )
     return examples
 
 
@@ -219,6 +219,16 @@ def target_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 __all__ = [
-    "IGNORE_INDEX", "TASKS", "DataError", "LabelSet", "collate", "detect_task", "encode_prompt",
-    "load_classification", "load_generation", "read_records", "shipped", "target_count",
+    "IGNORE_INDEX",
+    "TASKS",
+    "DataError",
+    "LabelSet",
+    "collate",
+    "detect_task",
+    "encode_prompt",
+    "load_classification",
+    "load_generation",
+    "read_records",
+    "shipped",
+    "target_count",
 ]

@@ -3,6 +3,7 @@
 Topic classification (4 classes of customer-support messages) and record-to-sentence generation, both
 combinatorial from hand-written templates and slot fillers, with a fixed seed. Run: python make_datasets.py
 """
+
 import json
 import random
 from pathlib import Path
@@ -14,10 +15,29 @@ def build() -> None:
     OUT = Path(__file__).resolve().parent
 
     # ---- topic classification: customer-support messages, 4 classes -------------------------------
-    openers = ["", "Hi, ", "Hello, ", "Hey there, ", "Good morning, ", "Quick question: ", "Sorry to bother you, ",
-               "Urgent: ", "Hi team, ", "Help please, "]
-    closers = ["", " Thanks.", " Thank you!", " Please advise.", " Any help is appreciated.", " Can you fix this?",
-               " This is frustrating.", " Cheers.", " Let me know soon."]
+    openers = [
+        "",
+        "Hi, ",
+        "Hello, ",
+        "Hey there, ",
+        "Good morning, ",
+        "Quick question: ",
+        "Sorry to bother you, ",
+        "Urgent: ",
+        "Hi team, ",
+        "Help please, ",
+    ]
+    closers = [
+        "",
+        " Thanks.",
+        " Thank you!",
+        " Please advise.",
+        " Any help is appreciated.",
+        " Can you fix this?",
+        " This is frustrating.",
+        " Cheers.",
+        " Let me know soon.",
+    ]
     billing = [
         "I was charged twice for my {plan} subscription this {period}.",
         "my invoice for {month} shows {amount} but I expected much less.",
@@ -80,8 +100,18 @@ def build() -> None:
         month=["January", "March", "May", "July", "September", "November", "April"],
         amount=["$49", "$12.99", "$120", "$7", "$300", "€35", "£18"],
         card=["Visa", "Mastercard", "debit", "credit", "Amex"],
-        item=["laptop", "headphones", "coffee machine", "jacket", "phone case", "desk lamp", "running shoes",
-              "backpack", "monitor", "book"],
+        item=[
+            "laptop",
+            "headphones",
+            "coffee machine",
+            "jacket",
+            "phone case",
+            "desk lamp",
+            "running shoes",
+            "backpack",
+            "monitor",
+            "book",
+        ],
         days=["five", "ten", "three", "twelve", "seven", "fourteen"],
         when=["yesterday", "this morning", "last week", "two days ago"],
         country=["Canada", "Germany", "Brazil", "Japan", "Spain", "Australia", "Kenya", "Norway"],
@@ -125,12 +155,60 @@ def build() -> None:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     # ---- generation: structured record -> one sentence -----------------------------------------------
-    names = ["anna", "ben", "carla", "david", "elena", "farid", "grace", "hugo", "ines", "jonas", "kira", "leo",
-             "maya", "nina", "omar", "paula", "quinn", "rosa", "sam", "tara", "umar", "vera", "will", "zoe"]
-    cities = ["paris", "rome", "berlin", "lisbon", "oslo", "madrid", "vienna", "prague", "dublin", "athens",
-              "warsaw", "zurich"]
-    jobs = ["baker", "teacher", "doctor", "pilot", "farmer", "painter", "nurse", "chef", "lawyer", "singer",
-            "driver", "writer"]
+    names = [
+        "anna",
+        "ben",
+        "carla",
+        "david",
+        "elena",
+        "farid",
+        "grace",
+        "hugo",
+        "ines",
+        "jonas",
+        "kira",
+        "leo",
+        "maya",
+        "nina",
+        "omar",
+        "paula",
+        "quinn",
+        "rosa",
+        "sam",
+        "tara",
+        "umar",
+        "vera",
+        "will",
+        "zoe",
+    ]
+    cities = [
+        "paris",
+        "rome",
+        "berlin",
+        "lisbon",
+        "oslo",
+        "madrid",
+        "vienna",
+        "prague",
+        "dublin",
+        "athens",
+        "warsaw",
+        "zurich",
+    ]
+    jobs = [
+        "baker",
+        "teacher",
+        "doctor",
+        "pilot",
+        "farmer",
+        "painter",
+        "nurse",
+        "chef",
+        "lawyer",
+        "singer",
+        "driver",
+        "writer",
+    ]
     pets = ["cat", "dog", "parrot", "rabbit", "horse", "fish"]
     gen = set()
     while len(gen) < 300:
@@ -138,10 +216,14 @@ def build() -> None:
         gen.add((n, c, j, p))
     gen = sorted(gen)
     rng.shuffle(gen)
+
     def to_row(t):
         n, c, j, p = t
-        return {"prompt": f"name: {n} ; city: {c} ; job: {j} ; pet: {p}",
-                "response": f"{n} is a {j} who lives in {c} with a {p} ."}
+        return {
+            "prompt": f"name: {n} ; city: {c} ; job: {j} ; pet: {p}",
+            "response": f"{n} is a {j} who lives in {c} with a {p} .",
+        }
+
     for name, part in [("records_train.jsonl", gen[:240]), ("records_eval.jsonl", gen[240:])]:
         with open(OUT / name, "w") as f:
             for t in part:
