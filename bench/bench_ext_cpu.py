@@ -38,7 +38,7 @@ import torch
 import lowrank
 from lowrank import _ext
 from lowrank.ops import nf4 as nf4_ops  # noqa: F401  (registers the torch backend)
-from lowrank.ops._dispatch import implementation
+from lowrank.ops.dispatch import implementation
 
 EXT = _ext.load()
 if EXT is None and __name__ != "__main__":

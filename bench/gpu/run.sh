@@ -140,8 +140,8 @@ import torch
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 import lowrank, lowrank.kernels.nf4 as nf4
 print("lowrank from", lowrank.__file__, "| kernels from", nf4.__file__)
-from lowrank.ops import _dispatch
-print("dequantize_4bit backends usable on", "cuda" if torch.cuda.is_available() else "cpu", _dispatch.usable_backends("dequantize_4bit", "cuda" if torch.cuda.is_available() else "cpu"))
+from lowrank.ops import dispatch
+print("dequantize_4bit backends usable on", "cuda" if torch.cuda.is_available() else "cpu", dispatch.usable_backends("dequantize_4bit", "cuda" if torch.cuda.is_available() else "cpu"))
 EOF
 } >>"$RUN_LOG" 2>&1 || log "WARNING: environment probe failed (see run.log); continuing"
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import lowrank
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 
 _LIBRARIES = ("torch", "triton", "transformers", "safetensors")
 
@@ -49,18 +49,18 @@ def _cuda_devices() -> list[dict]:
 
 def _backends_on(device: str) -> dict[str, dict]:
     table = {}
-    for op in _dispatch.registered_ops():
+    for op in dispatch.registered_ops():
         try:  # what `auto` picks; LOWRANK_BACKEND (shown in the environment line) may override it
-            auto = _dispatch.resolve(op, device, "auto")
+            auto = dispatch.resolve(op, device, "auto")
         except Exception as err:  # noqa: BLE001 - report the failure instead of stopping the report
             auto = f"error: {err}"
-        table[op] = {"usable": _dispatch.usable_backends(op, device), "auto": auto}
+        table[op] = {"usable": dispatch.usable_backends(op, device), "auto": auto}
     return table
 
 
 def collect() -> dict:
     """Every fact the report prints, as plain data."""
-    ext = _dispatch.ext_module()
+    ext = dispatch.ext_module()
     devices = _cuda_devices()
     info = {
         "lowrank": lowrank.__version__,
@@ -71,7 +71,7 @@ def collect() -> dict:
         "cuda_version": torch.version.cuda,
         "cuda_devices": devices,
         "extension_loaded": ext is not None,
-        "extension_reason": None if ext is not None else _dispatch.ext_unavailable_reason(),
+        "extension_reason": None if ext is not None else dispatch.ext_unavailable_reason(),
         "extension_cuda_kernels": ext is not None and ext.supports("dequantize_4bit", "cuda"),
         "environment": {
             name: os.environ.get(name) for name in ("LOWRANK_BACKEND", "LOWRANK_DISABLE_EXT", "TRITON_INTERPRET")

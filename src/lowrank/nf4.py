@@ -21,10 +21,10 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 def _ops():
     # Imported on first use: lowrank.ops imports NF4Weight from this module, so importing it at the
     # top would be circular.
-    from lowrank.ops import _dispatch
+    from lowrank.ops import dispatch
     from lowrank.ops import nf4 as ops
 
-    return _dispatch, ops
+    return dispatch, ops
 
 
 class QuantStateError(ValueError):
@@ -310,12 +310,12 @@ def quantize(
         raise ValueError(
             f"weight has non-finite values (first at index {bad}: {w[tuple(bad)].item()}); cannot quantize"
         )
-    _dispatch, ops = _ops()
-    name = _dispatch.resolve("quantize_4bit", w.device, backend)
+    dispatch, ops = _ops()
+    name = dispatch.resolve("quantize_4bit", w.device, backend)
     packed, absmax = ops.quantize_4bit_op(w, blocksize, quant_type, name)
     nested_absmax = offset = None
     if double_quant:
-        dq = _dispatch.resolve("double_quantize", w.device, backend)
+        dq = dispatch.resolve("double_quantize", w.device, backend)
         absmax, nested_absmax, offset = ops.double_quantize_op(absmax, dq)
     return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize, quant_type, nested_absmax, offset)
 
@@ -335,8 +335,8 @@ def dequantize(
         raise TypeError(f"dtype must be float32/float16/bfloat16, got {dtype}")
     if out is not None:
         K.check_dequantize_out(out, qw.shape, dtype, qw.device)
-    _dispatch, ops = _ops()
-    name = _dispatch.resolve("dequantize_4bit", qw.device, backend)
+    dispatch, ops = _ops()
+    name = dispatch.resolve("dequantize_4bit", qw.device, backend)
     args = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset)
     if torch.compiler.is_compiling():
         result = ops.dequantize_4bit_op(
@@ -345,7 +345,7 @@ def dequantize(
         return result if out is None else out.copy_(result)
     # Eager calls launch the implementation directly: the torch.library dispatcher costs tens of
     # microseconds per call, as much as the whole kernel for a 4096x4096 weight on an H100.
-    impl = _dispatch.implementation("dequantize_4bit", name)
+    impl = dispatch.implementation("dequantize_4bit", name)
     with torch.no_grad():
         if out is None:
             return impl(*args, tuple(qw.shape), dtype, qw.blocksize, qw.quant_type, qw.nested_dtype)
@@ -358,6 +358,6 @@ def dequantize_absmax(qw: NF4Weight, backend: str | None = None) -> torch.Tensor
         raise TypeError(f"dequantize_absmax expects an NF4Weight, got {type(qw).__name__}")
     if not qw.double_quant:
         return qw.absmax
-    _dispatch, ops = _ops()
-    name = _dispatch.resolve("double_dequantize", qw.device, backend)
+    dispatch, ops = _ops()
+    name = dispatch.resolve("double_dequantize", qw.device, backend)
     return ops.double_dequantize_op(qw.absmax, qw.nested_absmax, qw.nested_offset, name, qw.nested_dtype)

@@ -24,7 +24,7 @@ from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank import _ext
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 from lowrank.ops.lora import lora_backward_torch, lora_forward_torch
 
 EXT = _ext.load()
@@ -183,7 +183,7 @@ def test_dequantize_beyond_2_31_elements():
 def test_public_api_and_dispatch_use_the_cuda_kernels():
     w = sample((96, 80), seed=11).to(CUDA)
     qw = lowrank.quantize(w, blocksize=64, double_quant=True, backend="torch")
-    assert _dispatch.resolve("dequantize_4bit", CUDA.type, "ext") == "ext"
+    assert dispatch.resolve("dequantize_4bit", CUDA.type, "ext") == "ext"
     for dtype in DTYPES:
         got = lowrank.dequantize(qw, dtype, backend="ext")
         want = lowrank.dequantize(qw.to("cpu"), dtype, backend="torch")
@@ -408,8 +408,8 @@ def test_ops_run_on_the_current_stream_and_capture_in_a_cuda_graph():
 
 
 def test_lora_dispatch_picks_ext_when_asked():
-    assert _dispatch.resolve("lora_forward", CUDA.type, "ext") == "ext"
-    assert _dispatch.resolve("lora_backward", CUDA.type, "ext") == "ext"
+    assert dispatch.resolve("lora_forward", CUDA.type, "ext") == "ext"
+    assert dispatch.resolve("lora_backward", CUDA.type, "ext") == "ext"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch.utils import cpp_extension
 
 from lowrank import _ext, env
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXT = _ext.load()
@@ -46,9 +46,9 @@ def test_supports_cuda_exactly_where_a_cuda_kernel_is_registered():
 @pytest.mark.skipif(has_cuda_kernel("dequantize_4bit"), reason="this extension was built with CUDA kernels")
 def test_without_cuda_kernels_an_explicit_ext_request_on_cuda_says_why():
     assert not _ext.cuda_kernels_built()
-    with pytest.raises(_dispatch.BackendUnavailableError, match="has no cuda kernel for 'dequantize_4bit'"):
-        _dispatch.resolve("dequantize_4bit", "cuda", "ext")
-    assert "ext" not in _dispatch.usable_backends("lora_forward", "cuda")
+    with pytest.raises(dispatch.BackendUnavailableError, match="has no cuda kernel for 'dequantize_4bit'"):
+        dispatch.resolve("dequantize_4bit", "cuda", "ext")
+    assert "ext" not in dispatch.usable_backends("lora_forward", "cuda")
     info = env.collect()
     assert info["extension_cuda_kernels"] is False
     assert "CUDA kernels: not built (LOWRANK_BUILD_CUDA=1 builds them)" in env.format_report(info)

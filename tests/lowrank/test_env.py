@@ -11,7 +11,7 @@ import torch
 
 import lowrank
 from lowrank import env
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 
 
 def test_collect_reports_versions_and_backends():
@@ -23,8 +23,8 @@ def test_collect_reports_versions_and_backends():
     assert set(info["backends"]) == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
     for op in ("quantize_4bit", "dequantize_4bit", "double_quantize", "double_dequantize"):
         row = info["backends"]["cpu"][op]
-        assert row["usable"] == _dispatch.usable_backends(op, "cpu")
-        assert row["auto"] == _dispatch.resolve(op, "cpu", "auto")
+        assert row["usable"] == dispatch.usable_backends(op, "cpu")
+        assert row["auto"] == dispatch.resolve(op, "cpu", "auto")
         assert "torch" in row["usable"]
     json.dumps(info)  # plain data
 
@@ -32,7 +32,7 @@ def test_collect_reports_versions_and_backends():
 def test_report_when_the_extension_is_absent(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lowrank._ext", None)  # import of lowrank._ext now fails
     monkeypatch.delattr(lowrank, "_ext", raising=False)
-    assert _dispatch.ext_module() is None
+    assert dispatch.ext_module() is None
     assert env.main([]) == 0
     out = capsys.readouterr().out
     assert "C++ extension: not loaded (lowrank._ext is not importable" in out

@@ -19,7 +19,7 @@ from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank import _ext
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 
 EXT = _ext.load()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"C++ extension unavailable: {_ext.load_error()}")
@@ -129,7 +129,7 @@ def test_quantize_non_contiguous_input_uses_logical_order():
 @needs_ext
 def test_public_api_with_ext_matches_torch_backend():
     w = sample((48, 200), torch.bfloat16, seed=3)
-    assert _dispatch.resolve("quantize_4bit", "cpu") == "ext"
+    assert dispatch.resolve("quantize_4bit", "cpu") == "ext"
     q_ext = lowrank.quantize(w, backend="ext")
     q_torch = lowrank.quantize(w, backend="torch")
     for name, t in q_torch.tensors().items():
@@ -252,15 +252,15 @@ def test_portable_paths_without_avx512_are_bit_exact():
 _DISABLED_SCRIPT = """
 import torch, lowrank
 from lowrank import _ext
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 assert _ext.load() is None and "LOWRANK_DISABLE_EXT" in _ext.load_error()
-assert _dispatch.resolve("quantize_4bit", "cpu") == "torch"
+assert dispatch.resolve("quantize_4bit", "cpu") == "torch"
 w = torch.randn(64, 96)
 qw = lowrank.quantize(w)
 assert lowrank.dequantize(qw).shape == (64, 96)
 try:
     lowrank.quantize(w, backend="ext")
-except _dispatch.BackendUnavailableError as err:
+except dispatch.BackendUnavailableError as err:
     assert "LOWRANK_DISABLE_EXT" in str(err)
 else:
     raise AssertionError("backend='ext' was honoured although the extension is disabled")
@@ -372,8 +372,8 @@ def test_lora_concurrent_calls_from_threads_match_sequential_ones():
 
 @needs_ext
 def test_lora_dispatch_and_bad_shapes():
-    assert _dispatch.resolve("lora_forward", "cpu") == "ext"
-    assert _dispatch.resolve("lora_backward", "cpu") == "ext"
+    assert dispatch.resolve("lora_forward", "cpu") == "ext"
+    assert dispatch.resolve("lora_backward", "cpu") == "ext"
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     weight, _ = make_weight("nf4-dq-64", w)
     with pytest.raises(ValueError, match=r"must have shape \(16, 64\) .* got \(32, 64\)"):

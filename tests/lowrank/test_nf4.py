@@ -15,11 +15,11 @@ from lowrank.kernels import nf4 as K
 
 import lowrank
 from lowrank.nf4 import NF4Weight, QuantStateError, dequantize, dequantize_absmax, quantize
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 
 
 def usable_backends() -> list[str]:
-    return _dispatch.usable_backends("dequantize_4bit", "cpu")
+    return dispatch.usable_backends("dequantize_4bit", "cpu")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

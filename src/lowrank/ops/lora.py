@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 
 from lowrank.kernels import nf4 as K
-from lowrank.ops import _dispatch
-from lowrank.ops._dispatch import register
+from lowrank.ops import dispatch
+from lowrank.ops.dispatch import register
 
 # lowrank.nf4 imports lowrank.ops, so bind the module (complete by the time any op runs), not its names.
 import lowrank.nf4 as _nf4  # noqa: E402  isort: skip
@@ -121,7 +121,7 @@ if importlib.util.find_spec("lowrank.kernels.lora_matmul") is not None:
         register("lora_backward", "triton")(_LK.lora_backward)
 
 for _op in ("lora_forward", "lora_backward"):
-    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(_dispatch.ext_module(), _op)(*args, **kwargs))
+    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(dispatch.ext_module(), _op)(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _weight_object(weight, absmax, nested_absmax, nested_offset, shape, blocksiz
 
 
 def _dequantize(w, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    return _dispatch.implementation("dequantize_4bit", backend)(
+    return dispatch.implementation("dequantize_4bit", backend)(
         w.packed,
         w.absmax,
         w.nested_absmax,
@@ -190,7 +190,7 @@ def _forward_one(x, w, A, B, scale, bias, dropout, seed, index, backend):
         return y, x.new_empty((x.shape[0], 0), dtype=torch.float32)
     x_lora, _ = _masked_input(x, dropout, seed, index)
     eff_scale = scale / (1.0 - dropout) if x_lora is not None else scale
-    return _dispatch.implementation("lora_forward", backend)(x, w, A, B, eff_scale, bias, x_lora)
+    return dispatch.implementation("lora_forward", backend)(x, w, A, B, eff_scale, bias, x_lora)
 
 
 def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need_dA, need_dB, backend):
@@ -201,7 +201,7 @@ def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need
         else:
             dense = _dequantize(w, dy.dtype, backend)
         return (dy @ dense) if need_dx else None, None, None
-    impl = _dispatch.implementation("lora_backward", backend)
+    impl = dispatch.implementation("lora_backward", backend)
     x_lora, mask = _masked_input(x, dropout, seed, index)
     if x_lora is None:
         return impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
@@ -520,10 +520,10 @@ def _resolve(op: str, device: str, backend: str | None) -> str:
     A constant under torch.compile: the choice depends only on the device, the request and the environment.
     """
     if op != "lora":
-        return _dispatch.resolve(op, device, backend)
-    name = _dispatch.resolve("lora_forward", device, backend)
-    if _dispatch.why_unusable(name, "lora_backward", torch.device(device)) is not None:
-        name = _dispatch.resolve("lora_backward", device, backend)
+        return dispatch.resolve(op, device, backend)
+    name = dispatch.resolve("lora_forward", device, backend)
+    if dispatch.why_unusable(name, "lora_backward", torch.device(device)) is not None:
+        name = dispatch.resolve("lora_backward", device, backend)
     return name
 
 

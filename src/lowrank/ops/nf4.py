@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from lowrank.kernels import nf4 as K
-from lowrank.ops import _dispatch
-from lowrank.ops._dispatch import register
+from lowrank.ops import dispatch
+from lowrank.ops.dispatch import register
 
 # ---------------------------------------------------------------------------------------------------
 # torch backend: the references themselves.
@@ -50,7 +50,7 @@ if K.HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------
 
 for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit"):
-    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(_dispatch.ext_module(), _op)(*args, **kwargs))
+    register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(dispatch.ext_module(), _op)(*args, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize
 def quantize_4bit_op(
     x: torch.Tensor, blocksize: int, quant_type: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dispatch.implementation("quantize_4bit", backend)(x, blocksize, quant_type)
+    return dispatch.implementation("quantize_4bit", backend)(x, blocksize, quant_type)
 
 
 @quantize_4bit_op.register_fake
@@ -76,7 +76,7 @@ def _(x, blocksize, quant_type, backend):
 
 @torch.library.custom_op("lowrank::double_quantize", mutates_args=())
 def double_quantize_op(absmax: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _dispatch.implementation("double_quantize", backend)(absmax)
+    return dispatch.implementation("double_quantize", backend)(absmax)
 
 
 @double_quantize_op.register_fake
@@ -97,7 +97,7 @@ def double_dequantize_op(
     backend: str,
     nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    return _dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset, nested_dtype)
+    return dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset, nested_dtype)
 
 
 @double_dequantize_op.register_fake
@@ -118,7 +118,7 @@ def dequantize_4bit_op(
     backend: str,
     nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    return _dispatch.implementation("dequantize_4bit", backend)(
+    return dispatch.implementation("dequantize_4bit", backend)(
         packed, absmax, absmax2, offset, tuple(shape), dtype, blocksize, quant_type, nested_dtype
     )
 

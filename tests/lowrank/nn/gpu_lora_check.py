@@ -21,7 +21,7 @@ import triton
 
 from lowrank.nf4 import dequantize, quantize
 from lowrank.nn import LinearNF4, LoRALinear
-from lowrank.ops import _dispatch, lora_linear_multi, lora_linear_nf4
+from lowrank.ops import dispatch, lora_linear_multi, lora_linear_nf4
 
 dev = os.environ.get("DEV", "cuda")
 big = dev == "cuda"
@@ -31,7 +31,7 @@ print(
             "device": torch.cuda.get_device_name() if big else "cpu",
             "torch": torch.__version__,
             "triton": triton.__version__,
-            "backends": _dispatch.usable_backends("lora_forward", dev),
+            "backends": dispatch.usable_backends("lora_forward", dev),
         }
     ),
     flush=True,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.ops import _dispatch
-from lowrank.ops._dispatch import BackendUnavailableError, register, resolve
+from lowrank.ops import dispatch
+from lowrank.ops.dispatch import BackendUnavailableError, register, resolve
 
 OP = "test_dispatch_probe"
 
@@ -22,7 +22,7 @@ def probe_op():
     register(OP, "torch")(lambda x: ("torch", x))
     register(OP, "triton")(lambda x: ("triton", x))
     yield OP
-    _dispatch._REGISTRY.pop(OP, None)
+    dispatch._REGISTRY.pop(OP, None)
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def no_extension(monkeypatch):
 
 
 def test_auto_prefers_the_extension_on_cpu_when_it_is_loaded():
-    if _dispatch.ext_module() is None:
+    if dispatch.ext_module() is None:
         pytest.skip("the C++ extension is not built here")
     assert resolve("quantize_4bit", "cpu") == "ext"
 
@@ -54,9 +54,9 @@ def test_auto_never_picks_the_triton_interpreter_on_cpu(probe_op, monkeypatch):
 
 
 def test_auto_prefers_triton_on_cuda(probe_op, monkeypatch):
-    monkeypatch.setattr(_dispatch, "triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
     assert resolve(probe_op, "cuda") == "triton"
-    monkeypatch.setattr(_dispatch, "triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     assert resolve(probe_op, "cuda") == "torch"  # quietly, without triton
 
 
@@ -74,7 +74,7 @@ def test_explicit_unusable_backend_raises_with_the_reason(probe_op, no_extension
         resolve("quantize_4bit", "cpu", "ext")
     with pytest.raises(BackendUnavailableError, match="backend 'ext' was requested"):
         lowrank.quantize(torch.randn(64), backend="ext")
-    monkeypatch.setattr(_dispatch, "triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     with pytest.raises(BackendUnavailableError, match="triton is not installed"):
         resolve(probe_op, "cuda", "triton")
     assert issubclass(BackendUnavailableError, RuntimeError)
@@ -116,8 +116,8 @@ def test_bad_backend_names_are_rejected(probe_op, monkeypatch):
 
 def test_usable_backends_and_registry(probe_op, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _dispatch.usable_backends(probe_op, "cpu") == ["torch", "triton"]
-    assert _dispatch.registered_ops()[probe_op] == ("torch", "triton")
-    assert _dispatch.implementation(probe_op, "triton")(1) == ("triton", 1)
+    assert dispatch.usable_backends(probe_op, "cpu") == ["torch", "triton"]
+    assert dispatch.registered_ops()[probe_op] == ("torch", "triton")
+    assert dispatch.implementation(probe_op, "triton")(1) == ("triton", 1)
     for op in ("quantize_4bit", "dequantize_4bit", "double_quantize", "double_dequantize"):
-        assert {"torch", "triton", "ext"} <= set(_dispatch.registered_ops()[op])
+        assert {"torch", "triton", "ext"} <= set(dispatch.registered_ops()[op])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lowrank.kernels import lora_matmul as LK
 
 from lowrank.nf4 import dequantize, quantize
-from lowrank.ops import _dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
+from lowrank.ops import dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
 from lowrank.ops import lora as L
 from lowrank.ops import lora_multi as LM
 
@@ -26,7 +26,7 @@ ALPHA = 16.0
 
 
 def usable(backend: str) -> bool:
-    return backend in _dispatch.usable_backends("lora_forward", "cpu") and backend in _dispatch.usable_backends(
+    return backend in dispatch.usable_backends("lora_forward", "cpu") and backend in dispatch.usable_backends(
         "lora_backward", "cpu"
     )
 

@@ -8,12 +8,12 @@ import torch
 from lowrank.kernels import nf4 as K
 
 import lowrank
-from lowrank.ops import _dispatch
+from lowrank.ops import dispatch
 from lowrank.ops import nf4 as ops  # noqa: F401  (registers the ops)
 
 
 def backends(op: str) -> list[str]:
-    return _dispatch.usable_backends(op, "cpu")
+    return dispatch.usable_backends(op, "cpu")
 
 
 def sample(shape=(12, 70), blocksize=64, double_quant=True):
