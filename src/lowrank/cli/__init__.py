@@ -17,7 +17,10 @@ from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, o
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         check_args(args)  # flags and --output, before torch or a model loads
         from lowrank.cli.commands import COMMANDS

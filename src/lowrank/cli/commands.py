@@ -47,7 +47,8 @@ def run_finetune(args, out: Path | None = None) -> dict:
         run.config.resume = False
     out.mkdir(parents=True, exist_ok=True)
     args.label_names = run.labels
-    files.write_json(out / "run.json", run_record(args))
+    if not args.resume:  # a resumed run's run.json was checked equal by check_output
+        files.write_json(out / "run.json", run_record(args))
     counts = summary(run.model)  # 4-bit weights count their original number of elements
     method = resolve_method(args)
     print(

@@ -373,12 +373,18 @@ def _check_rank(model, args) -> None:
 
     target = args.target_modules
     names = resolve_targets(model, target if "," not in target else target.split(","), None)
-    dims = {n: min(model.get_submodule(n).weight.shape[:2]) for n in names}
+    dims = {n: _smaller_side(model.get_submodule(n)) for n in names}
     if dims:
         name = min(dims, key=dims.get)
         limit = dims[name]
         if args.r > limit:
             raise CliError(f"--r {args.r}: expected 1 <= r <= {limit} (layer {name} has {limit} inputs or outputs)")
+
+
+def _smaller_side(layer) -> int:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):  # nn.Linear, LinearNF4 (packed weight)
+        return min(layer.in_features, layer.out_features)
+    return min(layer.weight.shape[:2])  # Conv1D
 
 
 def rebuild(run_dir: Path, **overrides):
