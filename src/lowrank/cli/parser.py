@@ -230,7 +230,9 @@ def check_output(out: Path, resume: bool, args=None) -> None:
             raise CliError(f"--resume: {out} holds no run (run.json missing)")
         saved = files.read_json(out / "run.json", what="run record")
         now = run_record(args)
-        diff = sorted(k for k in set(saved) | set(now) if k not in ("label_names", "output") and saved.get(k) != now.get(k))
+        diff = sorted(
+            k for k in set(saved) | set(now) if k not in ("label_names", "output") and saved.get(k) != now.get(k)
+        )
         if diff:
             raise CliError(
                 f"--resume: {out} was written by a run with other settings: "
