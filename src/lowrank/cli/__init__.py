@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, one_line, user_errors
+from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, is_user_error, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lowrank: error: {interrupted(args, e)}", file=sys.stderr)
         return EXIT_USAGE
-    except user_errors() as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not is_user_error(e):
             raise
         print(one_line(e), file=sys.stderr)
         return EXIT_USAGE
