@@ -107,7 +107,7 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(model_dirs, tmp_path)
             proc.wait()
     lines = err.strip().splitlines()
     assert proc.returncode == 2, err
-    assert len(lines) == 1 and lines[0].startswith("lowrank: error: interrupted (Ctrl-C) at step "), err
+    assert len(lines) == 1 and lines[0].startswith("lowrank: error: interrupted (Ctrl-C) after step "), err
     assert "is intact: rerun the same command with --resume to continue" in lines[0]
     before = tree(out / "checkpoints")
     assert not [name for name in before if ".tmp-" in name]
