@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_within_torch_error as within_rule
 
 from lowrank import nf4
 from lowrank.nn import LinearNF4, LoRAFusedProjections, LoRALinear
 
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 K_IN, N_OUT, RANK, ALPHA = 96, 40, 6, 12.0
 
 
@@ -45,12 +45,6 @@ class Wrapper(torch.nn.Module):
 
     def forward(self, x):
         return self.proj(x)
-
-
-def within_rule(ours, same, ref, dtype, what):
-    err = (ours.double() - ref.double()).abs().max().item()
-    base = (same.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + ATOL[dtype], f"{what}: {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]}"
 
 
 # ---------------------------------------------------------------------------------------------------
