@@ -22,6 +22,9 @@ LAYER_OF = {
     "lowrank": "app",
     "lowrank.__main__": "app",
     "lowrank.cli": "app",
+    "lowrank.cli.commands": "app",
+    "lowrank.cli.loading": "app",
+    "lowrank.cli.parser": "app",
     "lowrank.env": "app",
     "lowrank.report": "app",
     # the training loop and evaluation
@@ -54,6 +57,7 @@ LAYER_OF = {
     # the bottom: formats and the shared file and dtype homes (no lowrank imports)
     "lowrank.dtypes": "format",
     "lowrank.files": "format",
+    "lowrank.config": "format",
 }
 
 #: cycles that exist on this branch and are being removed elsewhere (the "weight" branch untangles
