@@ -8,13 +8,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
-from lowrank import adapters
 from lowrank.adapters import (
     AdapterConfigError,
     AdapterError,
@@ -258,7 +258,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):
