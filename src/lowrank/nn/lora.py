@@ -20,7 +20,42 @@ from lowrank.ops import lora as lora_ops
 from lowrank.ops import lora_multi
 
 INITS = ("kaiming", "gaussian", "pissa")
+#: the adapter name of a layer's own ``lora_A`` / ``lora_B`` unless the constructor says otherwise (PEFT's default)
+DEFAULT_ADAPTER = "default"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_rank_alpha_dropout(r, alpha, dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+class LoRAAdapter(nn.Module):
+    """A further named adapter of a :class:`LoRALinear`: ``lora_A`` (r, in), ``lora_B`` (out, r), its own
+    ``r``, ``alpha``, ``scale`` and ``dropout``. Created by :meth:`LoRALinear.add_adapter`."""
+
+    def __init__(self, in_features, out_features, r, alpha, dropout, use_rslora, dtype, device):
+        super().__init__()
+        _check_rank_alpha_dropout(r, alpha, dropout)
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}"
+
+
+def _init_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: str) -> None:
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    else:
+        nn.init.normal_(A, mean=0.0, std=1.0 / r)
+    nn.init.zeros_(B)
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int]:
@@ -34,7 +69,7 @@ class LoRALinear(nn.Module):
 
     Args:
         base: ``nn.Linear`` (dense, frozen here) or :class:`LinearNF4` (4-bit).
-        r: rank, 1 <= r <= min(in, out). alpha: scale numerator.
+        r: rank, >= 1 (PEFT allows r > min(in, out); PiSSA needs r <= min(in, out)). alpha: scale numerator.
         dropout: probability of dropping elements of the LoRA input in training mode (PEFT semantics).
         use_rslora: ``scale = alpha / sqrt(r)`` instead of ``alpha / r``.
         init: ``"kaiming"`` (A kaiming-uniform a=sqrt(5), B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or
@@ -43,6 +78,11 @@ class LoRALinear(nn.Module):
         adapter_dtype: dtype of ``lora_A`` / ``lora_B`` (fp32 by default, like PEFT).
         backend: ``None`` (auto: ``LOWRANK_BACKEND`` or per device), ``"torch"``, ``"triton"`` or ``"ext"``;
             the attribute ``backend`` may be changed later.
+        adapter_name: the name of this layer's own adapter (``lora_A`` / ``lora_B``; PEFT's ``"default"``).
+
+    Named adapters: :meth:`add_adapter` adds further ``(A, B)`` pairs (in ``extra_adapters``);
+    ``active_adapters`` lists those the forward adds (in order; the first runs in the fused op, the others
+    are added on top); ``adapters_enabled = False`` runs the base alone, exactly.
     """
 
     def __init__(
@@ -56,17 +96,16 @@ class LoRALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
         *,
         backend: str | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ):
         super().__init__()
         out_features, in_features = _base_shape(base)
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
+        _check_rank_alpha_dropout(r, alpha, dropout)
+        if init == "pissa" and r > min(in_features, out_features):
             raise ValueError(
-                f"r must be an int in [1, min(in, out)] = [1, {min(in_features, out_features)}], got {r!r}"
+                f"init='pissa' needs r <= min(in, out) = {min(in_features, out_features)} (the SVD has no more "
+                f"directions), got r={r}"
             )
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if adapter_dtype not in _FLOATS:
@@ -81,6 +120,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=adapter_dtype, device=device))
         self.backend = backend
+        self.adapter_name = adapter_name
+        self.extra_adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = [adapter_name]
+        self.adapters_enabled = True
         self.merged = False
         self._unmerged_nf4: nf4.NF4Weight | None = None
         self.reset_lora_parameters(init)
@@ -105,7 +148,73 @@ class LoRALinear(nn.Module):
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}, merged={self.merged}"
+        return (
+            f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout}, merged={self.merged}, "
+            f"adapters={self.adapter_names}, active={self.active_adapters}"
+        )
+
+    # -- named adapters -------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [self.adapter_name, *self.extra_adapters]
+
+    def adapter(self, name: str) -> LoRALinear | LoRAAdapter:
+        """Where adapter ``name``'s ``lora_A``, ``lora_B``, ``r``, ``scale``, ``dropout`` live (self: its own)."""
+        if name == self.adapter_name:
+            return self
+        if name not in self.extra_adapters:
+            raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names}")
+        return self.extra_adapters[name]
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"
+    ) -> LoRAAdapter:
+        """Add a further adapter ``name`` (kaiming or gaussian init, B = 0: the output is unchanged)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.adapter_names:
+            raise ValueError(f"adapter {name!r} already exists on this layer ({self.adapter_names})")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"a further adapter's init must be 'kaiming' or 'gaussian', got {init!r}")
+        if self.merged:
+            raise RuntimeError("cannot add an adapter to a merged layer; unmerge() first")
+        adapter = LoRAAdapter(
+            self.in_features, self.out_features, r, alpha, dropout, use_rslora, self.lora_A.dtype, self.lora_A.device
+        )
+        with torch.no_grad():
+            _init_pair(adapter.lora_A, adapter.lora_B, r, init)
+        self.extra_adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove adapter ``name``. Removing the layer's own adapter promotes the first further one to
+        ``lora_A`` / ``lora_B``; a layer keeps at least one adapter."""
+        self.adapter(name)
+        if self.adapter_names == [name]:
+            raise ValueError(f"adapter {name!r} is this layer's only adapter; replace the layer by its base_layer")
+        if name == self.adapter_name:
+            promoted_name, promoted = next(iter(self.extra_adapters.items()))
+            self.lora_A, self.lora_B = promoted.lora_A, promoted.lora_B
+            self.r, self.alpha, self.scale = promoted.r, promoted.alpha, promoted.scale
+            self.dropout, self.use_rslora = promoted.dropout, promoted.use_rslora
+            self.adapter_name = promoted_name
+            del self.extra_adapters[promoted_name]
+        else:
+            del self.extra_adapters[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        """Make ``names`` the active adapters; only their parameters train (``requires_grad``)."""
+        for name in names:
+            self.adapter(name)
+        if self.merged:
+            raise RuntimeError("cannot switch adapters on a merged layer; unmerge() first")
+        self.active_adapters = list(names)
+        for name in self.adapter_names:
+            holder = self.adapter(name)
+            for p in (holder.lora_A, holder.lora_B):
+                p.requires_grad_(name in names)
 
     # -- initialization -------------------------------------------------------------------------------
 
@@ -114,12 +223,8 @@ class LoRALinear(nn.Module):
         """(Re)initialize A and B; ``"pissa"`` also rewrites the base weight to the SVD residual."""
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A, mean=0.0, std=1.0 / self.r)
-            nn.init.zeros_(self.lora_B)
+        if init in ("kaiming", "gaussian"):
+            _init_pair(self.lora_A, self.lora_B, self.r, init)
         else:
             self._pissa_init()
 
@@ -134,7 +239,7 @@ class LoRALinear(nn.Module):
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         # The base keeps what the adapter does not represent (computed from the adapter as stored).
-        residual = weight - self.scale * (self.lora_B.float() @ self.lora_A.float())
+        residual = weight - self.delta_weight([self.adapter_name])
         self._set_base_dense(residual)
 
     # -- dense views and merging ----------------------------------------------------------------------
@@ -153,9 +258,13 @@ class LoRALinear(nn.Module):
         else:
             base.weight.copy_(dense_fp32.to(base.weight.dtype))
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scale·B·A`` in fp32, shape (out, in)."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+    def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:
+        """``Σ scale·B·A`` over adapters ``names`` (default: the active ones) in fp32, shape (out, in)."""
+        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
+        for name in self.active_adapters if names is None else names:
+            holder = self.adapter(name)
+            delta += holder.scale * (holder.lora_B.detach().float() @ holder.lora_A.detach().float())
+        return delta
 
     @torch.no_grad()
     def merged_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -208,17 +317,28 @@ class LoRALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.adapters_enabled or not self.active_adapters:
             return self.base_layer(x)
-        p = self.dropout if self.training else 0.0
+        first, *rest = (self.adapter(name) for name in self.active_adapters)
+        p = first.dropout if self.training else 0.0
         base = self.base_layer
-        if self.is_quantized:
+        if first.r > min(self.in_features, self.out_features):
+            # the fused op takes r <= min(in, out); PEFT allows more: base + the low-rank term in torch
+            y, rest = base(x), [first, *rest]
+        elif self.is_quantized:
             x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
             y = lora_ops.lora_linear_nf4(
-                x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend
+                x_c, base.packed_weight, first.lora_A, first.lora_B, first.scale, base.bias, p, self.backend
             )
-            return y.to(x.dtype)
-        return lora_ops.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend)
+        else:
+            y = lora_ops.lora_linear(
+                x, base.weight, first.lora_A, first.lora_B, first.scale, base.bias, p, self.backend
+            )
+        for adapter in rest:  # further active adapters: their low-rank terms on top (as PEFT adds them)
+            x_a = nn.functional.dropout(x, adapter.dropout, self.training) if adapter.dropout else x
+            xa = x_a.to(adapter.lora_A.dtype) @ adapter.lora_A.t()
+            y = y + (adapter.scale * (xa @ adapter.lora_B.t())).to(y.dtype)
+        return y.to(x.dtype)
 
 
 class LoRAFusedProjections(nn.Module):
@@ -245,7 +365,10 @@ class LoRAFusedProjections(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if any(layer.merged for layer in self.layers):
+        if any(
+            layer.merged or not layer.adapters_enabled or layer.active_adapters != [layer.adapter_name]
+            for layer in self.layers
+        ):
             return tuple(layer(x) for layer in self.layers)
         projections = []
         for layer in self.layers:
