@@ -16,12 +16,23 @@ from lowrank.adapters import (  # noqa: E402
     save_adapter,
     save_quantized,
 )
-from lowrank.models import prepare_model, summary  # noqa: E402
+from lowrank.models import (  # noqa: E402
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    prepare_model,
+    set_adapter,
+    summary,
+)
 from lowrank.nn import LinearNF4, LoRALinear  # noqa: E402
 from lowrank.ops import lora_linear, lora_linear_nf4  # noqa: E402
 from lowrank.train import TrainConfig, TrainResult, train  # noqa: E402
 
 __all__ += [
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "set_adapter",
     "freeze",
     "load_adapter",
     "load_quantized",

@@ -29,13 +29,27 @@ def _dense_module(weight_out_in: torch.Tensor, bias: torch.Tensor | None, as_con
 
 
 @torch.no_grad()
-def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every LoRALinear / LinearNF4 by a dense layer holding ``dequant(W) + scale·B·A``.
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None, *, safe_merge: bool = False) -> nn.Module:
+    """Replace every LoRALinear / LinearNF4 by a dense layer holding ``dequant(W) + Σ scale·B·A``.
 
-    The sum is computed in fp32 and stored in ``dtype`` (default: the base weight's original dtype,
-    e.g. bf16 for a bf16 model); 4-bit weights are never re-quantized. GPT-2 layers become Conv1D
-    again. Returns the plain transformers model (``save_pretrained`` then writes a dense checkpoint).
+    The sum (over each layer's active adapters) is computed in fp32 and stored in ``dtype`` (default: the
+    base weight's original dtype, e.g. bf16 for a bf16 model); 4-bit weights are never re-quantized.
+    GPT-2 layers become Conv1D again. Returns the plain transformers model (``save_pretrained`` then
+    writes a dense checkpoint).
+
+    ``safe_merge=True`` (PEFT's option) first computes every merged weight and raises ValueError naming
+    the first module whose merged weight has a NaN or inf, before anything is changed.
     """
+    if safe_merge:
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                merged = module.merged_dense(torch.float32)
+                if not torch.isfinite(merged).all():
+                    bad = int((~torch.isfinite(merged)).sum())
+                    raise ValueError(
+                        f"safe_merge: merging the adapter(s) {module.active_adapters} into {name} gives {bad} "
+                        "non-finite values (NaN/inf); the model was left unchanged"
+                    )
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             base = module.base_layer

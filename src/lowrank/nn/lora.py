@@ -144,8 +144,14 @@ class LoRALinear(nn.Module):
         return isinstance(self.base_layer, LinearNF4)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The trainable adapter parameters by attribute name (``lora_A``, ``lora_B``)."""
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        """The trainable parameters of the active adapters by name (``lora_A``, ``lora_B``,
+        ``extra_adapters.<name>.lora_A``, ...)."""
+        params = {}
+        for name in self.active_adapters:
+            prefix = "" if name == self.adapter_name else f"extra_adapters.{name}."
+            holder = self.adapter(name)
+            params[f"{prefix}lora_A"], params[f"{prefix}lora_B"] = holder.lora_A, holder.lora_B
+        return params
 
     def extra_repr(self) -> str:
         return (
