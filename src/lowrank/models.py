@@ -21,6 +21,7 @@ from torch import nn
 
 from lowrank import freeze as _freeze
 from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn.lora import DECOMPOSING_INITS, INITS
 
 try:  # transformers is a runtime dependency, Conv1D only matters for GPT-2-style models
     from transformers.pytorch_utils import Conv1D
@@ -66,6 +67,7 @@ class LoRASettings:
     layers_pattern: str | list[str] | None = None
     init: str = "kaiming"
     adapter_name: str = "default"
+    loftq_iters: int = 1
 
     def r_for(self, name: str) -> int:
         """The rank of module ``name`` (``rank_pattern`` over ``r``)."""
@@ -378,11 +380,16 @@ def prepare_model(
     exclude_modules: str | Sequence[str] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
     adapter_name: str = "default",
+    loftq_iters: int = 1,
 ) -> nn.Module:
     r"""Quantize, adapt and freeze ``model`` in place; return it.
 
     Args:
-        r, alpha, dropout, use_rslora, init: LoRA hyper-parameters (see :class:`lowrank.nn.LoRALinear`).
+        r, alpha, dropout, use_rslora: LoRA hyper-parameters (see :class:`lowrank.nn.LoRALinear`).
+        init: ``"kaiming"`` / ``"gaussian"`` (B = 0), or ``"pissa"`` / ``"olora"`` / ``"loftq"``, which decompose each
+            target's full-precision weight BEFORE it is quantized (the 4-bit base holds the residual; see
+            :func:`lowrank.nn.lora.low_rank_init`). ``"loftq"`` needs ``quantize`` and runs ``loftq_iters``
+            rounds of quantize / rank-r fit.
         target_modules: ``"all-linear"`` (output head excluded), a list of module-name suffixes or a
             regex matched against the full module name.
         quantize: ``"nf4"`` / ``"fp4"`` (every linear layer except the head and ``modules_to_save``
@@ -404,6 +411,10 @@ def prepare_model(
         raise ValueError("model was already prepared by lowrank.prepare_model")
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+    if init not in (*INITS, *DECOMPOSING_INITS):
+        raise ValueError(f"init must be one of {sorted(set(INITS) | set(DECOMPOSING_INITS))}, got {init!r}")
+    if init == "loftq" and quantize is None:
+        raise ValueError("init='loftq' fits the adapter to the quantization error: it needs quantize='nf4' or 'fp4'")
     if bias not in BIAS_CHOICES:
         raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {bias!r}")
     rank_pattern = _check_pattern(rank_pattern, "rank_pattern", integer=True)
@@ -453,7 +464,28 @@ def prepare_model(
             base = LinearNF4.from_linear(_as_linear(module), blocksize, double_quant, quantize, compute_dtype)
         elif from_conv1d and name in target_set:
             base = _as_linear(module)
-        if name in target_set:
+        if name in target_set and init in DECOMPOSING_INITS:
+            if isinstance(module, LinearNF4):
+                raise ValueError(
+                    f"init={init!r} decomposes the full-precision weight, but {name} is already 4-bit "
+                    "(load the dense model, or use init='kaiming' on a base that already holds the residual)"
+                )
+            new = LoRALinear.from_dense(
+                _as_linear(module),
+                pattern_value(rank_pattern, name, r),
+                pattern_value(alpha_pattern, name, alpha),
+                dropout,
+                use_rslora,
+                init,
+                quantize=None if name in heads else quantize,
+                blocksize=blocksize,
+                double_quant=double_quant,
+                compute_dtype=compute_dtype,
+                loftq_iters=loftq_iters,
+                adapter_name=adapter_name,
+            )
+            new.to(device=module.weight.device)
+        elif name in target_set:
             new = LoRALinear(
                 base,
                 pattern_value(rank_pattern, name, r),
@@ -499,6 +531,7 @@ def prepare_model(
         layers_pattern=layers_pattern,
         init=init,
         adapter_name=adapter_name,
+        loftq_iters=loftq_iters,
     )
     model.lowrank_adapters = {adapter_name: model.lowrank_config}
     model.lowrank_active_adapters = [adapter_name]

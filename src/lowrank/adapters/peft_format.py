@@ -23,7 +23,7 @@ from lowrank.adapters.errors import (
     read_safetensors,
     unshared,
 )
-from lowrank.nn import LoRALinear
+from lowrank.nn import LinearNF4, LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +48,9 @@ _UNSUPPORTED = {
     "kasa_config": None,
     "use_bdlora": None,
 }
-_SUPPORTED_INITS = (True, False, "gaussian")
+_SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
+#: lowrank's init name -> PEFT's init_lora_weights
+_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
 
 
 def _settings(model: nn.Module, adapter_name: str | None = None) -> _models.LoRASettings:
@@ -90,10 +92,23 @@ def adapter_config_dict(model: nn.Module, adapter_name: str | None = None) -> di
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "init_lora_weights": True,
+        "init_lora_weights": _PEFT_INIT[config.init],
+        **({"loftq_config": {"loftq_bits": 4, "loftq_iter": config.loftq_iters}} if config.init == "loftq" else {}),
         "inference_mode": True,
         "revision": None,
     }
+
+
+def _metadata(config: _models.LoRASettings) -> dict[str, str]:
+    """safetensors metadata: what a decomposing init needs to rebuild the same base on reload."""
+    meta = {"lowrank": "adapter"}
+    if config.init in ("pissa", "olora", "loftq") and config.quantize is not None:
+        meta.update(
+            lowrank_quantize=config.quantize,
+            lowrank_blocksize=str(config.blocksize),
+            lowrank_double_quant=str(config.double_quant).lower(),
+        )
+    return meta
 
 
 def _bias_tensors(model: nn.Module, config: _models.LoRASettings) -> dict[str, torch.Tensor]:
@@ -135,7 +150,8 @@ def _write_adapter(model: nn.Module, directory: str, adapter_name: str) -> None:
     tensors = adapter_state_dict(model, adapter_name)
     os.makedirs(directory, exist_ok=True)
     # weights first: a directory with a config always has complete weights next to it
-    files.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), unshared(tensors), {"lowrank": "adapter"})
+    meta = _metadata(_settings(model, adapter_name))
+    files.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), unshared(tensors), meta)
     files.write_json(os.path.join(directory, ADAPTER_CONFIG), dict(sorted(config.items())))
 
 
@@ -191,7 +207,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         if value != unused and not (unused is None and value in ([], {}, "")):
             raise AdapterConfigError(f"{path}: {field}={value!r} is not supported by lowrank (only {unused!r})")
     init = cfg.get("init_lora_weights", True)
-    if init not in _SUPPORTED_INITS:
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        init = cfg["init_lora_weights"] = "pissa"  # PEFT's fast randomized SVD: the same split, approximately
+    if init not in _SUPPORTED_INITS or (init == 1 and init is not True) or (init == 0 and init is not False):
         raise AdapterConfigError(
             f"{path}: init_lora_weights={init!r} is not supported when loading (supported: {list(_SUPPORTED_INITS)})"
         )
@@ -254,7 +272,26 @@ def load_adapter(
     cfg = read_adapter_config(directory)
     tensors = read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
     options = _options(cfg)
+    init = cfg.get("init_lora_weights", True)
     if getattr(model, "lowrank_config", None) is None:
+        meta = files.read_safetensors_metadata(os.path.join(directory, ADAPTER_WEIGHTS))
+        prequantized = any(isinstance(m, LinearNF4) for m in model.modules())
+        lowrank_init = "kaiming"
+        if init in ("pissa", "olora", "loftq") and not prequantized:
+            # the adapter was trained against the residual of W: rebuild that base from the original weight
+            if init == "loftq" and meta.get("lowrank") != "adapter":
+                raise AdapterConfigError(
+                    f"{directory}: init_lora_weights='loftq' written by PEFT: its adapter belongs to the LoftQ base "
+                    "PEFT saved with it (load that checkpoint with load_quantized, then this adapter)"
+                )
+            if init == "loftq" and quantize is None:
+                quantize = meta.get("lowrank_quantize", "nf4")
+            lowrank_init = init
+        if lowrank_init != "kaiming" and quantize is not None:
+            options["blocksize"] = int(meta.get("lowrank_blocksize", 64))
+            options["double_quant"] = meta.get("lowrank_double_quant", "true") == "true"
+            loftq = cfg.get("loftq_config") or {}
+            options["loftq_iters"] = int(loftq.get("loftq_iter", 1)) if isinstance(loftq, dict) else 1
         # PEFT lists both classifier names for SEQ_CLS and ignores the absent one; so do we
         names = [n for n, _ in model.named_modules() if n]
         saved = [s for s in cfg.get("modules_to_save") or [] if any(n == s or n.endswith("." + s) for n in names)]
@@ -266,11 +303,17 @@ def load_adapter(
             compute_dtype=compute_dtype,
             bias=cfg.get("bias", "none"),
             adapter_name=adapter_name or DEFAULT_ADAPTER,
+            init=lowrank_init,
         )
         name = adapter_name or DEFAULT_ADAPTER
     elif adapter_name is None or adapter_name in _models.adapter_configs(model):
         name = adapter_name or model.lowrank_config.adapter_name
     else:
+        if init in ("pissa", "olora", "loftq"):
+            raise AdapterConfigError(
+                f"{directory}: a further adapter ({adapter_name!r}) with init_lora_weights={init!r} needs its own "
+                "residual base weight, which the model's other adapters share; convert it to a plain LoRA first"
+            )
         if cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
             raise AdapterConfigError(
                 f"{directory}: a further adapter ({adapter_name!r}) cannot carry modules_to_save or bias (got "

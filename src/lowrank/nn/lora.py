@@ -19,7 +19,10 @@ from lowrank.nn.linear_nf4 import LinearNF4
 from lowrank.ops import lora as lora_ops
 from lowrank.ops import lora_multi
 
-INITS = ("kaiming", "gaussian", "pissa")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+#: inits that decompose the full-precision weight (the base keeps the residual); ``"loftq"`` only
+#: through :meth:`LoRALinear.from_dense` with a 4-bit base (it alternates quantization and the fit)
+DECOMPOSING_INITS = ("pissa", "olora", "loftq")
 #: the adapter name of a layer's own ``lora_A`` / ``lora_B`` unless the constructor says otherwise (PEFT's default)
 DEFAULT_ADAPTER = "default"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,6 +61,61 @@ def _init_pair(A: torch.Tensor, B: torch.Tensor, r: int, init: str) -> None:
     nn.init.zeros_(B)
 
 
+def _svd_pair(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r SVD factors with ``scale·B·A`` = the best rank-r approximation of ``weight`` (PiSSA's split)."""
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    root = torch.sqrt(S[:r] / scale)
+    return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+
+
+@torch.no_grad()
+def low_rank_init(
+    weight: torch.Tensor,
+    r: int,
+    scale: float,
+    init: str,
+    quantizer=None,
+    loftq_iters: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | nf4.NF4Weight]:
+    """Split a full-precision weight (out, in) into an adapter and a base: returns ``(A, B, base)``.
+
+    * ``"pissa"`` (PEFT's ``init_lora_weights="pissa"``): A, B from the top-r SVD of W;
+      base = W - scale·B·A.
+    * ``"olora"`` (PEFT's ``"olora"``): W = QR; B = Q[:, :r], A = R[:r]; base = W - scale·B·A.
+    * ``"loftq"``: alternate ``Q = quant(W - scale·B·A)`` and the rank-r SVD fit of ``W - dequant(Q)``
+      for ``loftq_iters`` rounds (LoftQ, Li et al. 2023); needs ``quantizer``. Unlike PEFT's LoftQ,
+      the fit divides by ``scale`` so that ``dequant(Q) + scale·B·A`` approximates W for any alpha.
+
+    ``quantizer`` (fp32 tensor -> :class:`~lowrank.nf4.NF4Weight`) makes the base 4-bit: the residual is
+    quantized AFTER the decomposition (PiSSA-/OLoRA-QLoRA), so the quantization error is that of the
+    residual. Without it the base is the fp32 residual.
+    """
+    if init not in DECOMPOSING_INITS:
+        raise ValueError(f"init must be one of {DECOMPOSING_INITS}, got {init!r}")
+    w = weight.detach().float()
+    if r > min(w.shape):
+        raise ValueError(f"init={init!r} needs r <= min(in, out) = {min(w.shape)}, got r={r}")
+    if init == "loftq":
+        if quantizer is None:
+            raise ValueError("init='loftq' fits the adapter to a quantization error: it needs a 4-bit base (quantize=)")
+        if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 1:
+            raise ValueError(f"loftq_iters must be a positive int, got {loftq_iters!r}")
+        residual = w
+        for i in range(loftq_iters):
+            q = quantizer(residual)
+            A, B = _svd_pair(w - nf4.dequantize(q, torch.float32), r, scale)
+            if i + 1 < loftq_iters:
+                residual = w - scale * (B @ A)
+        return A.contiguous(), B.contiguous(), q
+    if init == "pissa":
+        A, B = _svd_pair(w, r, scale)
+    else:
+        Q, R = torch.linalg.qr(w)
+        A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+    residual = w - scale * (B @ A)
+    return A.contiguous(), B.contiguous(), (residual if quantizer is None else quantizer(residual))
+
+
 def _base_shape(base: nn.Module) -> tuple[int, int]:
     if isinstance(base, (nn.Linear, LinearNF4)):
         return base.out_features, base.in_features
@@ -73,8 +131,8 @@ class LoRALinear(nn.Module):
         dropout: probability of dropping elements of the LoRA input in training mode (PEFT semantics).
         use_rslora: ``scale = alpha / sqrt(r)`` instead of ``alpha / r``.
         init: ``"kaiming"`` (A kaiming-uniform a=sqrt(5), B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or
-            ``"pissa"`` (A, B from the top-r SVD of the dense weight; the base keeps the residual, re-quantized
-            when it is 4-bit).
+            ``"pissa"`` / ``"olora"`` (A, B from the top-r SVD / the QR of the weight; the base keeps the residual,
+            re-quantized when it is 4-bit -- :meth:`from_dense` decomposes before quantizing, which is better).
         adapter_dtype: dtype of ``lora_A`` / ``lora_B`` (fp32 by default, like PEFT).
         backend: ``None`` (auto: ``LOWRANK_BACKEND`` or per device), ``"torch"``, ``"triton"`` or ``"ext"``;
             the attribute ``backend`` may be changed later.
@@ -101,9 +159,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = _base_shape(base)
         _check_rank_alpha_dropout(r, alpha, dropout)
-        if init == "pissa" and r > min(in_features, out_features):
+        if init in DECOMPOSING_INITS and r > min(in_features, out_features):
             raise ValueError(
-                f"init='pissa' needs r <= min(in, out) = {min(in_features, out_features)} (the SVD has no more "
+                f"init={init!r} needs r <= min(in, out) = {min(in_features, out_features)} (the SVD has no more "
                 f"directions), got r={r}"
             )
         if init not in INITS:
@@ -127,6 +185,58 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._unmerged_nf4: nf4.NF4Weight | None = None
         self.reset_lora_parameters(init)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "pissa",
+        *,
+        quantize: str | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        loftq_iters: int = 1,
+        adapter_name: str = DEFAULT_ADAPTER,
+        backend: str | None = None,
+    ) -> LoRALinear:
+        """A LoRALinear whose adapter and base come from decomposing ``linear``'s full-precision weight
+        (:func:`low_rank_init`: ``"pissa"``, ``"olora"``, ``"loftq"``); ``quantize="nf4"``/``"fp4"`` makes the
+        base 4-bit after the decomposition (the residual is quantized, never the original weight)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if init not in DECOMPOSING_INITS:
+            raise ValueError(f"from_dense init must be one of {DECOMPOSING_INITS}, got {init!r}")
+        if quantize not in (None, "nf4", "fp4"):
+            raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+        _check_rank_alpha_dropout(r, alpha, dropout)
+        dtype = linear.weight.dtype
+
+        def quantizer(dense: torch.Tensor) -> nf4.NF4Weight:
+            q = nf4.quantize(dense.contiguous(), blocksize, double_quant, quantize)
+            return dataclasses.replace(q, dtype=dtype)
+
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        A, B, base_weight = low_rank_init(
+            linear.weight, r, scale, init, None if quantize is None else quantizer, loftq_iters
+        )
+        bias = None if linear.bias is None else linear.bias.detach()
+        if quantize is None:
+            base = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
+            base.weight = nn.Parameter(base_weight.to(dtype), requires_grad=False)
+            if bias is not None:
+                base.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        else:
+            base = LinearNF4(base_weight, bias, compute_dtype, backend=backend)
+        layer = cls(base, r, alpha, dropout, use_rslora, "kaiming", backend=backend, adapter_name=adapter_name)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        return layer
 
     # -- views ----------------------------------------------------------------------------------------
 
@@ -226,22 +336,20 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
-        """(Re)initialize A and B; ``"pissa"`` also rewrites the base weight to the SVD residual."""
+        """(Re)initialize A and B; ``"pissa"`` / ``"olora"`` also rewrite the base weight to the residual (a 4-bit
+        base is dequantized, decomposed and re-quantized: use :meth:`from_dense` to decompose before quantizing)."""
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if init in ("kaiming", "gaussian"):
             _init_pair(self.lora_A, self.lora_B, self.r, init)
         else:
-            self._pissa_init()
+            self._decomposing_init(init)
 
-    def _pissa_init(self) -> None:
+    def _decomposing_init(self, init: str) -> None:
         if self.merged:
-            raise RuntimeError("cannot apply PiSSA init to a merged layer; unmerge() first")
+            raise RuntimeError(f"cannot apply {init} init to a merged layer; unmerge() first")
         weight = self._base_dense(torch.float32)
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(S[: self.r] / self.scale)
-        A = root[:, None] * Vh[: self.r]
-        B = U[:, : self.r] * root[None, :]
+        A, B, _ = low_rank_init(weight, self.r, self.scale, init)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         # The base keeps what the adapter does not represent (computed from the adapter as stored).
