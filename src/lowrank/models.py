@@ -68,6 +68,7 @@ class LoRASettings:
     init: str = "kaiming"
     adapter_name: str = "default"
     loftq_iters: int = 1
+    use_dora: bool = False
 
     def r_for(self, name: str) -> int:
         """The rank of module ``name`` (``rank_pattern`` over ``r``)."""
@@ -381,6 +382,7 @@ def prepare_model(
     layers_pattern: str | Sequence[str] | None = None,
     adapter_name: str = "default",
     loftq_iters: int = 1,
+    use_dora: bool = False,
 ) -> nn.Module:
     r"""Quantize, adapt and freeze ``model`` in place; return it.
 
@@ -404,6 +406,7 @@ def prepare_model(
         exclude_modules: PEFT's option: a regex (full match) or a list of names/suffixes never adapted.
         layers_pattern: PEFT's option: the name(s) of the layer ModuleList ``layers_to_transform`` indexes.
         adapter_name: the name of this first adapter (PEFT's ``adapter_name``; ``"default"``).
+        use_dora: DoRA (PEFT's ``use_dora``) on every target, dense or 4-bit (see :class:`lowrank.nn.LoRALinear`).
 
     After the call: ``model.lowrank_config`` (:class:`LoRASettings`), ``lowrank.summary(model)``.
     """
@@ -413,6 +416,11 @@ def prepare_model(
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     if init not in (*INITS, *DECOMPOSING_INITS):
         raise ValueError(f"init must be one of {sorted(set(INITS) | set(DECOMPOSING_INITS))}, got {init!r}")
+    if use_dora and init in DECOMPOSING_INITS:
+        raise ValueError(
+            f"use_dora=True cannot be combined with init={init!r} (the decomposition rewrites the base weight the "
+            "DoRA magnitude is measured against); use init='kaiming' or 'gaussian'"
+        )
     if init == "loftq" and quantize is None:
         raise ValueError("init='loftq' fits the adapter to the quantization error: it needs quantize='nf4' or 'fp4'")
     if bias not in BIAS_CHOICES:
@@ -494,6 +502,7 @@ def prepare_model(
                 use_rslora,
                 init,
                 adapter_name=adapter_name,
+                use_dora=use_dora,
             )
             new.to(device=base.weight.device)
         else:
@@ -532,6 +541,7 @@ def prepare_model(
         init=init,
         adapter_name=adapter_name,
         loftq_iters=loftq_iters,
+        use_dora=bool(use_dora),
     )
     model.lowrank_adapters = {adapter_name: model.lowrank_config}
     model.lowrank_active_adapters = [adapter_name]

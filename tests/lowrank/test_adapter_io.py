@@ -193,7 +193,7 @@ def saved_adapter(tmp_path):
         (lambda c: c.update(lora_alpha=None), "lora_alpha must be a number"),
         (lambda c: c.update(target_modules=[]), "target_modules"),
         (lambda c: c.update(peft_type="IA3"), "must be 'LORA'"),
-        (lambda c: c.update(use_dora=True), "use_dora"),
+        (lambda c: c.update(use_dora="yes"), "use_dora must be true or false"),
         (lambda c: c.update(lora_dropout=1.5), "lora_dropout"),
     ],
 )

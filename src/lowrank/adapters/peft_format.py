@@ -81,7 +81,7 @@ def adapter_config_dict(model: nn.Module, adapter_name: str | None = None) -> di
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "bias": config.bias,
         "fan_in_fan_out": any(getattr(m, "_lowrank_from_conv1d", False) for m in modules.values()),
@@ -137,6 +137,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
         holder = module.adapter(config.adapter_name)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = holder.lora_A.detach()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = holder.lora_B.detach()
+        if holder is module and module.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach()
     for name in config.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().clone()
@@ -200,8 +202,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     dropout = cfg.get("lora_dropout", 0.0)
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise AdapterConfigError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    if cfg.get("use_dora", False):
-        raise AdapterConfigError(f"{path}: use_dora={cfg['use_dora']!r} is not supported by lowrank (only False)")
+    if not isinstance(cfg.get("use_dora", False), bool):
+        raise AdapterConfigError(f"{path}: use_dora must be true or false, got {cfg['use_dora']!r}")
     for field, unused in _UNSUPPORTED.items():
         value = cfg.get(field, unused)
         if value != unused and not (unused is None and value in ([], {}, "")):
@@ -304,11 +306,17 @@ def load_adapter(
             bias=cfg.get("bias", "none"),
             adapter_name=adapter_name or DEFAULT_ADAPTER,
             init=lowrank_init,
+            use_dora=bool(cfg.get("use_dora", False)),
         )
         name = adapter_name or DEFAULT_ADAPTER
     elif adapter_name is None or adapter_name in _models.adapter_configs(model):
         name = adapter_name or model.lowrank_config.adapter_name
     else:
+        if cfg.get("use_dora"):
+            raise AdapterConfigError(
+                f"{directory}: a further adapter ({adapter_name!r}) with use_dora=true is not supported: DoRA is "
+                "available for a model's first adapter (load it into an unprepared model)"
+            )
         if init in ("pissa", "olora", "loftq"):
             raise AdapterConfigError(
                 f"{directory}: a further adapter ({adapter_name!r}) with init_lora_weights={init!r} needs its own "
@@ -348,6 +356,8 @@ def load_adapter(
         hit = _LORA_KEY.match(inner)
         if hit and hit.group("module") in modules:
             found.setdefault(hit.group("module"), {})[hit.group("which")] = value
+        elif inner.endswith(".lora_magnitude_vector") and inner.removesuffix(".lora_magnitude_vector") in modules:
+            found.setdefault(inner.removesuffix(".lora_magnitude_vector"), {})["lora_magnitude_vector"] = value
         elif any(inner.startswith(s + ".") for s in config.modules_to_save):
             extra[inner] = value
         elif inner.endswith(".bias") and inner in params:
@@ -362,13 +372,17 @@ def load_adapter(
             f"adapter keys match no LoRA module of this model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
             f"(expected keys like {PEFT_PREFIX}{next(iter(modules))}.lora_A.weight)"
         )
-    missing = [f"{n}.{w}" for n in modules for w in ("lora_A", "lora_B") if w not in found.get(n, {})]
+    lora_keys, dora_keys = ("lora_A", "lora_B"), ("lora_A", "lora_B", "lora_magnitude_vector")
+    keys = {n: dora_keys if m.use_dora and m.adapter_name == name else lora_keys for n, m in modules.items()}
+    missing = [f"{n}.{w}" for n in modules for w in keys[n] if w not in found.get(n, {})]
     if missing:
         raise AdapterShapeError(f"the adapter lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for module_name, pair in found.items():
         module = modules[module_name]
         holder = module.adapter(name)
         for which, value in pair.items():
+            if which == "lora_magnitude_vector" and not (module.use_dora and holder is module):
+                raise AdapterShapeError(f"{module_name}: the adapter has a DoRA magnitude but the layer is not DoRA")
             target = getattr(holder, which)
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterShapeError(

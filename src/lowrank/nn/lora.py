@@ -137,6 +137,9 @@ class LoRALinear(nn.Module):
         backend: ``None`` (auto: ``LOWRANK_BACKEND`` or per device), ``"torch"``, ``"triton"`` or ``"ext"``;
             the attribute ``backend`` may be changed later.
         adapter_name: the name of this layer's own adapter (``lora_A`` / ``lora_B``; PEFT's ``"default"``).
+        use_dora: DoRA (PEFT's ``use_dora``): a trainable magnitude ``lora_magnitude_vector`` (out,), initialised
+            to the row norms of ``W + scale·B·A``; ``y = m / ||W + scale·B·A||_row ⊙ (x·Wᵀ + scale·x·Aᵀ·Bᵀ) + bias``
+            with the norm treated as a constant (no gradient), as PEFT and the DoRA paper do.
 
     Named adapters: :meth:`add_adapter` adds further ``(A, B)`` pairs (in ``extra_adapters``);
     ``active_adapters`` lists those the forward adds (in order; the first runs in the fused op, the others
@@ -155,6 +158,7 @@ class LoRALinear(nn.Module):
         *,
         backend: str | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
     ):
         super().__init__()
         out_features, in_features = _base_shape(base)
@@ -185,6 +189,11 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._unmerged_nf4: nf4.NF4Weight | None = None
         self.reset_lora_parameters(init)
+        self.use_dora = bool(use_dora)
+        self._dora_norm_key = None
+        self._dora_weight_sq = None
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.dora_weight_norm().to(adapter_dtype))
 
     @classmethod
     def from_dense(
@@ -261,6 +270,8 @@ class LoRALinear(nn.Module):
             prefix = "" if name == self.adapter_name else f"extra_adapters.{name}."
             holder = self.adapter(name)
             params[f"{prefix}lora_A"], params[f"{prefix}lora_B"] = holder.lora_A, holder.lora_B
+            if name == self.adapter_name and self.use_dora:
+                params["lora_magnitude_vector"] = self.lora_magnitude_vector
         return params
 
     def extra_repr(self) -> str:
@@ -331,6 +342,8 @@ class LoRALinear(nn.Module):
             holder = self.adapter(name)
             for p in (holder.lora_A, holder.lora_B):
                 p.requires_grad_(name in names)
+        if self.use_dora:
+            self.lora_magnitude_vector.requires_grad_(self.adapter_name in names)
 
     # -- initialization -------------------------------------------------------------------------------
 
@@ -355,6 +368,63 @@ class LoRALinear(nn.Module):
         # The base keeps what the adapter does not represent (computed from the adapter as stored).
         residual = weight - self.delta_weight([self.adapter_name])
         self._set_base_dense(residual)
+
+    # -- DoRA -----------------------------------------------------------------------------------------
+
+    def _base_matmul(self, z: torch.Tensor) -> torch.Tensor:
+        """``z·Wᵀ`` (no bias) in fp32 through the op family (a 4-bit W is never materialised)."""
+        base = self.base_layer
+        if self.is_quantized:
+            return lora_ops.linear_nf4(z.float(), base.packed_weight, None, self.backend).float()
+        return nn.functional.linear(z.float(), base.weight.float())
+
+    def _weight_sq_norms(self) -> torch.Tensor:
+        """``||W_i||²`` per output row (fp32), cached until the base weight changes (W is frozen, so once)."""
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), str(weight.device))
+        if self._dora_weight_sq is None or self._dora_norm_key != key:
+            if self.is_quantized:
+                # decoded once per base weight (and dropped at once): only the (out,) norms are kept
+                sq = self.base_layer.dequantize(torch.float32).square().sum(1)
+            else:
+                sq = weight.detach().float().square().sum(1)
+            self._dora_weight_sq, self._dora_norm_key = sq, key
+        return self._dora_weight_sq
+
+    @torch.no_grad()
+    def dora_weight_norm(self) -> torch.Tensor:
+        """``||W + scale·B·A||`` per output row (out,), fp32, without a dense W or a dense B·A:
+        ``||W_i||² + 2·scale·<B_i, (A·Wᵀ)ᵀ_i> + scale²·B_i·(A·Aᵀ)·B_iᵀ``."""
+        A, B, s = self.lora_A.detach().float(), self.lora_B.detach().float(), self.scale
+        cross = (B * self._base_matmul(A).t()).sum(1)
+        quad = ((B @ (A @ A.t())) * B).sum(1)
+        return (self._weight_sq_norms() + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+    def _lora_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·Wᵀ + scale·x·Aᵀ·Bᵀ`` (own adapter, no dropout, no bias) in x's dtype."""
+        base = self.base_layer
+        if self.r > min(self.in_features, self.out_features):
+            y = self._base_matmul(x) + self.scale * ((x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t())
+            return y.to(x.dtype)
+        if self.is_quantized:
+            x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
+            return lora_ops.lora_linear_nf4(
+                x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, None, 0.0, self.backend
+            ).to(x.dtype)
+        return lora_ops.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scale, None, 0.0, self.backend)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.lora_magnitude_vector.float() / self.dora_weight_norm()  # the norm is a constant (no grad)
+        bias = self.base_layer.bias
+        if self.training and self.dropout > 0:
+            # PEFT: base(x) + (g - 1)·drop(x)·Wᵀ + g·scale·drop(x)·Aᵀ·Bᵀ
+            x_d = nn.functional.dropout(x, self.dropout, True)
+            y = self.base_layer(x).float() + g * self._lora_without_bias(x_d).float() - self._base_matmul(x_d)
+        else:
+            y = g * self._lora_without_bias(x).float()
+            if bias is not None:
+                y = y + bias.float()
+        return y.to(x.dtype)
 
     # -- dense views and merging ----------------------------------------------------------------------
 
@@ -389,6 +459,11 @@ class LoRALinear(nn.Module):
             return self.base_layer.weight.detach().to(dtype)
         else:
             base = self._base_dense(torch.float32)
+        if self.use_dora and self.adapter_name in self.active_adapters:
+            others = [n for n in self.active_adapters if n != self.adapter_name]
+            g = self.lora_magnitude_vector.detach().float() / self.dora_weight_norm()
+            own = g[:, None] * (base + self.delta_weight([self.adapter_name]))
+            return (own + self.delta_weight(others)).to(dtype)
         return (base + self.delta_weight()).to(dtype)
 
     @torch.no_grad()
@@ -401,6 +476,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
+        if self.use_dora:
+            raise NotImplementedError(
+                "merge() in place is not available for a DoRA layer (unmerge could not restore it exactly); "
+                "use merged_dense() or lowrank.merge_adapters(model)"
+            )
         if self.is_quantized:
             warnings.warn(
                 "merging a LoRA adapter into a 4-bit base re-quantizes the merged weight; outputs change by the "
@@ -433,10 +513,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapters_enabled or not self.active_adapters:
             return self.base_layer(x)
-        first, *rest = (self.adapter(name) for name in self.active_adapters)
+        names = self.active_adapters
+        if self.use_dora and self.adapter_name in names:  # the DoRA adapter scales the base: it goes first
+            names = [self.adapter_name, *(n for n in names if n != self.adapter_name)]
+        first, *rest = (self.adapter(name) for name in names)
         p = first.dropout if self.training else 0.0
         base = self.base_layer
-        if first.r > min(self.in_features, self.out_features):
+        if first is self and self.use_dora:
+            y = self._dora_forward(x)
+        elif first.r > min(self.in_features, self.out_features):
             # the fused op takes r <= min(in, out); PEFT allows more: base + the low-rank term in torch
             y, rest = base(x), [first, *rest]
         elif self.is_quantized:
@@ -480,7 +565,10 @@ class LoRAFusedProjections(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if any(
-            layer.merged or not layer.adapters_enabled or layer.active_adapters != [layer.adapter_name]
+            layer.merged
+            or layer.use_dora
+            or not layer.adapters_enabled
+            or layer.active_adapters != [layer.adapter_name]
             for layer in self.layers
         ):
             return tuple(layer(x) for layer in self.layers)
