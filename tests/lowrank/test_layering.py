@@ -33,6 +33,10 @@ LAYER_OF = {
     # models, files, data, optimizer, loss
     "lowrank.models": "models/io",
     "lowrank.adapters": "models/io",
+    "lowrank.adapters.errors": "models/io",
+    "lowrank.adapters.merge": "models/io",
+    "lowrank.adapters.peft_format": "models/io",
+    "lowrank.adapters.quantized": "models/io",
     "lowrank.freeze": "models/io",
     "lowrank.optim": "models/io",
     "lowrank.loss": "models/io",
