@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lowrank import files
 from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
-from lowrank.data import IGNORE_INDEX, collate, target_count
+from lowrank.data import collate, target_count
+from lowrank.evaluate import evaluate
+from lowrank.loss import autocast_for, loss_sum
 from lowrank.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
@@ -87,24 +88,6 @@ def micro_batch(data: Sequence[dict], index: int, batch_size: int, seed: int) ->
 
 
 # --------------------------------------------------------------------------------------- loss
-
-
-def loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-target losses, logits): cross-entropy over classes, or over next tokens."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"]
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    ), logits
-
-
-def autocast_for(config: TrainConfig, device: torch.device):
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -374,7 +357,6 @@ def train(
     unfreeze: a gradual-unfreezing schedule, ``unfreeze.apply(model, step)`` called before each step.
     on_step: called with each step's log entry (after any checkpoint of that step is written).
     """
-    from lowrank.evaluate import evaluate  # evaluate imports this module's loss_sum
 
     config.validate()
     if not train_data:
@@ -465,7 +447,7 @@ def train(
         step_loss, n_tokens = 0.0, 0
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_for(config, device):
+            with autocast_for(config.precision, device):
                 total, _ = loss_sum(model, batch, config.task)
             (total / max(n_targets, 1)).backward()
             step_loss += total.item()
