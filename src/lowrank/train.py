@@ -429,116 +429,121 @@ def train(
     progress = _progress(config, total_steps, start_step)
     t_start = time.perf_counter()
     step = start_step
-    while step < total_steps:
-        if unfreeze is not None:
-            unfreeze.apply(model, step)
-        t0, c0 = time.perf_counter(), time.process_time()
-        batches = [
-            collate(
-                micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
-                config.pad_token_id,
-            )
-            for i in range(config.grad_accum)
-        ]
-        n_targets = sum(target_count(b) for b in batches)
-        factor = lr_factor(step, total_steps, config.warmup_steps, config.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        step_loss, n_tokens = 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_for(config.precision, device):
-                total, _ = loss_sum(model, batch, config.task)
-            (total / max(n_targets, 1)).backward()
-            step_loss += total.item()
-            n_tokens += int(batch["attention_mask"].sum())
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
-        deltas, cumulative = tracker.norms()
-        entry = {
-            "step": step,
-            "loss": step_loss / max(n_targets, 1),
-            "lr": config.lr * factor,
-            "grad_norm": grad_norm,
-            "targets": n_targets,
-            "tokens": n_tokens,
-            "time_s": dt,
-            "cpu_time_s": cpu_dt,
-            "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
-            "peak_mem_mb": peak_memory_mb(device),
-            "delta_w": deltas,
-            "delta_w_total": math.sqrt(sum(v * v for v in deltas.values())),
-            "delta_w_cumulative": math.sqrt(sum(v * v for v in cumulative.values())),
-        }
-        history.append(entry)
-        _write_or_fail(log.append, entry, "the training log", out, step, last_checkpoint)
-
-        at_end = step == total_steps
-        if eval_data and ((config.eval_every and step % config.eval_every == 0) or at_end):
-            metrics = evaluate(
-                model,
-                eval_data,
-                config.task,
-                batch_size=config.batch_size,
-                pad_token_id=config.pad_token_id,
-                device=device,
-                precision=config.precision,
-            )
-            evals.append({"step": step, **metrics})
-            _write_or_fail(eval_log.append, evals[-1], "the evaluation log", out, step, last_checkpoint)
-            model.train()
-            if config.early_stopping_patience and config.eval_every:
-                score = metrics["loss"]
-                if best is None or score < best - config.early_stopping_threshold:
-                    best, bad_evals = score, 0
-                else:
-                    bad_evals += 1
-                    stopped_early = bad_evals >= config.early_stopping_patience
-        epoch_end = (step * config.grad_accum) // per_epoch > ((step - 1) * config.grad_accum) // per_epoch
-        periodic = config.save_every and step % config.save_every == 0
-        if ckpt_root is not None and (periodic or epoch_end or at_end or stopped_early):
-            state = {
+    try:
+        while step < total_steps:
+            if unfreeze is not None:
+                unfreeze.apply(model, step)
+            t0, c0 = time.perf_counter(), time.process_time()
+            batches = [
+                collate(
+                    micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
+                    config.pad_token_id,
+                )
+                for i in range(config.grad_accum)
+            ]
+            n_targets = sum(target_count(b) for b in batches)
+            factor = lr_factor(step, total_steps, config.warmup_steps, config.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            step_loss, n_tokens = 0.0, 0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast_for(config.precision, device):
+                    total, _ = loss_sum(model, batch, config.task)
+                (total / max(n_targets, 1)).backward()
+                step_loss += total.item()
+                n_tokens += int(batch["attention_mask"].sum())
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
+            deltas, cumulative = tracker.norms()
+            entry = {
                 "step": step,
-                "total_steps": total_steps,
-                "seed": config.seed,
-                "fingerprint": fingerprint,
-                "log_lines": len(history),
-                "eval_lines": len(evals),
-                "best": best,
-                "bad_evals": bad_evals,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
-                "rng": _rng_state(),
-                "config": asdict(config),
+                "loss": step_loss / max(n_targets, 1),
+                "lr": config.lr * factor,
+                "grad_norm": grad_norm,
+                "targets": n_targets,
+                "tokens": n_tokens,
+                "time_s": dt,
+                "cpu_time_s": cpu_dt,
+                "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                "peak_mem_mb": peak_memory_mb(device),
+                "delta_w": deltas,
+                "delta_w_total": math.sqrt(sum(v * v for v in deltas.values())),
+                "delta_w_cumulative": math.sqrt(sum(v * v for v in cumulative.values())),
             }
-            saved = _write_or_fail(
-                save_checkpoint,
-                (ckpt_root, step, model, optimizer, state, config.keep_last),
-                f"checkpoint step-{step:06d}",
-                out,
-                step,
-                last_checkpoint,
-            )
-            last_checkpoint = str(saved)
-            checkpoints.append(last_checkpoint)
+            history.append(entry)
+            _write_or_fail(log.append, entry, "the training log", out, step, last_checkpoint)
+
+            at_end = step == total_steps
+            if eval_data and ((config.eval_every and step % config.eval_every == 0) or at_end):
+                metrics = evaluate(
+                    model,
+                    eval_data,
+                    config.task,
+                    batch_size=config.batch_size,
+                    pad_token_id=config.pad_token_id,
+                    device=device,
+                    precision=config.precision,
+                )
+                evals.append({"step": step, **metrics})
+                _write_or_fail(eval_log.append, evals[-1], "the evaluation log", out, step, last_checkpoint)
+                model.train()
+                if config.early_stopping_patience and config.eval_every:
+                    score = metrics["loss"]
+                    if best is None or score < best - config.early_stopping_threshold:
+                        best, bad_evals = score, 0
+                    else:
+                        bad_evals += 1
+                        stopped_early = bad_evals >= config.early_stopping_patience
+            epoch_end = (step * config.grad_accum) // per_epoch > ((step - 1) * config.grad_accum) // per_epoch
+            periodic = config.save_every and step % config.save_every == 0
+            if ckpt_root is not None and (periodic or epoch_end or at_end or stopped_early):
+                state = {
+                    "step": step,
+                    "total_steps": total_steps,
+                    "seed": config.seed,
+                    "fingerprint": fingerprint,
+                    "log_lines": len(history),
+                    "eval_lines": len(evals),
+                    "best": best,
+                    "bad_evals": bad_evals,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    "rng": _rng_state(),
+                    "config": asdict(config),
+                }
+                saved = _write_or_fail(
+                    save_checkpoint,
+                    (ckpt_root, step, model, optimizer, state, config.keep_last),
+                    f"checkpoint step-{step:06d}",
+                    out,
+                    step,
+                    last_checkpoint,
+                )
+                last_checkpoint = str(saved)
+                checkpoints.append(last_checkpoint)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{entry['loss']:.4f}",
+                    lr=f"{entry['lr']:.2e}",
+                    tok_s=f"{entry['tokens_per_s']:.0f}",
+                    mem_mb=f"{entry['peak_mem_mb']:.0f}",
+                )
+            if on_step is not None:
+                on_step(entry)
+            if stopped_early:
+                break
+    except KeyboardInterrupt:
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{entry['loss']:.4f}",
-                lr=f"{entry['lr']:.2e}",
-                tok_s=f"{entry['tokens_per_s']:.0f}",
-                mem_mb=f"{entry['peak_mem_mb']:.0f}",
-            )
-        if on_step is not None:
-            on_step(entry)
-        if stopped_early:
-            break
+            progress.close()
+        raise  # the bar is closed, so a Ctrl-C message prints on a line of its own
     if progress is not None:
         progress.close()
     model.eval()
