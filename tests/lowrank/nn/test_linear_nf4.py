@@ -36,13 +36,12 @@ def test_from_linear_quantizes_bit_exactly_and_freezes():
     for name in ("packed", "absmax", "nested_absmax", "nested_offset"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == ((96 * 40) // 2, 1)
-    assert [name for name, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
-    assert {name for name, _ in layer.named_buffers()} == {
-        "weight",
-        "weight_absmax",
-        "weight_nested_absmax",
-        "weight_nested_offset",
-    }
+    # the uint8 tensors are frozen parameters (FSDP2 shards them, DDP never re-sends them), the tiny fp32
+    # nested constants buffers
+    params = dict(layer.named_parameters())
+    assert list(params) == ["weight", "weight_absmax", "bias"] and not any(p.requires_grad for p in params.values())
+    assert params["weight_absmax"].dtype == torch.uint8
+    assert {name for name, _ in layer.named_buffers()} == {"weight_nested_absmax", "weight_nested_offset"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -131,8 +130,8 @@ def test_dtype_casts_keep_quantization_constants_fp32():
             assert (
                 layer.weight_nested_absmax.dtype == torch.float32 and layer.weight_nested_offset.dtype == torch.float32
             )
-        else:
-            assert layer.weight_absmax.dtype == torch.float32
+        else:  # fp32 block constants are held as their bytes
+            assert layer.weight_absmax.dtype == torch.uint8 and layer.weight_nf4.absmax.dtype == torch.float32
         after = layer.state_dict()
         for key in before:
             if key != "bias":
