@@ -126,9 +126,23 @@ class LinearNF4(nn.Module):
         compute_dtype: torch.dtype | None = None,
         backend: str | None = None,
     ) -> LinearNF4:
-        """Quantize ``linear.weight`` (bit-exact with bitsandbytes) and keep its bias."""
+        """Quantize ``linear.weight`` (bit-exact with bitsandbytes) and keep its bias. A layer on the meta
+        device has no values: the result is a meta skeleton of that layout (see :meth:`empty`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            return cls.empty(
+                linear.out_features,
+                linear.in_features,
+                linear.bias is not None,
+                dtype=linear.weight.dtype,
+                blocksize=blocksize,
+                double_quant=double_quant,
+                quant_type=quant_type,
+                compute_dtype=compute_dtype,
+                device="meta",
+                backend=backend,
+            )
         weight = nf4.quantize(linear.weight, blocksize, double_quant, quant_type, backend=backend)
         return cls(weight, None if linear.bias is None else linear.bias.detach(), compute_dtype, backend=backend)
 
@@ -313,6 +327,8 @@ class LinearNF4(nn.Module):
                 error_msgs.append(
                     f"{bias_key}: shape {tuple(state_dict[bias_key].shape)} != expected {tuple(self.bias.shape)}"
                 )
+            elif self.bias.is_meta:  # a skeleton takes the loaded values
+                self.bias = nn.Parameter(_full(state_dict[bias_key]).detach().clone(), self.bias.requires_grad)
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bias_key])
