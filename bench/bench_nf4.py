@@ -10,8 +10,8 @@ Goal on H100 (kernels-and-limits.md §8): NF4 + double quant → bf16 dequantize
 
 Providers: ``triton`` (lowrank.nf4 public API, backend="triton"), ``torch`` (same API, backend="torch":
 the reference), ``ext`` (same API, backend="ext": the C++ extension's kernels -- CUDA ones when built
-with them; its quantize runs on CPU only), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference functions, called
-directly because the public op is opaque to the compiler), ``bitsandbytes`` (``bnb.functional``).
+with them; its quantize runs on CPU only), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference
+functions, called directly because the public op is opaque to the compiler), ``bitsandbytes`` (``bnb.functional``).
 The public API's ``quantize`` also checks that the input is finite (one more read and a host sync): that is
 part of what a user pays, and it is in the lowrank figures.
 """

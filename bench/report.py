@@ -205,7 +205,8 @@ def _side_by_side(groups: dict) -> list[str]:
         out += [
             f"## {group} (side by side, one run)",
             "",
-            "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this | peak extra MiB |",
+            "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this "
+            "| peak extra MiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         limit_rate = limit["extra_info"]["bytes_moved"] / limit["stats"]["min"] if limit else None
