@@ -1,7 +1,7 @@
 """Shared benchmark harness: shape registry, providers, measured limits, timing, and result records.
 
-Timing (style-anchors §E)
--------------------------
+Timing (docs/bench.md, "What is measured")
+-------------------------------------------
 * **Wall time** — pytest-benchmark's ``benchmark.pedantic`` times ``fn(); synchronize()``, so every round
   ends with the GPU idle. Compilation, autotuning and warm-up run before the timed rounds. The number of
   rounds is chosen from one probe call so that each benchmark spends about ``TARGET_TIMED_S`` timed.

@@ -11,7 +11,7 @@ Work and traffic (what the floor is computed from; adapters fp32, activations bf
 Dense baselines move 2 B per weight element instead of 0.516. ``fraction_of_limit`` is the roofline floor
 (copy bandwidth or bf16 GEMM peak, whichever bounds) over the measured time.
 
-Goals on H100 (kernels-and-limits.md §8): forward at M ≤ 64 ≥ 3× faster than ``dequant_gemm``
+Goals on H100 (docs/bench.md, "Where the goals come from"): forward at M ≤ 64 ≥ 3× faster than ``dequant_gemm``
 (dequantize + cuBLAS); at M ≥ 2048 within ~10 % of ``gemm_dense`` (cuBLAS bf16 GEMM on a pre-dequantized
 W: ~5 % GEMM + < 5 % LoRA overhead); backward (dX + dA + dB) ≤ 1.1× ``gemm_dx`` (the dX GEMM alone).
 

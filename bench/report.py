@@ -327,7 +327,7 @@ def _goals(records: list[dict], machine: dict) -> list[str]:
     if not rows:
         return []
     header = [
-        "## Goals (H100, kernels-and-limits.md §8)",
+        "## Goals (H100, docs/bench.md)",
         "",
         "| goal | case | measured | status |",
         "| --- | --- | --- | --- |",

@@ -1,7 +1,7 @@
 """NF4 / FP4 blockwise 4-bit quantization and double quantization, bit-exact with bitsandbytes' format.
 
-Format (the specification is ``shared/reference/nf4-format.md``; the facts we rely on are restated here)
-------------------------------------------------------------------------------------------------------
+Format (docs/nf4.md describes bitsandbytes' format; the facts the kernels rely on are restated here)
+----------------------------------------------------------------------------------------------------
 * A tensor of ``n`` elements is flattened in row-major (C) order and cut into blocks of ``blocksize``
   consecutive elements (32 ... 4096, a power of two). The last block may be partial; only its valid
   elements take part.
