@@ -1,7 +1,7 @@
 """Evaluation: loss and perplexity; accuracy and macro-F1 (classification); greedy generation, ROUGE, and
 the share of generated tokens that fall in a frequent-token set (generation).
 
-ROUGE follows the usual convention (ecosystem.md §5): ``rouge_score.RougeScorer([...], use_stemmer=True)``,
+ROUGE follows the usual convention (docs/train.md): ``rouge_score.RougeScorer([...], use_stemmer=True)``,
 ``scorer.score(reference, prediction)`` (reference first), F-measure averaged over examples, in [0, 1].
 For ROUGE-Lsum each text is split into sentences on ``.``/``!``/``?`` followed by white space and joined
 with newlines (a regex instead of nltk's punkt, which would need a download).

@@ -14,7 +14,7 @@ from lowrank.kernels import nf4 as K
 
 pytestmark = pytest.mark.interpreter
 
-# The 15 NF4 decision thresholds as printed in shared/reference/nf4-format.md §1.2 (bit-identical to the
+# The 15 NF4 decision thresholds (docs/nf4.md, "Thresholds"; bit-identical to the
 # literals of bitsandbytes' CUDA decision tree).
 DOCUMENTED_NF4_THRESHOLDS = (
     -0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,

@@ -175,7 +175,7 @@ def make_bnb(k, n, compute_dtype, seed=0):
         with torch.no_grad():
             layer.bias.copy_(torch.randn(n))
         layer = layer.to("cpu")  # quantizes
-    # Capture the state before any forward: bnb's CPU inference repacks the weight in place (nf4-format.md §7).
+    # Capture the state before any forward: bnb's CPU inference repacks the weight in place (docs/nf4.md, CPU quirk 5).
     return layer, {k: v.clone() for k, v in layer.state_dict().items()}
 
 

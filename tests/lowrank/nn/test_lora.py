@@ -58,7 +58,7 @@ class Wrapper(torch.nn.Module):
 def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora):
     peft = pytest.importorskip("peft")
     bnb_nn = pytest.importorskip("bitsandbytes.nn")
-    k, n = 128, 48  # K block-aligned: bnb's AVX-512 CPU dequant is wrong otherwise (nf4-format.md §1.6)
+    k, n = 128, 48  # K block-aligned: bnb's AVX-512 CPU dequant is wrong otherwise (docs/nf4.md, CPU quirk 3)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -69,7 +69,7 @@ def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora)
             (torch.randn(n, k) * 0.2).to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
         )
         base = base.to("cpu")
-    sd = {key: v.clone() for key, v in base.state_dict().items()}  # before any bnb forward (nf4-format.md §7)
+    sd = {key: v.clone() for key, v in base.state_dict().items()}  # before any bnb forward (docs/nf4.md, CPU quirk 5)
     config = peft.LoraConfig(
         r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False, use_rslora=use_rslora
     )
