@@ -3,11 +3,16 @@
 Math (PEFT LoRA, ``A``: r x K, ``B``: N x r, ``s`` = alpha / r or alpha / sqrt(r))
 -------------------------------------------------------------------------------
 forward   y  = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ        x, x_lora: M x K, W: N x K, y: M x N
-          xa = x_lora · Aᵀ  (M x r, fp32, saved for dB)              x_lora = dropout(x), or x itself
+          xa = x_lora · Aᵀ  (M x r, fp32, saved for dB)              x_lora = keep ⊙ x, or x itself
 backward  dS = dy · B       (M x r, fp32, computed once, used by dX and dA)
-          dX = dy · dequant(W) + s · dS · A                          M x K, in x.dtype
+          dX = dy · dequant(W) + s · keep ⊙ (dS · A)                 M x K, in x.dtype
           dA = s · dSᵀ · x_lora                                      r x K, in A.dtype
           dB = s · dyᵀ · xa                                          N x r, in B.dtype
+
+Dropout (``dropout=Dropout(p, seed)``, see ``dropout.py``): ``keep`` is the 0/1 counter-based mask of
+element (m, k) and ``s = scale / (1 - p)`` (without dropout keep = 1, s = scale). The bits are generated
+in registers where a kernel reads x for the shrink (forward, dA) and where the dX epilogue adds the
+low-rank term; no mask and no x_lora exists in memory.
 
 The forward main GEMM and dX are the same pattern, ``out[m, c] = Σ_t in[m, t] · Wop[t, c] +
 s · Σ_j (Σ_t lin[m, t] · P[t, j]) · Q[j, c]``: forward t = k, c = n, P = Aᵀ, Q = Bᵀ; dX t = n, c = k,
@@ -52,6 +57,7 @@ import numbers
 import os
 
 import torch
+from lowrank.kernels import dropout as _dropout
 from lowrank.kernels import nf4 as _nf4
 
 try:
@@ -105,12 +111,14 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, x_lora=None) -> torch.Tensor:
+def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, dropout=None) -> torch.Tensor:
     """``x · W'ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` in fp32 with W' = W rounded to x.dtype; returns x.dtype.
 
-    x, x_lora: (M, K); weight_dense: (N, K); A: (r, K); B: (N, r); bias: (N,) or None.
+    x: (M, K); weight_dense: (N, K); A: (r, K); B: (N, r); bias: (N,) or None; dropout: a
+    :class:`~lowrank.kernels.dropout.Dropout` or None (x_lora = keep ⊙ x and s = scale / (1 - p)).
     """
-    x_lora = x if x_lora is None else x_lora
+    x_lora = x if dropout is None else _dropout.masked_rows_ref(x, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     w = weight_dense.to(x.dtype).float()
     y = x.float() @ w.T + scale * ((x_lora.float() @ A.float().T) @ B.float().T)
     if bias is not None:
@@ -118,12 +126,16 @@ def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, x_lora=None) -> tor
     return y.to(x.dtype)
 
 
-def lora_backward_ref(dy, x, weight_dense, A, B, scale, x_lora=None):
+def lora_backward_ref(dy, x, weight_dense, A, B, scale, dropout=None):
     """fp32 reference of ``(dx, dA, dB)``: dx (M, K) in x.dtype, dA (r, K) in A.dtype, dB (N, r) in B.dtype."""
-    x_lora = x if x_lora is None else x_lora
+    x_lora = x if dropout is None else _dropout.masked_rows_ref(x, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     dyf, w = dy.float(), weight_dense.to(x.dtype).float()
     ds = dyf @ B.float()
-    dx = dyf @ w + scale * (ds @ A.float())
+    low = ds @ A.float()
+    if dropout is not None:
+        low = _dropout.masked_rows_ref(low, dropout)
+    dx = dyf @ w + scale * low
     da = scale * (ds.T @ x_lora.float())
     db = scale * (dyf.T @ (x_lora.float() @ A.float().T))
     return dx.to(x.dtype), da.to(A.dtype), db.to(B.dtype)
@@ -242,8 +254,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_matmul_kernel(
-        in_ptr,  # [M, T]: x (forward) or dy (dX)
-        lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
+        in_ptr,  # [M, T]: x (forward) or dy (dX); also the input of the shrink (FUSE_LOW)
         w_ptr,  # dense W or packed 4-bit codes
         absmax_ptr,
         absmax2_ptr,
@@ -262,8 +273,9 @@ if HAS_TRITON:
         scale,  # fp32 low-rank scale s
         stride_in_m,
         stride_in_t,
-        stride_lin_m,
-        stride_lin_t,
+        drop_key0,  # dropout key / threshold (int32 bit patterns, DROPOUT), see dropout.dropout_keep
+        drop_key1,
+        drop_threshold,
         stride_w_t,
         stride_w_c,
         stride_p_t,
@@ -283,7 +295,7 @@ if HAS_TRITON:
         BLOCKSIZE: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
         FUSE_LOW: tl.constexpr,
-        SEPARATE_LORA_INPUT: tl.constexpr,
+        DROPOUT: tl.constexpr,  # forward (T_IS_K, FUSE_LOW): mask the shrink input x; dX: mask the low-rank term
         HAS_BIAS: tl.constexpr,
         NESTED_KIND: tl.constexpr,
         FAST_DECODE: tl.constexpr,  # 4-bit W with K % BLOCKSIZE == 0: _lora_load_4bit_rows
@@ -382,12 +394,12 @@ if HAS_TRITON:
                 ).to(DOT_DTYPE)
             acc = _lora_mma(a, w, acc, DOT_FP32)
             if FUSE_LOW:
-                if SEPARATE_LORA_INPUT:
-                    a = tl.load(
-                        lin_ptr + offs_m[:, None] * stride_lin_m + offs_t[None, :] * stride_lin_t,
-                        mask=row_ok[:, None] & t_ok[None, :],
-                        other=0.0,
-                    ).to(DOT_DTYPE)
+                if DROPOUT:
+                    if T_IS_K:  # x_lora = keep ⊙ x, element (m, k) at index m·K + k
+                        keep = _dropout.dropout_keep(
+                            offs_m[:, None] * T + offs_t[None, :], drop_key0, drop_key1, drop_threshold
+                        )
+                        a = tl.where(keep, a, tl.zeros_like(a))
                 p = tl.load(
                     p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
                     mask=t_ok[:, None] & (offs_r[None, :] < R),
@@ -421,6 +433,12 @@ if HAS_TRITON:
                 q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
                 low_chunk = _lora_round(low_chunk, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
                 lora = _lora_mma(low_chunk, q, lora, DOT_FP32)
+        if DROPOUT:
+            if not T_IS_K:  # dX: keep ⊙ (dS · A), element (m, k) at index m·K + k
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * C + offs_c[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                lora = tl.where(keep, lora, tl.zeros_like(lora))
         out = acc + scale * lora
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
@@ -439,6 +457,9 @@ if HAS_TRITON:
         T,
         R,
         t_per_split,  # a multiple of BLOCK_T
+        drop_key0,  # dropout of lin = x (DROPOUT): element (m, t) at index m·T + t
+        drop_key1,
+        drop_threshold,
         stride_lin_m,
         stride_lin_t,
         stride_p_t,
@@ -449,6 +470,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        DROPOUT: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,
@@ -466,6 +488,11 @@ if HAS_TRITON:
                 mask=(offs_m[:, None] < M) & (offs_t[None, :] < T),
                 other=0.0,
             ).to(DOT_DTYPE)
+            if DROPOUT:
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * T + offs_t[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                a = tl.where(keep, a, tl.zeros_like(a))
             p = tl.load(
                 p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
                 mask=(offs_t[:, None] < T) & (offs_r[None, :] < R),
@@ -491,6 +518,9 @@ if HAS_TRITON:
         Q,
         rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
         scale,
+        drop_key0,  # dropout of v = x (DROPOUT, dA): element (m, q) at index m·Q + q
+        drop_key1,
+        drop_threshold,
         stride_u_m,
         stride_u_p,
         stride_v_m,
@@ -502,6 +532,7 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        DROPOUT: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,
@@ -526,6 +557,11 @@ if HAS_TRITON:
                 mask=m_ok[:, None] & (offs_q[None, :] < Q),
                 other=0.0,
             )
+            if DROPOUT:
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * Q + offs_q[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                v = tl.where(keep, v, tl.zeros_like(v))
             u_t = _lora_round(u_t, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
             v = _lora_round(v, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
             acc = _lora_mma(u_t, v, acc, DOT_FP32)
@@ -625,8 +661,8 @@ def _check_device(device: torch.device) -> None:
     )
 
 
-def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
-    """Validate the forward operands; returns (M, N, K, r, float scale, contiguous x, x_lora or None)."""
+def _check_operands(x, weight, A, B, scale, bias=None, dropout=None):
+    """Validate the forward operands; returns (M, N, K, r, float scale, contiguous x)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D (M, K) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _nf4.FLOAT_DTYPES:
@@ -650,23 +686,17 @@ def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.dtype not in _nf4.FLOAT_DTYPES:
             raise ValueError(f"bias must be a float tensor of shape ({N},), got {getattr(bias, 'shape', bias)}")
-    if x_lora is not None:
-        if not isinstance(x_lora, torch.Tensor) or tuple(x_lora.shape) != tuple(x.shape) or x_lora.dtype != x.dtype:
-            raise ValueError(
-                f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), got "
-                f"{getattr(x_lora, 'shape', type(x_lora).__name__)}, {getattr(x_lora, 'dtype', '')}"
-            )
+    if dropout is not None and not isinstance(dropout, _dropout.Dropout):
+        raise TypeError(f"dropout must be a lowrank.kernels.dropout.Dropout or None, got {type(dropout).__name__}")
     device = x.device
     tensors = {"weight": _weight_device(weight), "A": A.device, "B": B.device}
     if bias is not None:
         tensors["bias"] = bias.device
-    if x_lora is not None:
-        tensors["x_lora"] = x_lora.device
     wrong = {name: str(d) for name, d in tensors.items() if d != device}
     if wrong:
         raise ValueError(f"all operands must be on x's device {device}; got {wrong}")
     _check_device(device)
-    return M, N, K, r, float(scale), x.contiguous(), (None if x_lora is None else x_lora.contiguous())
+    return M, N, K, r, float(scale), x.contiguous()
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -720,8 +750,8 @@ def _tile_config(M: int, small: bool) -> dict:
     return {**config, **TILE_OVERRIDES.get("tiled", {})}
 
 
-def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
-    """``lin · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r)."""
+def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int, dropout=None) -> torch.Tensor:
+    """``(keep ⊙ lin) · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r). keep = 1 without dropout."""
     M, T = lin.shape
     block_r, block_t = _block_r(r), 64
     block_m = 64 if M > 32 else max(16, triton.next_power_of_2(M))
@@ -742,19 +772,29 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
             T,
             r,
             t_per_split,
+            *_drop_args(dropout),
             *lin.stride(),
             *p.stride(),
             *low.stride(),
             BLOCK_M=block_m,
             BLOCK_T=block_t,
             BLOCK_R=block_r,
+            DROPOUT=dropout is not None,
             **_dot_config(lin.dtype),
         )
     return low[0] if split == 1 else low.sum(0)
 
 
-def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small):
-    """Launch ``_lora_matmul_kernel``: out = inp · Wop + s · low · q (+ bias), low = lin · p if fuse_low."""
+def _drop_args(dropout) -> tuple[int, int, int]:
+    return (0, 0, 0) if dropout is None else dropout.kernel_args()
+
+
+def _matmul(inp, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small, dropout=None):
+    """Launch ``_lora_matmul_kernel``: out = inp · Wop + s · low · q (+ bias), low = inp · p if fuse_low.
+
+    With ``dropout``: forward (transpose_weight) masks inp in the fused shrink (an unfused xa is already
+    masked); dX masks the low-rank term ``low · q``.
+    """
     M, T = inp.shape
     C = out.shape[1]
     R = p.shape[1]
@@ -772,7 +812,6 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
     with _nf4._device_context(inp.device):
         _lora_matmul_kernel[grid](
             inp,
-            lin,
             *w_args,
             p,
             q,
@@ -785,7 +824,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             R,
             scale,
             *inp.stride(),
-            *lin.stride(),
+            *_drop_args(dropout),
             stride_w_t,
             stride_w_c,
             *p.stride(),
@@ -794,7 +833,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             *out.stride(),
             BLOCK_R=block_r,
             FUSE_LOW=fuse_low,
-            SEPARATE_LORA_INPUT=lin is not inp,
+            DROPOUT=dropout is not None and (fuse_low or not transpose_weight),
             HAS_BIAS=bias is not None,
             **config,
             **w_meta,
@@ -821,7 +860,7 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
+def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None, dropout=None):
     """``inp · Wop + bias + s · low · q`` on cuBLAS through a transient dequantized W (forward and dX).
 
     inp: (M, T) in the compute dtype; Wop = Wᵀ (forward: T = K, C = N) or W (dX: T = N, C = K); low: (M, r)
@@ -829,6 +868,8 @@ def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
     The decoded W (N·K·inp.dtype.itemsize bytes, the only full copy) lives until the main product is done.
     The low-rank term is one in-place addmm on inp.dtype operands with fp32 accumulation, as in the fused
     kernels' epilogue (except that the main product is rounded to inp.dtype once before it is added).
+    With ``dropout`` (dX only) the low-rank term is a transient (M, C) product whose dropped elements are
+    zeroed by ``dropout.apply_dropout_`` before it is added.
     """
     w = _dequantize(weight, inp.dtype)
     w_op = w.T if transpose_weight else w
@@ -836,18 +877,24 @@ def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
     del w, w_op  # release the transient before the low-rank term
     # scale 0 (the ops layer's base-only dX under dropout) skips the term instead of multiplying it by 0.
     if low is not None and scale != 0.0:
-        out.addmm_(low.to(inp.dtype), q.to(inp.dtype), alpha=scale)
+        if dropout is None:
+            out.addmm_(low.to(inp.dtype), q.to(inp.dtype), alpha=scale)
+        else:
+            term = _dropout.apply_dropout_(low.to(inp.dtype) @ q.to(inp.dtype), dropout)
+            out.add_(term, alpha=scale)
     return out
 
 
-def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
+def lora_forward(x, weight, A, B, scale: float, bias=None, dropout=None, *, path: str | None = None):
     """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
 
     x: (M, K); weight: dense (N, K) tensor or an object with NF4Weight's fields; A: (r, K); B: (N, r);
-    bias: (N,) or None; x_lora: (M, K) or None (= x). Returns y (M, N) in x.dtype and xa (M, r) fp32.
+    bias: (N,) or None; dropout: a :class:`~lowrank.kernels.dropout.Dropout` or None (x_lora = keep ⊙ x,
+    s = scale / (1 - p); else x_lora = x, s = scale). Returns y (M, N) in x.dtype and xa (M, r) fp32.
     ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`).
     """
-    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, bias, x_lora)
+    M, N, K, r, scale, x = _check_operands(x, weight, A, B, scale, bias, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     if path is None:
         path = choose_forward_path(M, N, K, x.device)
     elif path not in FORWARD_PATHS:
@@ -856,19 +903,18 @@ def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path:
     xa = torch.empty((M, r), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, xa
-    lin = x if x_lora is None else x_lora
     if path == "dequant_matmul":
-        xa = _shrink(lin, A.T, r)
+        xa = _shrink(x, A.T, r, dropout)
         return _dequant_matmul(x, weight, True, xa, B.T, scale, bias), xa
     fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
     if not fuse_low:
-        xa = _shrink(lin, A.T, r)
-    _matmul(x, lin, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m")
+        xa = _shrink(x, A.T, r, dropout)
+    _matmul(x, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m", dropout)
     return y, xa
 
 
 def lora_backward(
-    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
+    dy, x, weight, A, B, scale: float, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
 ):
     """Gradients of :func:`lora_forward` (bias gradient excluded: it is ``dy.sum(0)``).
 
@@ -884,7 +930,8 @@ def lora_backward(
 
     dA and dB are the same on both paths.
     """
-    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, None, x_lora)
+    M, N, K, r, scale, x = _check_operands(x, weight, A, B, scale, None, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
         raise ValueError(
             f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}"
@@ -899,7 +946,6 @@ def lora_backward(
     elif path not in BACKWARD_PATHS:
         raise ValueError(f"path must be one of {BACKWARD_PATHS} or None, got {path!r}")
     dy = dy.contiguous()
-    lin = x if x_lora is None else x_lora
     dx = dA = dB = None
     if M == 0:
         return (
@@ -911,27 +957,29 @@ def lora_backward(
     if need_dx and path == "dequant":
         if need_dA or scale != 0.0:
             ds = _shrink(dy, B, r)
-        dx = _dequant_matmul(dy, weight, False, ds, A, scale)
+        dx = _dequant_matmul(dy, weight, False, ds, A, scale, dropout=dropout)
     elif need_dx:
         small = choose_forward_path(M, N, K, x.device) == "fused_small_m"
         dx = torch.empty_like(x)
         fuse = small and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
         ds = torch.empty((M, r), dtype=torch.float32, device=x.device) if fuse else _shrink(dy, B, r)
-        _matmul(dy, dy, weight, False, B, A, ds, fuse, None, dx, scale, small)
+        _matmul(dy, weight, False, B, A, ds, fuse, None, dx, scale, small, dropout)
     elif need_dA:
         ds = _shrink(dy, B, r)
     # The adapter gradients reduce over all M rows with fp32 operands (IEEE dots), as PEFT's fp32 LoRA
     # branch does: rounding dS / xa to bf16 put the bf16 dA outside the 2x-PyTorch-error bound on an H100
     # (M = 67 and 512). They cost ~2·r/N of the dX GEMM, so the precision is cheap.
     if need_dA:
-        dA = _grad(ds, lin, scale, A.dtype, torch.float32)
+        dA = _grad(ds, x, scale, A.dtype, torch.float32, dropout)
     if need_dB:
         dB = _grad(dy, xa, scale, B.dtype, torch.float32)
     return dx, dA, dB
 
 
-def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype, compute_dtype: torch.dtype):
-    """``s · uᵀ · v`` for u (M, P), v (M, Q), reduced over M (split over programs when M is large)."""
+def _grad(
+    u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype, compute_dtype: torch.dtype, dropout=None
+):
+    """``s · uᵀ · (keep ⊙ v)`` for u (M, P), v (M, Q), reduced over M (split over programs when M is large)."""
     M, P = u.shape
     Q = v.shape[1]
     block_p = 64 if P > 32 else max(16, triton.next_power_of_2(P))
@@ -960,6 +1008,7 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
             Q,
             rows_per_split,
             scale,
+            *_drop_args(dropout),
             *u.stride(),
             *v.stride(),
             *strides,
@@ -967,6 +1016,7 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
             BLOCK_M=block_m,
+            DROPOUT=dropout is not None,
             **_dot_config(compute_dtype),
         )
     return out if split == 1 else out.sum(0).to(out_dtype)
