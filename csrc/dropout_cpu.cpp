@@ -1,6 +1,6 @@
 // CPU dropout keep-bits (see dropout.h for the generator): the row helpers used by lora_cpu.cpp, AVX-512
-// when the CPU has it (16 indices per step), and the `dropout_mask_out` operator the tests compare with
-// the torch reference and the Triton kernel.
+// when the CPU has it (16 indices per step, the same keep_x16 for both helpers), and the `dropout_mask_out`
+// operator the tests compare with the torch reference and the Triton kernel.
 #include "dropout.h"
 
 #include <ATen/ATen.h>
@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 namespace lowrank_ext {
@@ -58,6 +59,16 @@ LOWRANK_DROPOUT_AVX512 void zero_dropped_avx512(const DropoutKey& k, int64_t e0,
   }
 }
 
+LOWRANK_DROPOUT_AVX512 void keep_bytes_avx512(const DropoutKey& k, int64_t e0, uint8_t* out, int64_t n) {
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __mmask16 keep = keep_x16(k, static_cast<uint64_t>(e0 + j));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(keep, one)));
+  }
+  for (; j < n; ++j) out[j] = dropout_keep(k, e0 + j) ? 1 : 0;
+}
+
 }  // namespace
 
 void dropout_zero_dropped(const DropoutKey& k, int64_t e0, float* v, int64_t n) {
@@ -72,7 +83,15 @@ void dropout_zero_dropped(const DropoutKey& k, int64_t e0, float* v, int64_t n) 
 }
 
 void dropout_keep_bytes(const DropoutKey& k, int64_t e0, uint8_t* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = (!k.active || dropout_keep(k, e0 + j)) ? 1 : 0;
+  if (!k.active) {
+    std::fill(out, out + n, static_cast<uint8_t>(1));
+    return;
+  }
+  if (cpu_has_avx512f()) {
+    keep_bytes_avx512(k, e0, out, n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = dropout_keep(k, e0 + j) ? 1 : 0;
 }
 
 namespace {

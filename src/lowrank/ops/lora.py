@@ -507,8 +507,7 @@ def _check_x_and_dropout(x, dropout: float) -> None:
         raise TypeError(f"x dtype must be float32/float16/bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be non-empty with features in its last dim, got shape {tuple(x.shape)}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    D.check_p(dropout)
 
 
 def _seed_tensor(dropout: float, dropout_seed) -> torch.Tensor | None:
