@@ -55,6 +55,7 @@ LAYER_OF = {
     "lowrank.nf4": "ops",
     # Triton kernels and the C++ extension's loader
     "lowrank.kernels": "kernels/ext",
+    "lowrank.kernels.dropout": "kernels/ext",
     "lowrank.kernels.lora_matmul": "kernels/ext",
     "lowrank.kernels.nf4": "kernels/ext",
     "lowrank._ext": "kernels/ext",
