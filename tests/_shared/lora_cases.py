@@ -4,6 +4,7 @@ tests/csrc/test_cuda_ops.py): the weight kinds, a seeded problem, and the tolera
 from __future__ import annotations
 
 import torch
+from lowrank.kernels import dropout as D
 
 import lowrank
 
@@ -41,7 +42,7 @@ def make_weight(kind: str, w: torch.Tensor, device: torch.device | str = "cpu"):
 
 
 def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
-    """CPU tensors: x, the dense weight to quantize, A, B, bias, a dropped-out x_lora, dy."""
+    """CPU tensors: x, the dense weight to quantize, A, B, bias, a Dropout (p 0.2, seeded) of the LoRA input, dy."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0, dt=dtype):
@@ -52,9 +53,14 @@ def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
     A = randn(r, K, std=K**-0.5, dt=lora_dtype)
     B = randn(N, r, std=0.5, dt=lora_dtype)
     bias = randn(N, std=0.1)
-    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)  # a dropped-out LoRA input
+    dropout = D.Dropout(0.2, 1000 + seed)
     dy = randn(M, N)
-    return x, w, A, B, bias, x_lora, dy
+    return x, w, A, B, bias, dropout, dy
+
+
+def kept(t: torch.Tensor, dropout) -> torch.Tensor:
+    """keep ⊙ t with the reference mask (rows of t are rows of the (M, K) mask); t itself without dropout."""
+    return t if dropout is None else D.masked_rows_ref(t.cpu(), dropout).to(t.device)
 
 
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,14 +6,17 @@ Shapes: x ``(M, K)`` (leading batch dims are flattened by the public functions),
 Backends (``torch`` | ``triton`` | ``ext``) implement two functions, registered with the dispatch point
 under the op names ``"lora_forward"`` and ``"lora_backward"``::
 
-    lora_forward(x, weight, A, B, scale, bias=None, x_lora=None) -> (y, xa)      xa = x_lora·Aᵀ, fp32 (M, r)
-    lora_backward(dy, x, weight, A, B, scale, xa, x_lora=None, need_dx, need_dA, need_dB) -> (dx, dA, dB)
-        dx = dy·W + s·(dy·B)·A,  dA = s·(dy·B)ᵀ·x_lora,  dB = s·dyᵀ·xa
+    lora_forward(x, weight, A, B, scale, bias=None, dropout=None) -> (y, xa)      xa = x_lora·Aᵀ, fp32 (M, r)
+    lora_backward(dy, x, weight, A, B, scale, xa, dropout=None, need_dx, need_dA, need_dB) -> (dx, dA, dB)
+        dx = dy·W + s·keep⊙((dy·B)·A),  dA = s·(dy·B)ᵀ·x_lora,  dB = s·dyᵀ·xa
 
-Autograd saves only what the caller already holds -- x, the packed weight (never a dequantized copy), A, B,
-the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed: the keep-mask is regenerated in the
-backward instead of storing ``drop(x)`` (M·K). Dropout follows PEFT (only the LoRA input is dropped) but is
-applied as ``x_lora = x·mask`` with ``1/(1-p)`` folded into the scale, so the mask is exact in every dtype.
+``dropout`` is a :class:`lowrank.kernels.dropout.Dropout` (p, seed) or None: x_lora = keep⊙x and
+s = scale/(1-p), where keep is the counter-based mask of ``lowrank.kernels.dropout`` -- the same bits in
+every backend, generated inside each backend where it reads x (the torch backend in row chunks), never
+stored as (M, K). Autograd saves only what the caller already holds -- x, the packed weight (never a
+dequantized copy), A, B, the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed. Dropout
+follows PEFT (only the LoRA input is dropped); ``1/(1-p)`` is folded into the scale, so the mask is exact in
+every dtype.
 Every backward that needs W decodes it from the saved packed bytes: the triton backend either tile by tile
 or, for large M, into a transient freed before it returns (``lowrank.kernels.lora_matmul.choose_backward_path``;
 ``LOWRANK_LORA_BACKWARD_PATH=fused|dequant``, read by the dispatch point, forces one).
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lowrank.kernels import dropout as D
 from lowrank.kernels import lora_matmul as _LK
 from lowrank.kernels import nf4 as K
 from lowrank.nf4_format import NF4Weight
@@ -55,10 +59,23 @@ def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     return K.dequantize_4bit_ref(weight.packed, absmax, tuple(weight.shape), dtype, weight.blocksize, weight.quant_type)
 
 
+def _kept_chunks(x: torch.Tensor, dropout):
+    """(m0, m1, keep ⊙ x[m0:m1] in fp32) over row chunks of x (M, K): the mask exists one chunk at a time."""
+    step = D.ref_chunk_rows(x.shape[1])
+    for m0 in range(0, x.shape[0], step):
+        m1 = min(m0 + step, x.shape[0])
+        yield m0, m1, D.masked_rows_ref(x[m0:m1], dropout, m0, torch.float32)
+
+
 @register("lora_forward", "torch")
-def lora_forward_torch(x, weight, A, B, scale: float, bias=None, x_lora=None):
-    x_lora = x if x_lora is None else x_lora
-    xa = x_lora.float() @ A.float().t()
+def lora_forward_torch(x, weight, A, B, scale: float, bias=None, dropout=None):
+    scale = D.lora_scale(scale, dropout)
+    if dropout is None:
+        xa = x.float() @ A.float().t()
+    else:
+        xa = torch.empty((x.shape[0], A.shape[0]), dtype=torch.float32, device=x.device)
+        for m0, m1, kept in _kept_chunks(x, dropout):
+            torch.mm(kept, A.float().t(), out=xa[m0:m1])
     base = x @ dense_weight(weight, x.dtype).t()
     y = base.float() + scale * (xa @ B.float().t())
     if bias is not None:
@@ -67,15 +84,26 @@ def lora_forward_torch(x, weight, A, B, scale: float, bias=None, x_lora=None):
 
 
 @register("lora_backward", "torch")
-def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True):
-    x_lora = x if x_lora is None else x_lora
+def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True):
+    scale = D.lora_scale(scale, dropout)
     dy32 = dy.float()
     dyb = scale * (dy32 @ B.float()) if (need_dx or need_dA) else None
     dx = dA = dB = None
     if need_dx:
-        dx = ((dy @ dense_weight(weight, dy.dtype)).float() + dyb @ A.float()).to(x.dtype)
+        low = dyb @ A.float()
+        if dropout is not None:
+            step = D.ref_chunk_rows(x.shape[1])
+            for m0 in range(0, x.shape[0], step):
+                low[m0 : m0 + step] = D.masked_rows_ref(low[m0 : m0 + step], dropout, m0)
+        dx = ((dy @ dense_weight(weight, dy.dtype)).float() + low).to(x.dtype)
     if need_dA:
-        dA = (dyb.t() @ x_lora.float()).to(A.dtype)
+        if dropout is None:
+            dA = (dyb.t() @ x.float()).to(A.dtype)
+        else:
+            dA32 = torch.zeros(A.shape, dtype=torch.float32, device=x.device)
+            for m0, m1, kept in _kept_chunks(x, dropout):
+                dA32.addmm_(dyb[m0:m1].t(), kept)
+            dA = dA32.to(A.dtype)
     if need_dB:
         dB = (scale * (dy32.t() @ xa)).to(B.dtype)
     return dx, dA, dB
@@ -104,14 +132,19 @@ for _op in ("lora_forward", "lora_backward"):
 # ---------------------------------------------------------------------------------------------------
 
 
-def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The bool keep-mask (True = kept, probability ``1 - p``) that dropout with ``seed`` applies.
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The bool keep-mask (True = kept, probability ``1 - p``) that dropout with ``seed`` applies to an input
+    of ``shape`` (element index = position in the contiguous tensor; see ``lowrank.kernels.dropout``).
 
-    Drawn from a private generator seeded with ``seed`` on ``device``, so a test can rebuild it exactly.
+    The same bits on every device and backend; built here by the pure-torch generator.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    return torch.rand(tuple(shape), generator=gen, device=device) >= p
+    shape = tuple(int(d) for d in shape)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if shape else 1
+    drop = D.Dropout.of(p, int(seed))
+    if drop is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return D.dropout_mask_ref(rows, cols, drop, 0, device).reshape(shape)
 
 
 def new_dropout_seed() -> torch.Tensor:
@@ -119,12 +152,11 @@ def new_dropout_seed() -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
 
 
-def _masked_input(x: torch.Tensor, p: float, seed: torch.Tensor | None, index: int = 0):
-    """``(x·mask, mask)`` for projection ``index`` (each projection draws its own mask, like PEFT)."""
+def _dropout_of(p: float, seed: torch.Tensor | None, index: int = 0) -> D.Dropout | None:
+    """The Dropout of projection ``index`` (seed + index: each projection has its own mask, like PEFT)."""
     if p == 0.0 or seed is None:
-        return None, None
-    mask = dropout_mask(x.shape, p, int(seed.item()) + index, x.device)
-    return x * mask, mask
+        return None
+    return D.Dropout.of(p, int(seed.item()) + index)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,13 +195,12 @@ def _forward_one(x, w, A, B, scale, bias, dropout, seed, index, backend):
             dense = _dequantize(w, x.dtype, backend)
         y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
         return y, x.new_empty((x.shape[0], 0), dtype=torch.float32)
-    x_lora, _ = _masked_input(x, dropout, seed, index)
-    eff_scale = scale / (1.0 - dropout) if x_lora is not None else scale
-    return dispatch.implementation("lora_forward", backend)(x, w, A, B, eff_scale, bias, x_lora)
+    drop = _dropout_of(dropout, seed, index)
+    return dispatch.implementation("lora_forward", backend)(x, w, A, B, scale, bias, drop)
 
 
 def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need_dA, need_dB, backend):
-    """(dx or None, dA, dB) for one projection; dx is in x's dtype, or fp32 when dropout masks its LoRA term."""
+    """(dx or None, dA, dB) for one projection; dx is in x's dtype."""
     if A is None:
         if isinstance(w, torch.Tensor):
             dense = w.to(dy.dtype)
@@ -177,19 +208,7 @@ def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need
             dense = _dequantize(w, dy.dtype, backend)
         return (dy @ dense) if need_dx else None, None, None
     impl = dispatch.implementation("lora_backward", backend)
-    x_lora, mask = _masked_input(x, dropout, seed, index)
-    if x_lora is None:
-        return impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
-    eff_scale = scale / (1.0 - dropout)
-    dx = dA = dB = None
-    if need_dA or need_dB:
-        _, dA, dB = impl(dy, x, w, A, B, eff_scale, xa, x_lora, False, need_dA, need_dB)
-    if need_dx:
-        # The backends' dx has no mask on the LoRA term: take the base part (scale 0) and add the masked term.
-        base, _, _ = impl(dy, x, w, A, B, 0.0, xa, None, True, False, False)
-        lora = (eff_scale * (dy.float() @ B.float())) @ A.float()
-        dx = lora.mul_(mask).add_(base)  # in place: the same bits as base.float() + lora * mask, two temporaries fewer
-    return dx, dA, dB
+    return impl(dy, x, w, A, B, scale, xa, _dropout_of(dropout, seed, index), need_dx, need_dA, need_dB)
 
 
 # ---------------------------------------------------------------------------------------------------
