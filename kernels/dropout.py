@@ -250,7 +250,7 @@ def _launch(t: torch.Tensor | None, mask: torch.Tensor | None, rows, cols, row_o
     if not HAS_TRITON:
         raise RuntimeError("the dropout Triton kernels need triton, which is not installed")
     ref = t if t is not None else mask
-    if ref.device.type != "cuda" and not (ref.device.type == "cpu" and _interpreting()):
+    if ref.device.type not in ("cuda", "cpu"):  # CPU tensors run in the interpreter (lowrank.ops.dispatch checks)
         raise RuntimeError(f"the dropout kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {ref.device}")
     if rows * cols == 0:
         return
@@ -268,12 +268,6 @@ def _launch(t: torch.Tensor | None, mask: torch.Tensor | None, rows, cols, row_o
             APPLY=t is not None,
             WRITE_MASK=mask is not None,
         )
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _device_context(device: torch.device):
