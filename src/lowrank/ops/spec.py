@@ -19,19 +19,28 @@ import torch
 class OpSpec:
     """The arguments of the custom op ``qualname`` (``"namespace::name"``) and what follows from them."""
 
-    def __init__(self, qualname: str, args: Sequence[tuple[str, str]], returns: str):
+    def __init__(self, qualname: str, args: Sequence[tuple[str, str] | tuple[str, str, str]], returns: str):
+        # (name, schema type) or (name, schema type, Python default); defaults only at the end
         self.qualname = qualname
-        self.args = tuple(args)
+        self.args = tuple((arg[0], arg[1]) for arg in args)
+        self.defaults = {arg[0]: arg[2] for arg in args if len(arg) == 3}
         self.names = tuple(name for name, _ in self.args)
+        if list(self.defaults) != list(self.names[len(self.names) - len(self.defaults) :]):
+            raise ValueError(f"{qualname}: arguments with defaults must come last, got {list(self.defaults)}")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"{qualname}: argument names repeat: {self.names}")
         self.returns = returns
-        self.Args = collections.namedtuple("Args", self.names)
+        # the dispatcher hands a Python implementation only the arguments given: defaults fill the rest
+        self.Args = collections.namedtuple("Args", self.names, defaults=tuple(self.defaults.values()))
         self.op = None
 
     @property
     def schema(self) -> str:
-        return "(" + ", ".join(f"{kind} {name}" for name, kind in self.args) + f") -> {self.returns}"
+        parts = [
+            f"{kind} {name}" + (f"={_schema_default(self.defaults[name])}" if name in self.defaults else "")
+            for name, kind in self.args
+        ]
+        return "(" + ", ".join(parts) + f") -> {self.returns}"
 
     def derive(
         self,
@@ -46,7 +55,9 @@ class OpSpec:
         unknown = set(drop) - set(self.names)
         if unknown:
             raise KeyError(f"{self.qualname} has no arguments {sorted(unknown)}")
-        kept = [arg for arg in self.args if arg[0] not in drop]
+        kept = [
+            (*arg, self.defaults[arg[0]]) if arg[0] in self.defaults else arg for arg in self.args if arg[0] not in drop
+        ]
         return OpSpec(qualname, [*before, *kept, *after], returns or self.returns)
 
     def define(self, impl: Callable, fake: Callable):
@@ -89,6 +100,17 @@ class OpSpec:
             )
 
         self.op.register_autograd(full_backward, setup_context=setup_context)
+
+
+_SCALAR_TYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
+
+
+def _schema_default(value) -> str:
+    if isinstance(value, torch.dtype):
+        return str(_SCALAR_TYPE_CODES[value])
+    if value is None:
+        return "None"
+    return repr(value)
 
 
 def save(ctx, **named) -> None:
