@@ -251,12 +251,8 @@ def _launch(t: torch.Tensor | None, mask: torch.Tensor | None, rows, cols, row_o
     if not HAS_TRITON:
         raise RuntimeError("the dropout Triton kernels need triton, which is not installed")
     ref = t if t is not None else mask
-    # CPU tensors run in the Triton interpreter (the dispatch point checks that it is on); nothing here
-    # reads the environment.
-    if ref.device.type not in ("cuda", "cpu"):
-        raise RuntimeError(
-            f"the dropout kernels need CUDA tensors (or CPU tensors in the interpreter), got {ref.device}"
-        )
+    if ref.device.type not in ("cuda", "cpu"):  # CPU tensors run in the interpreter (lowrank.ops.dispatch checks)
+        raise RuntimeError(f"the dropout kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {ref.device}")
     if rows * cols == 0:
         return
     block = 1024

@@ -863,10 +863,10 @@ def lora_forward(x, weight, A, B, scale: float, bias=None, dropout=None, *, path
     """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
 
     x: (M, K); weight: dense (N, K) tensor or an :class:`~lowrank.nf4_format.NF4Weight`; A: (r, K);
-    B: (N, r); bias: (N,) or None; dropout: a :class:`~lowrank.kernels.dropout.Dropout` or None
-    (x_lora = keep ⊙ x, s = scale / (1 - p); else x_lora = x, s = scale). Returns y (M, N) in x.dtype and
-    xa (M, r) fp32. ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`). Validates
-    the operands, then runs :func:`lora_forward_unchecked`.
+    B: (N, r); bias: (N,) or None; dropout: a :class:`~lowrank.kernels.dropout.Dropout` or None (x_lora =
+    keep ⊙ x, s = scale / (1 - p); else x_lora = x, s = scale). Returns y (M, N) in x.dtype and xa (M, r)
+    fp32. ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`). Validates the
+    operands, then runs :func:`lora_forward_unchecked`.
     """
     _check_operands(x, weight, A, B, scale, bias, dropout)
     _check_path(path, FORWARD_PATHS)

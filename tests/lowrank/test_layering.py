@@ -52,6 +52,7 @@ LAYER_OF = {
     "lowrank.ops.lora": "ops",
     "lowrank.ops.lora_multi": "ops",
     "lowrank.ops.nf4": "ops",
+    "lowrank.ops.spec": "ops",
     "lowrank.nf4": "ops",
     # Triton kernels and the C++ extension's loader
     "lowrank.kernels": "kernels/ext",

@@ -18,9 +18,9 @@ from lowrank.kernels import dropout as D
 from lowrank.kernels import lora_matmul as LK
 
 from lowrank.nf4 import dequantize, quantize
+from lowrank.nf4_format import TENSOR_FIELDS
 from lowrank.ops import dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
 from lowrank.ops import lora as L
-from lowrank.ops import lora_multi as LM
 
 N, KDIM, RANK = 40, 96, 5  # K = 96 with blocksize 64: quantization blocks span two rows of W; odd rank
 ALPHA = 16.0
@@ -307,38 +307,33 @@ def test_no_gradient_reaches_the_base_weight():
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_opcheck_lora_linear(kind, p):
     w, dense, x, A, B, b = make_problem(5, torch.float32, kind)
-    fields = L._weight_fields(w)
     seed = torch.tensor(11) if p else None
-    args = (x.requires_grad_(True), *fields, A.requires_grad_(True), B.requires_grad_(True), 0.7, b, p, seed, "torch")
-    torch.library.opcheck(L.lora_linear_op, args)
+    projection = (w, A.requires_grad_(True), B.requires_grad_(True), 0.7, b)
+    args = L.lora_op_args(x.requires_grad_(True), [projection], p, seed, "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(args))
 
 
-def test_opcheck_lora_linear_multi():
+def test_opcheck_base_only_and_several_projections():
     w1, _, x, A1, B1, b1 = make_problem(5, torch.float32, "nf4", seed=1)
     w2, _, _, A2, B2, _ = make_problem(5, torch.float32, "dense", seed=2, n=24)
-    f1, f2 = L._weight_fields(w1), L._weight_fields(w2)
-    lists = [
-        [torch.empty(0) if a is None else a, torch.empty(0) if c is None else c] for a, c in zip(f1, f2, strict=True)
+    base_only = L.lora_op_args(x.clone().requires_grad_(True), [(w1, None, None, 0.0, b1)], 0.0, None, "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(base_only))
+    projections = [
+        (w1, A1.requires_grad_(True), B1.requires_grad_(True), 0.5, b1.requires_grad_(True)),
+        (w2, A2.requires_grad_(True), B2, 2.0, None),
     ]
-    kinds = "nf4:float32,none:float32"
-    args = (
-        x.requires_grad_(True),
-        lists[0],
-        lists[1],
-        lists[2],
-        lists[3],
-        lists[4][0] + lists[4][1],
-        lists[5],
-        kinds,
-        [A1.requires_grad_(True), A2.requires_grad_(True)],
-        [B1.requires_grad_(True), B2],
-        [0.5, 2.0],
-        [b1.requires_grad_(True), torch.empty(0)],
-        0.1,
-        torch.tensor(5),
-        "torch",
-    )
-    torch.library.opcheck(LM.lora_linear_multi_op, args)
+    args = L.lora_op_args(x.requires_grad_(True), projections, 0.1, torch.tensor(5), "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(args))
+
+
+def test_the_op_arguments_are_declared_once():
+    # the backward op is derived from the forward op; the weight fields come from NF4Weight's
+    fwd, bwd = L.LORA, L.LORA_BACKWARD
+    assert bwd.names == ("dy", *(n for n in fwd.names if n != "bias"), "xa", "need_dx", "need_dA", "need_dB")
+    assert [n for n in fwd.names if n.startswith("w_")][:4] == [f"w_{f}" for f in TENSOR_FIELDS]
+    assert str(torch.ops.lowrank.lora_linear.default._schema).endswith(fwd.schema.split("(", 1)[1].split(")")[1])
+    with pytest.raises(TypeError, match="missing arguments \\['seed'\\]"):
+        fwd.positional({n: None for n in fwd.names if n != "seed"})
 
 
 def test_torch_compile_fullgraph_matches_eager():
