@@ -237,9 +237,10 @@ if HAS_TRITON:
         APPLY: tl.constexpr,
         WRITE_MASK: tl.constexpr,
     ):
+        # tl.cast, not .to: an int argument equal to 1 may arrive as a constexpr
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        ok = offs < rows.to(tl.int64) * cols
-        keep = dropout_keep(row_offset.to(tl.int64) * cols + offs, key0, key1, threshold)
+        ok = offs < tl.cast(rows, tl.int64) * cols
+        keep = dropout_keep(tl.cast(row_offset, tl.int64) * cols + offs, key0, key1, threshold)
         if WRITE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.uint8), mask=ok)
         if APPLY:
