@@ -438,14 +438,16 @@ def test_bad_inputs_raise_clear_errors():
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     x, w, A, B = (t.to(CUDA) for t in (x, w, A, B))
     with pytest.raises(RuntimeError, match="A must have shape"):
-        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got Double"):
-        ops.lora_forward(x.double(), w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, None)
+        ops.lora_forward(x.double(), w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"bias must have shape \(32\)"):
-        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[0, :31], None)
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[0, :31], 0.0, 0)
     with pytest.raises(RuntimeError, match="xa must be float32 of shape"):
-        ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], None,
+        ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], 0.0, 0,
                           True, True, True)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"dropout must be a probability in \[0, 1\), got 1"):
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, 1.0, 0)
 
 
 @needs_real_gpu
@@ -457,7 +459,7 @@ def test_cpu_tensors_are_rejected_by_name():
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     with pytest.raises(RuntimeError, match="A must be a CUDA tensor for the ext CUDA kernels, got cpu"):
         ops.lora_forward(x.to(CUDA), w.to(CUDA), None, None, None, 64, "nf4", torch.float32, A, B.to(CUDA), 1.0, None,
-                         None)  # fmt: skip
+                         0.0, 0)  # fmt: skip
 
 
 def test_opcheck_cuda_ops():
