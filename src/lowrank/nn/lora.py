@@ -581,3 +581,100 @@ class LoRAFusedProjections(nn.Module):
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)
         outputs = lora_multi.lora_linear_multi(x_c, projections, p, self.layers[0].backend)
         return tuple(y.to(x.dtype) for y in outputs)
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a trainable low-rank update, PEFT's layout and semantics:
+    ``y = base(ids) + scale · embed(ids, Aᵀ) · Bᵀ`` with ``lora_embedding_A`` (r, num_embeddings) and
+    ``lora_embedding_B`` (embedding_dim, r); init A = 0, B ~ N(0, 1) (PEFT's ``init_lora_weights=True``;
+    ``"gaussian"`` the same). One adapter per layer; no dropout (PEFT applies none to embeddings).
+    """
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        r: int,
+        alpha: float,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+        *,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Embedding) or hasattr(base, "embed_scale"):
+            raise TypeError(f"base must be a plain nn.Embedding, got {type(base).__name__}")
+        _check_rank_alpha_dropout(r, alpha, 0.0)
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"an embedding adapter's init must be 'kaiming' or 'gaussian', got {init!r}")
+        if adapter_dtype not in _FLOATS:
+            raise TypeError(f"adapter_dtype must be float32/float16/bfloat16, got {adapter_dtype}")
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.r, self.alpha, self.use_rslora, self.dropout = r, alpha, use_rslora, 0.0
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=adapter_dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, dtype=adapter_dtype, device=device))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_embedding_B)
+        self.adapter_name = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
+        self.adapters_enabled = True
+        self.use_dora = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [self.adapter_name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def adapter(self, name: str) -> LoRAEmbedding:
+        if name != self.adapter_name:
+            raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names}")
+        return self
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        if self.adapter_name not in self.active_adapters:
+            return {}
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        unknown = [n for n in names if n != self.adapter_name]
+        if unknown:
+            raise KeyError(f"adapter {unknown[0]!r} is not on this layer; it has {self.adapter_names}")
+        self.active_adapters = list(names)
+        for p in (self.lora_embedding_A, self.lora_embedding_B):
+            p.requires_grad_(self.adapter_name in names)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale·(B·A)ᵀ`` in fp32, shape (num_embeddings, embedding_dim)."""
+        return self.scale * (self.lora_embedding_B.detach().float() @ self.lora_embedding_A.detach().float()).t()
+
+    def merged_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        base = self.base_layer.weight.detach().float()
+        if self.adapter_name in self.active_adapters:
+            base = base + self.delta_weight()
+        return base.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, adapter={self.adapter_name!r}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        if not self.adapters_enabled or self.adapter_name not in self.active_adapters:
+            return y
+        base = self.base_layer
+        after_a = nn.functional.embedding(
+            ids,
+            self.lora_embedding_A.t(),
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        return y + ((after_a @ self.lora_embedding_B.t()) * self.scale).to(y.dtype)
