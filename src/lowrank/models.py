@@ -751,3 +751,35 @@ class disable_adapters:  # noqa: N801 (a context manager used like a function, a
         for module, enabled in self._saved:
             module.adapters_enabled = enabled
         self._saved = []
+
+
+#: the name that means "no adapter" for an example of a mixed batch (PEFT's ``"__base__"``)
+BASE_ADAPTER = "__base__"
+
+
+class mixed_batch:  # noqa: N801 (a context manager used like a function)
+    """``with lowrank.mixed_batch(model, ["a", "b", "__base__", ...]):`` runs each example of the batch (the
+    first dimension of the input) through its own adapter -- PEFT's ``adapter_names=`` inference argument.
+    Every LoRA linear layer then runs the base once for the whole batch and the low-rank terms as one gathered
+    batched matmul (:func:`lowrank.ops.lora_multi.lora_linear_multi_adapter`); ``"__base__"`` (or an adapter a
+    layer does not carry) runs the base alone. Plain LoRA adapters only (not DoRA)."""
+
+    def __init__(self, model: nn.Module, adapter_names: Sequence[str]):
+        configs = adapter_configs(model)
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per example, got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in configs})
+        if unknown:
+            raise ValueError(
+                f"adapter_names {unknown} do not exist; the model has adapters {list(configs)} (and {BASE_ADAPTER!r})"
+            )
+        self.model, self.names = model, list(adapter_names)
+
+    def __enter__(self) -> nn.Module:
+        for module in adapter_layers(self.model).values():
+            module.batch_adapter_names = self.names
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for module in adapter_layers(self.model).values():
+            module.batch_adapter_names = None

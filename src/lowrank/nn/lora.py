@@ -186,6 +186,8 @@ class LoRALinear(nn.Module):
         self.extra_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = [adapter_name]
         self.adapters_enabled = True
+        #: per-example adapter names of the batch being run (set by ``lowrank.mixed_batch``), or None
+        self.batch_adapter_names: list[str] | None = None
         self.merged = False
         self._unmerged_nf4: nf4.NF4Weight | None = None
         self.reset_lora_parameters(init)
@@ -510,8 +512,38 @@ class LoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
 
+    def _mixed_batch_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Each example (x's first dim) through its own adapter, in one batched call
+        (:func:`lowrank.ops.lora_multi.lora_linear_multi_adapter`); names this layer lacks run the base only."""
+        if x.dim() != 3 or x.shape[0] != len(names):
+            raise ValueError(
+                f"a mixed batch needs x of shape (batch, seq, in) with batch = {len(names)} adapter names, "
+                f"got {tuple(x.shape)}"
+            )
+        used = [n for n in dict.fromkeys(names) if n in self.adapter_names]
+        if self.use_dora and self.adapter_name in used:
+            raise ValueError(f"adapter {self.adapter_name!r} is a DoRA adapter: mixed batches take plain LoRA only")
+        base = self.base_layer
+        x_c = x if not self.is_quantized or base.compute_dtype is None else x.to(base.compute_dtype)
+        w = base.packed_weight if self.is_quantized else base.weight
+        if not used:
+            return self.base_layer(x)
+        holders = [self.adapter(n) for n in used]
+        r_max = max(h.r for h in holders)
+        # ranks may differ: zero rows of A / columns of B add nothing
+        A_stack = torch.stack([nn.functional.pad(h.lora_A.float(), (0, 0, 0, r_max - h.r)) for h in holders])
+        B_stack = torch.stack([nn.functional.pad(h.lora_B.float(), (0, r_max - h.r)) for h in holders])
+        scales = [h.scale for h in holders]
+        ids = torch.tensor([used.index(n) if n in used else -1 for n in names], device=x.device)
+        y = lora_multi.lora_linear_multi_adapter(x_c, w, A_stack, B_stack, scales, ids, base.bias, self.backend)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.adapters_enabled or not self.active_adapters:
+        if self.merged or not self.adapters_enabled:
+            return self.base_layer(x)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, self.batch_adapter_names)
+        if not self.active_adapters:
             return self.base_layer(x)
         names = self.active_adapters
         if self.use_dora and self.adapter_name in names:  # the DoRA adapter scales the base: it goes first
@@ -567,6 +599,7 @@ class LoRAFusedProjections(nn.Module):
         if any(
             layer.merged
             or layer.use_dora
+            or layer.batch_adapter_names is not None
             or not layer.adapters_enabled
             or layer.active_adapters != [layer.adapter_name]
             for layer in self.layers
@@ -623,6 +656,7 @@ class LoRAEmbedding(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.adapters_enabled = True
         self.use_dora = False
+        self.batch_adapter_names: list[str] | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -665,7 +699,8 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
-        if not self.adapters_enabled or self.adapter_name not in self.active_adapters:
+        names = self.batch_adapter_names
+        if not self.adapters_enabled or (names is None and self.adapter_name not in self.active_adapters):
             return y
         base = self.base_layer
         after_a = nn.functional.embedding(
@@ -677,4 +712,10 @@ class LoRAEmbedding(nn.Module):
             scale_grad_by_freq=base.scale_grad_by_freq,
             sparse=base.sparse,
         )
-        return y + ((after_a @ self.lora_embedding_B.t()) * self.scale).to(y.dtype)
+        delta = (after_a @ self.lora_embedding_B.t()) * self.scale
+        if names is not None:  # a mixed batch: only the examples that name this adapter get it
+            if ids.shape[0] != len(names):
+                raise ValueError(f"a mixed batch of {len(names)} adapter names got ids of shape {tuple(ids.shape)}")
+            keep = torch.tensor([n == self.adapter_name for n in names], device=ids.device, dtype=delta.dtype)
+            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+        return y + delta.to(y.dtype)
