@@ -61,9 +61,9 @@ def start_error(layer: LoRALinear, weight: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(weight - approx))
 
 
-def test_pissa_and_loftq_start_below_plain_qlora_on_nf4():
-    weight = low_rank_plus_noise()
-    linear = torch.nn.Linear(64, 96, bias=False)
+def test_pissa_and_loftq_start_below_plain_qlora_on_nf4(device):
+    weight = low_rank_plus_noise().to(device)
+    linear = torch.nn.Linear(64, 96, bias=False, device=device)
     with torch.no_grad():
         linear.weight.copy_(weight)
     plain = LoRALinear(LinearNF4.from_linear(linear), 8, 16)
