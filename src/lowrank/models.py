@@ -126,7 +126,7 @@ def summary(model: nn.Module) -> Summary:
         total_params=total,
         bytes_before=getattr(model, "lowrank_bytes_before", None),
         bytes_after=_bytes(model),
-        adapted_modules=sum(isinstance(m, LoRALinear) for m in model.modules()),
+        adapted_modules=sum(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules()),
         quantized_modules=len(quantized),
     )
 

@@ -158,30 +158,78 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     return tensors
 
 
-def _write_adapter(model: nn.Module, directory: str, adapter_name: str) -> None:
+def _converted_to_lora(model: nn.Module, adapter_name: str, config: dict, tensors: dict) -> tuple[dict, dict]:
+    """PEFT's ``path_initial_model_for_weight_conversion``: a trained PiSSA/OLoRA adapter (A, B) with its
+    initial split (A0, B0) becomes a rank-2r LoRA of the ORIGINAL weight, ``A' = [A; A0]``, ``B' = [B, -B0]``,
+    alpha doubled (``sqrt(2)``-fold with rsLoRA) so the scale is unchanged: ``W_res + s·B·A = W + s'·B'·A'``."""
+    settings = _settings(model, adapter_name)
+    if settings.init not in ("pissa", "olora"):
+        raise AdapterError(
+            f"convert_to_lora=True converts PiSSA/OLoRA adapters; adapter {adapter_name!r} has init={settings.init!r}"
+            + (
+                " (a LoftQ adapter belongs to its quantized base: write that with save_quantized)"
+                if settings.init == "loftq"
+                else ""
+            )
+        )
+    growth = 2**0.5 if settings.use_rslora else 2.0
+    ranks, alphas = {}, {}
+    for name, module in _adapter_modules(model, settings.adapter_name).items():
+        if getattr(module, "lora_A_initial", None) is None:
+            raise AdapterError(
+                f"{name} has no initial PiSSA/OLoRA split to convert against (was it loaded from a file?)"
+            )
+        A = torch.cat([module.lora_A.detach(), module.lora_A_initial.to(module.lora_A.dtype)], 0)
+        B = torch.cat([module.lora_B.detach(), -module.lora_B_initial.to(module.lora_B.dtype)], 1)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
+        ranks[re.escape(name)], alphas[re.escape(name)] = 2 * module.r, module.alpha * growth
+    config = dict(config, r=2 * settings.r, lora_alpha=settings.alpha * growth, init_lora_weights=True)
+    if settings.rank_pattern or settings.alpha_pattern:
+        config.update(rank_pattern=ranks, alpha_pattern=alphas)
+    return config, tensors
+
+
+def _write_adapter(model: nn.Module, directory: str, adapter_name: str, convert_to_lora: bool = False) -> None:
     config = adapter_config_dict(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
+    meta = _metadata(_settings(model, adapter_name))
+    if convert_to_lora and _settings(model, adapter_name).init in ("pissa", "olora", "loftq"):
+        config, tensors = _converted_to_lora(model, adapter_name, config, tensors)
+        meta = {"lowrank": "adapter"}
     os.makedirs(directory, exist_ok=True)
     # weights first: a directory with a config always has complete weights next to it
-    meta = _metadata(_settings(model, adapter_name))
     files.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), unshared(tensors), meta)
     files.write_json(os.path.join(directory, ADAPTER_CONFIG), dict(sorted(config.items())))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    convert_to_lora: bool = False,
+) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``.
 
     PEFT's multi-adapter layout: the adapter named ``"default"`` goes to ``directory`` itself, any other
     adapter to ``directory/<name>/``. ``adapter_name=None`` writes every adapter of the model; a name
     writes that one only.
+
+    A PiSSA/OLoRA adapter is written as PEFT writes it (``init_lora_weights="pissa"``: it reloads onto the
+    original model by redoing the split). ``convert_to_lora=True`` writes it instead as a plain rank-2r LoRA
+    of the original weight (PEFT's ``path_initial_model_for_weight_conversion``), which loads anywhere a
+    LoRA does and combines with other adapters.
     """
     directory = os.fspath(directory)
     _settings(model)
     names = (
         list(_models.adapter_configs(model)) if adapter_name is None else [_settings(model, adapter_name).adapter_name]
     )
+    if convert_to_lora and not any(_settings(model, n).init in ("pissa", "olora") for n in names):
+        raise AdapterError(f"convert_to_lora=True converts PiSSA/OLoRA adapters; {names} have none")
     for name in names:
-        _write_adapter(model, directory if name == DEFAULT_ADAPTER else os.path.join(directory, name), name)
+        path = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+        _write_adapter(model, path, name, convert_to_lora)
 
 
 def _describe(module) -> str:

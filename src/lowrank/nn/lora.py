@@ -247,7 +247,14 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
+        layer._keep_initial_adapter()
         return layer
+
+    def _keep_initial_adapter(self) -> None:
+        """Keep the adapter a decomposing init produced (not saved in state_dict): ``save_adapter(...,
+        convert_to_lora=True)`` turns a trained PiSSA/OLoRA adapter into a plain LoRA of the original weight."""
+        self.register_buffer("lora_A_initial", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("lora_B_initial", self.lora_B.detach().clone(), persistent=False)
 
     # -- views ----------------------------------------------------------------------------------------
 
@@ -367,6 +374,7 @@ class LoRALinear(nn.Module):
         A, B, _ = low_rank_init(weight, self.r, self.scale, init)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
+        self._keep_initial_adapter()
         # The base keeps what the adapter does not represent (computed from the adapter as stored).
         residual = weight - self.delta_weight([self.adapter_name])
         self._set_base_dense(residual)
