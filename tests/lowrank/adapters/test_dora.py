@@ -155,3 +155,19 @@ def test_dora_bad_combinations():
     layer = prepare_model(tiny_llama(), r=2, alpha=4, use_dora=True).model.layers[0].self_attn.q_proj
     with pytest.raises(NotImplementedError, match="merge\\(\\) in place is not available for a DoRA layer"):
         layer.merge()
+
+
+def test_dora_with_dropout_in_training_matches_peft(tmp_path):
+    base = tiny_llama()
+    theirs = peft_model(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, lora_dropout=0.3)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path).train()
+    theirs.train()
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)  # both draw one dropout mask of the same shape per layer, in the same order
+    mine = ours(ids).logits
+    torch.manual_seed(7)
+    reference = theirs(ids).logits
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+    ours.eval()
+    assert (ours(ids).logits - mine).abs().max() > 1e-4  # dropout really acted in training mode
