@@ -20,6 +20,7 @@ _SUBMODULES = ("freeze", "nf4", "nn", "ops", "optim")
 
 #: exported name -> the module that defines it
 _EXPORTS = {
+    "mixed_batch": "lowrank.models",
     # NF4 weights
     "NF4Weight": "lowrank.nf4",
     "quantize": "lowrank.nf4",
@@ -49,6 +50,7 @@ _EXPORTS = {
 
 __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_package.py keeps them in step)
     "__version__",
+    "mixed_batch",
     "freeze",
     "nf4",
     "nn",
@@ -80,7 +82,15 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
 if TYPE_CHECKING:
     from lowrank import freeze, nf4, nn, ops, optim
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
-    from lowrank.models import add_adapter, delete_adapter, disable_adapters, prepare_model, set_adapter, summary
+    from lowrank.models import (
+        add_adapter,
+        delete_adapter,
+        disable_adapters,
+        mixed_batch,
+        prepare_model,
+        set_adapter,
+        summary,
+    )
     from lowrank.nf4 import NF4Weight, dequantize, quantize
     from lowrank.nn import LinearNF4, LoRALinear
     from lowrank.ops import lora_linear, lora_linear_nf4
