@@ -691,6 +691,49 @@ def _config_text(row: dict) -> str:
     )
 
 
+def _reason(row: dict) -> str:
+    occ = row["occupancy"]
+    reasons = []
+    if row["spills"]:
+        reasons.append("spills")
+    if occ["ctas_per_sm"] < 2:
+        reasons.append(f"{occ['ctas_per_sm']} CTA/SM ({'+'.join(occ['limiter'])})")
+    return ", ".join(reasons)
+
+
+def flagged_groups(rows: list[dict]) -> list[dict]:
+    """The flagged variants grouped by architecture, kernel, tile shape (the BLOCK_* constexprs), dot dtype,
+    warps, stages and reason, with the register / spill / shared ranges of each group."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if not (row["ok"] and row["flagged"]):
+            continue
+        tile = tuple((k, v) for k, v in row["constexprs"].items() if k.startswith("BLOCK") or k.startswith("DOT_DTYPE"))
+        key = (row["arch"], row["kernel"], tile, row["num_warps"], row["num_stages"], _reason(row))
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (arch, kernel, tile, warps, stages, reason), members in sorted(groups.items(), key=str):
+
+        def span(name, members=members):
+            values = [m[name] if name != "spill" else m["spill_stores"] + m["spill_loads"] for m in members]
+            return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+        out.append(
+            {
+                "arch": arch,
+                "kernel": kernel,
+                "tile": ", ".join(f"{k}={v}" for k, v in tile) + f"; w{warps} s{stages}",
+                "reason": reason,
+                "variants": len(members),
+                "registers": span("registers"),
+                "spill_bytes": span("spill"),
+                "shared_bytes": span("shared_bytes"),
+                "example": members[0]["first_case"],
+            }
+        )
+    return out
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# Ahead-of-time compile of kernels/ (triton {meta['triton']})",
@@ -701,7 +744,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Occupancy: resident CTAs per SM on an H200 (sm_90: 64K registers, 228 KB shared, 2048 threads, 32 CTAs)"
         " / A100 (sm_80: 164 KB shared). ⚠ = spills or fewer than 2 CTAs per SM.",
         "",
+        "## Flagged variants (spills, or fewer than 2 CTAs per SM), grouped",
+        "",
+        "| arch | kernel | tile | reason | variants | regs | spill B | shared B | example launcher case |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for g in flagged_groups(rows):
+        lines.append(
+            f"| sm_{g['arch']} | {g['kernel']} | {g['tile']} | {g['reason']} | {g['variants']} | {g['registers']} "
+            f"| {g['spill_bytes']} | {g['shared_bytes']} | {g['example']} |"
+        )
+    lines.append("")
     for arch in sorted({r["arch"] for r in rows}, reverse=True):
         arch_rows = [r for r in rows if r["arch"] == arch]
         lines += [

@@ -2,7 +2,8 @@
 # The ahead-of-time compile check (CI runs it after the tests): every Triton kernel of kernels/ at every
 # launch configuration its launchers can choose, compiled for sm_90 and sm_80 without a GPU, under the
 # installed triton (.venv) and under the GPU machine's triton 3.6 (.venv-triton36, made by scripts/setup.sh
-# where it installs). Exit 1 on any compile error. See docs/compile.md.
+# where it installs); then the CUDA extension's nvcc compile for sm_80/sm_90 (tests/csrc/test_cuda_compile.py,
+# slow-marked, so the default test run leaves it out). Exit 1 on any compile error. See docs/compile.md.
 #
 #   LOWRANK_COMPILE_ARCHES="90 80"   architectures (default both)
 #   LOWRANK_COMPILE_OUT=<folder>     also write results.json + table.md per triton version into <folder>/triton-<v>/
@@ -31,4 +32,6 @@ else
     echo "################################################################################" >&2
     if [ "${LOWRANK_TRITON36:-auto}" = "1" ]; then status=1; fi
 fi
+echo "== nvcc compile of csrc/cuda/ for sm_80 and sm_90 (skipped where there is no nvcc) =="
+.venv/bin/pytest -p no:cacheprovider -q -rs -m slow tests/csrc/test_cuda_compile.py || status=1
 exit "$status"

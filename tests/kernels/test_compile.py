@@ -20,13 +20,15 @@ import textwrap
 
 import compile_kernels as ck
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _compile_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT / "bench")  # the subprocess imports compile_kernels as a script would
+    # The subprocess imports compile_kernels as a script would (bench/ first, then what this process had).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
     return env
 
 
@@ -80,6 +82,9 @@ def test_ptxas_log_parsing():
         ck.parse_ptxas_log("ptxas info    : 0 bytes gmem\n")
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a CUDA machine the GPU tests compile and run every kernel for the device"
+)
 def test_quick_sweep_compiles_every_kernel_for_sm90(tmp_path):
     """One representative launch configuration of every kernel in kernels/ compiles for sm_90 (cubin and
     ptxas resource usage); the script itself fails when a ``*_kernel`` is reached by no launcher case."""
@@ -146,3 +151,33 @@ def test_autotune_candidates_are_recorded_and_compile_errors_fail(tmp_path):
         [sys.executable, "-P", str(script)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=_compile_env()
     )
     assert result.returncode == 0 and "probe ok" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def _row(registers: int, spill: int, shared: int, warps: int, block_m: int) -> dict:
+    occupancy = ck.occupancy(registers, shared, warps)
+    return {
+        "ok": True,
+        "arch": 90,
+        "kernel": "k",
+        "constexprs": {"BLOCK_M": block_m, "W_QUANT": True},
+        "num_warps": warps,
+        "num_stages": 3,
+        "registers": registers,
+        "spill_stores": spill,
+        "spill_loads": spill,
+        "shared_bytes": shared,
+        "occupancy": occupancy,
+        "spills": spill > 0,
+        "flagged": spill > 0 or occupancy["ctas_per_sm"] < 2,
+        "first_case": f"M={block_m}",
+    }
+
+
+def test_flagged_variants_are_grouped_by_tile_and_reason():
+    rows = [_row(162, 0, 67584, 8, 128), _row(174, 0, 57344, 8, 128), _row(255, 300, 0, 4, 16), _row(32, 0, 0, 4, 16)]
+    groups = ck.flagged_groups(rows)
+    assert [(g["tile"], g["reason"], g["variants"], g["registers"]) for g in groups] == [
+        ("BLOCK_M=128; w8 s3", "1 CTA/SM (registers)", 2, "162-174"),
+        ("BLOCK_M=16; w4 s3", "spills", 1, "255"),
+    ]
+    assert groups[1]["spill_bytes"] == "600"
