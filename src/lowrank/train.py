@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lowrank import trackers as _trackers
 from lowrank.data import IGNORE_INDEX, collate, target_count
 from lowrank.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
@@ -80,6 +81,7 @@ class TrainConfig:
     pad_token_id: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # experiment trackers (lowrank.trackers); [] = none
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, name: str, expected: str):
@@ -112,6 +114,11 @@ class TrainConfig:
         need(self.keep_last >= 1, "keep_last", ">= 1")
         need(self.save_every == 0 or self.output_dir is not None, "save_every", "0 unless output_dir is set")
         need(not self.resume or self.output_dir is not None, "resume", "False unless output_dir is set")
+        try:  # a comma string is accepted and normalized; a tracker that is not installed fails here
+            self.report_to = _trackers.parse_report_to(self.report_to)
+            _trackers.check_available(self.report_to)
+        except _trackers.TrackerError as err:
+            raise ConfigError(str(err)) from None
         return self
 
 
@@ -355,6 +362,7 @@ def train(
     param_groups: list[dict] | None = None,
     unfreeze=None,
     on_step: Callable[[dict], None] | None = None,
+    reporter: _trackers.Reporter | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized examples (see :mod:`lowrank.data`).
 
@@ -362,6 +370,8 @@ def train(
         one group of every parameter with ``requires_grad``.
     unfreeze: a gradual-unfreezing schedule, ``unfreeze.apply(model, step)`` called before each step.
     on_step: called with each step's log entry (after any checkpoint of that step is written).
+    reporter: the experiment trackers to report to, left open for the caller to close (default: a run of
+        ``config.report_to``'s trackers, opened here and closed at the end).
     """
     from lowrank.evaluate import evaluate  # evaluate imports this module's loss_sum
 
@@ -422,6 +432,9 @@ def train(
         best, bad_evals = state["best"], state["bad_evals"]
         _set_rng_state(state["rng"])
 
+    own_reporter = reporter is None
+    if own_reporter:
+        reporter = _trackers.open_trackers(config.report_to, asdict(config), config.output_dir)
     model.train()
     progress = _progress(config, total_steps, start_step)
     t_start = time.perf_counter()
@@ -473,6 +486,7 @@ def train(
             "delta_w_total": math.sqrt(sum(v * v for v in deltas.values())),
         }
         history.append(entry)
+        reporter.log_step(entry)
 
         if eval_data and config.eval_every and (step % config.eval_every == 0 or step == total_steps):
             metrics = evaluate(
@@ -485,6 +499,7 @@ def train(
                 precision=config.precision,
             )
             evals.append({"step": step, **metrics})
+            reporter.log_eval(step, metrics)
             model.train()
             if config.early_stopping_patience:
                 score = metrics["loss"]
@@ -525,6 +540,8 @@ def train(
             break
     if progress is not None:
         progress.close()
+    if own_reporter:
+        reporter.close()
     model.eval()
     return TrainResult(
         history=history,
