@@ -12,7 +12,8 @@ import torch
 import transformers
 
 from lowrank import trackers
-from lowrank.train import ConfigError, TrainConfig, train
+from lowrank.config import ConfigError, TrainConfig
+from lowrank.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -296,3 +297,77 @@ def test_trackio_local_store(tmp_path, monkeypatch):
     assert [(a["name"], a["type"]) for a in artifacts] == [(f"report-{tmp_path.name}", "report")]
     manifest = SQLiteStorage.get_artifact_manifest("lowrank", f"report-{tmp_path.name}", None)
     assert sorted(f["path"] for f in manifest["manifest"]) == ["loss.png", "report.md"]
+
+
+# --------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT with a word-level tokenizer over the shipped topic data, saved as a local model dir."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from lowrank import data as D
+
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = set()
+    for name in ("topics_train.jsonl", "topics_eval.jsonl"):
+        for _, record in D.read_records(D.shipped(name)):
+            words |= {w for value in record.values() for w, _ in split(str(value).lower())}
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["[PAD]", "[UNK]", *sorted(words)])}, "[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    root = tmp_path_factory.mktemp("bert")
+    transformers.BertModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return str(root)
+
+
+def cli_args(model: str, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", model, "--output", str(out), "--max-steps", "2", "--no-progress", *extra]
+
+
+def test_cli_report_to_tensorboard(bert_dir, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lowrank.cli import main
+
+    out = tmp_path / "run"
+    assert main(cli_args(bert_dir, out, "--report-to", "tensorboard", "--eval-every", "1")) == 0
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in logged]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [1, 2]
+    assert [e.step for e in events.Scalars("before/accuracy")] == [0]
+    assert [e.step for e in events.Scalars("after/accuracy")] == [2]
+    assert {"plots/loss", "plots/delta_w", "plots/step_time"} <= set(events.Tags()["images"])
+    assert "files/report.md/text_summary" in events.Tags()["tensors"]
+
+
+def test_cli_report_to_errors(bert_dir, tmp_path, capsys, monkeypatch):
+    from lowrank.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(bert_dir, out, "--report-to", "tensorbord"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--report-to" in err and "unknown tracker(s) ['tensorbord']" in err and "trackio" in err, err
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert main(cli_args(bert_dir, out, "--report-to", "tensorboard,wandb")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank: error:") and "pip install 'lowrank-qlora[wandb]'" in err, err
+    assert not out.exists()
