@@ -41,3 +41,14 @@ __all__ += [
     "TrainResult",
     "train",
 ]
+
+# PEFT bridge (issue 16): loaded on first use. With the lazy package: "from_peft"/"to_peft" -> "lowrank.peft_bridge".
+__all__ += ["from_peft", "to_peft"]
+
+
+def __getattr__(name: str):
+    if name in ("from_peft", "to_peft"):
+        from lowrank import peft_bridge
+
+        return getattr(peft_bridge, name)
+    raise AttributeError(f"module 'lowrank' has no attribute {name!r}")
