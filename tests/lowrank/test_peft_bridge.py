@@ -314,3 +314,43 @@ def test_dense_conversion_needs_no_bitsandbytes(model_dirs, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # any import of it now fails
     model = peft_bridge.from_peft(pm)
     assert (logits(model, ids) - reference).abs().max().item() <= ATOL_FP32
+
+
+def test_converted_model_saves_an_adapter_peft_loads(model_dirs, tmp_path):
+    from lowrank.adapters import save_adapter
+
+    pm = make_peft(model_dirs, "bert", "nf4")
+    model = peft_bridge.from_peft(pm)
+    torch.nn.init.normal_(model.classifier.weight, std=0.2)
+    ids = tokens()
+    expected = logits(model, ids)
+    save_adapter(model, tmp_path / "adapter")
+    base = MODEL_CLASSES["bert"].from_pretrained(model_dirs["bert"])
+    with torch.no_grad():  # PEFT's dense base: the dequantized weights lowrank holds
+        for name, module in model.named_modules():
+            if isinstance(module, LinearNF4):
+                target = base.get_submodule(name.removesuffix(".base_layer"))
+                target.weight.copy_(module.dequantize())
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert (logits(loaded, ids) - expected).abs().max().item() <= ATOL_FP32
+
+
+def test_rank_pattern_follows_what_lowrank_settings_can_hold(model_dirs):
+    import dataclasses
+
+    from lowrank.models import LoRASettings
+
+    base = MODEL_CLASSES["llama"].from_pretrained(model_dirs["llama"])
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, init_lora_weights=False
+    )
+    pm = peft.get_peft_model(base, config)
+    ids = tokens()
+    reference = logits(pm, ids)
+    if "rank_pattern" not in {f.name for f in dataclasses.fields(LoRASettings)}:
+        with pytest.raises(peft_bridge.PeftConversionError, match="rank_pattern"):
+            peft_bridge.from_peft(pm)
+        return
+    model = peft_bridge.from_peft(pm)
+    assert model.model.layers[0].self_attn.v_proj.r == 2 and model.model.layers[0].self_attn.q_proj.r == 4
+    assert (logits(model, ids) - reference).abs().max().item() <= ATOL_FP32
