@@ -200,7 +200,7 @@ def from_peft(peft_model) -> nn.Module:
         raise PeftConversionError("LoraConfig rank_pattern / alpha_pattern are not supported by this lowrank version")
 
     quant = []  # (quant_type, blocksize, double_quant) of the 4-bit layers
-    targets = []
+    targets, replacements = [], []  # every new module is built before the model is changed
     for name, layer in lora_layers:
         base = layer.base_layer
         if _is_4bit(base):
@@ -233,19 +233,19 @@ def from_peft(peft_model) -> nn.Module:
         new.lora_B.requires_grad_(B.requires_grad)
         new.to(device=A.device)
         new._lowrank_from_conv1d = from_conv1d
-        _set_module(inner, name, new)
+        replacements.append((name, new))
         targets.append(name)
-    saved_names = []
-    for name, wrapper in saved:
-        trained = wrapper.modules_to_save[adapter]
-        trained.requires_grad_(True)
-        _set_module(inner, name, trained)
-        saved_names.append(name)
-    for name, module in list(inner.named_modules()):  # 4-bit layers without an adapter
-        if _is_4bit(module) and not isinstance(module, LinearNF4):
+    for name, module in named:  # 4-bit layers without an adapter
+        if not name.startswith(inside) and not _is_peft_lora_layer(module) and _is_4bit(module):
             new_base = _nf4_from_bnb(module)
             quant.append((new_base.quant_type, new_base.blocksize, new_base.double_quant))
-            _set_module(inner, name, new_base)
+            replacements.append((name, new_base))
+    saved_names = [name for name, _ in saved]
+    replacements += [(name, wrapper.modules_to_save[adapter]) for name, wrapper in saved]
+    for name, new in replacements:
+        _set_module(inner, name, new)
+    for name in saved_names:
+        inner.get_submodule(name).requires_grad_(True)
     _forget_bitsandbytes(inner)
 
     quant_type, blocksize, double_quant = quant[0] if quant else (None, 64, True)
