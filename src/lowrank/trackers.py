@@ -383,7 +383,13 @@ def open_trackers(
     started: list[Tracker] = []
     try:
         for name in chosen:
-            started.append(_ADAPTERS[name](output_dir, run_name, flat))
+            try:
+                started.append(_ADAPTERS[name](output_dir, run_name, flat))
+            except TrackerError:
+                raise
+            except Exception as err:  # e.g. W&B online without a login: say which tracker, and how to run offline
+                hint = " (WANDB_MODE=offline logs without network)" if name == "wandb" else ""
+                raise TrackerError(f"report_to: {name} could not start a run: {err}{hint}") from err
     except BaseException:
         for tracker in started:
             tracker.close(failed=True)

@@ -121,6 +121,30 @@ def test_missing_tracker_is_a_clear_error_before_training(name, monkeypatch, tmp
         trackers.open_trackers([name], {}, str(tmp_path))
 
 
+def test_a_tracker_that_cannot_start_is_named_and_the_others_are_closed(tmp_path, monkeypatch):
+    closed = []
+
+    class Refuses(trackers.Tracker):
+        name = "mlflow"
+
+        def __init__(self, output_dir, run_name, config):
+            raise RuntimeError("no server at http://example.invalid")
+
+        def log_metrics(self, metrics, step): ...
+        def log_files(self, paths, step): ...
+        def close(self, failed=False): ...
+
+    original_close = trackers.TensorBoardTracker.close
+    monkeypatch.setattr(
+        trackers.TensorBoardTracker, "close", lambda self, failed=False: (closed.append(failed), original_close(self))
+    )
+    monkeypatch.setitem(trackers._ADAPTERS, "mlflow", Refuses)
+    monkeypatch.setattr(trackers, "check_available", lambda names: None)
+    with pytest.raises(trackers.TrackerError, match="mlflow could not start a run: no server at"):
+        trackers.open_trackers(["tensorboard", "mlflow"], {"lr": 1.0}, str(tmp_path))
+    assert closed == [True]
+
+
 def test_no_trackers_imports_nothing_and_logs_are_unchanged(tmp_path):
     plain = train(tiny_bert(), cls_data(), cls_data(6, seed=3), config(tmp_path / "a", "none"))
     reported = train(tiny_bert(), cls_data(), cls_data(6, seed=3), config(tmp_path / "b", ["tensorboard"]))

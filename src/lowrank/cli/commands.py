@@ -64,7 +64,10 @@ def run_finetune(args, out: Path | None = None) -> dict:
         f"{len(run.eval_data)} eval examples, trainable parameters {n_trainable:,} of {n_total:,}",
         flush=True,
     )
-    reporter = trackers.open_trackers(run.config.report_to, {**run_record(args), **asdict(run.config)}, str(out))
+    try:
+        reporter = trackers.open_trackers(run.config.report_to, {**run_record(args), **asdict(run.config)}, str(out))
+    except trackers.TrackerError as err:
+        raise CliError(str(err)) from None
     before = run.metrics()
     _print_metrics("before", before)
     reporter.log_metrics(before, 0, "before")
