@@ -30,6 +30,7 @@ peft is imported only inside :func:`to_peft`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -67,6 +68,11 @@ _UNSUPPORTED_FIELDS = (
 
 
 _FIELD_NAMES = {"use_dora": "DoRA", "lora_bias": "a bias on lora_B", "use_qalora": "QALoRA"}
+
+
+def _dora_supported() -> bool:
+    """Whether this lowrank's LoRALinear implements DoRA (``use_dora``)."""
+    return "use_dora" in inspect.signature(LoRALinear.__init__).parameters
 
 
 def _enum_value(value) -> str:
@@ -116,7 +122,7 @@ def _unwrap(peft_model) -> tuple[nn.Module, str, object]:
         raise PeftConversionError(f"peft_type {kind!r} is not supported: lowrank converts LoRA adapters (LORA) only")
     if getattr(config, "bias", "none") != "none":
         raise PeftConversionError(f"LoraConfig bias={config.bias!r} is not supported: lowrank keeps biases frozen")
-    used = [f for f in _UNSUPPORTED_FIELDS if getattr(config, f, None)]
+    used = [f for f in _UNSUPPORTED_FIELDS if getattr(config, f, None) and not (f == "use_dora" and _dora_supported())]
     if used:
         raise PeftConversionError(
             "LoraConfig options lowrank does not support are set: "
@@ -137,7 +143,7 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
         raise PeftConversionError(f"{name}: the adapter is merged into the base; call unmerge_adapter() first")
     if adapter not in layer.lora_A:
         raise PeftConversionError(f"{name}: has no adapter {adapter!r} (it has {sorted(layer.lora_A)})")
-    if getattr(layer, "use_dora", {}).get(adapter, False):
+    if getattr(layer, "use_dora", {}).get(adapter, False) and not _dora_supported():
         raise PeftConversionError(f"{name}: DoRA (use_dora=True) is not supported")
     base = layer.base_layer
     dense = isinstance(base, nn.Linear) or (bool(Conv1D) and isinstance(base, Conv1D))
@@ -213,6 +219,7 @@ def from_peft(peft_model) -> nn.Module:
         drop = layer.lora_dropout[adapter]
         r, alpha = int(layer.r[adapter]), float(layer.lora_alpha[adapter])
         use_rslora = bool(getattr(layer, "use_rslora", {}).get(adapter, getattr(config, "use_rslora", False)))
+        dora = bool(getattr(layer, "use_dora", {}).get(adapter, False))
         new = LoRALinear(
             new_base,
             r,
@@ -220,6 +227,7 @@ def from_peft(peft_model) -> nn.Module:
             float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
             use_rslora,
             adapter_dtype=A.dtype,
+            **({"use_dora": True} if dora else {}),
         )
         if not math.isclose(new.scale, scales[name], rel_tol=1e-6):
             raise PeftConversionError(
@@ -231,6 +239,10 @@ def from_peft(peft_model) -> nn.Module:
         new.lora_B.copy_(B.detach())
         new.lora_A.requires_grad_(A.requires_grad)
         new.lora_B.requires_grad_(B.requires_grad)
+        if dora:
+            magnitude = layer.lora_magnitude_vector[adapter].weight
+            new.lora_magnitude_vector.copy_(magnitude.detach())
+            new.lora_magnitude_vector.requires_grad_(magnitude.requires_grad)
         new.to(device=A.device)
         new._lowrank_from_conv1d = from_conv1d
         replacements.append((name, new))
@@ -266,6 +278,8 @@ def from_peft(peft_model) -> nn.Module:
         values.update(rank_pattern=dict(config.rank_pattern or {}), alpha_pattern=dict(config.alpha_pattern or {}))
     if "adapter_name" in fields:
         values["adapter_name"] = adapter
+    if "use_dora" in fields:
+        values["use_dora"] = bool(getattr(config, "use_dora", False))
     inner.lowrank_config = _models.LoRASettings(**values)
     inner.lowrank_summary = _models.summary(inner)
     return inner
@@ -331,6 +345,9 @@ def to_peft(model: nn.Module, adapter_name: str | None = None):
     adapters = {
         n: (m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.dropout, m.scale) for n, m in layers.items()
     }
+    dora = {n: m.lora_magnitude_vector.detach().clone() for n, m in layers.items() if getattr(m, "use_dora", False)}
+    if dora and len(dora) != len(layers):
+        raise PeftConversionError("to_peft: DoRA on some LoRA layers only cannot be one LoraConfig")
     for name, layer in layers.items():
         _set_module(model, name, _dense_module(layer))
     for name, module in list(model.named_modules()):  # 4-bit layers without an adapter
@@ -355,6 +372,7 @@ def to_peft(model: nn.Module, adapter_name: str | None = None):
         alpha_pattern={f"^{n}$": a for n, a in alphas.items() if a != settings.alpha},
         fan_in_fan_out=any(isinstance(model.get_submodule(n), Conv1D) for n in layers) if Conv1D else False,
         task_type=settings.task_type,
+        use_dora=bool(dora),
     )
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     inner = peft_model.base_model.model
@@ -365,6 +383,8 @@ def to_peft(model: nn.Module, adapter_name: str | None = None):
         layer.lora_A[adapter_name].weight.requires_grad_(trainable[name][0])
         layer.lora_B[adapter_name].weight.requires_grad_(trainable[name][1])
         layer.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if name in dora:
+            layer.lora_magnitude_vector[adapter_name].weight.copy_(dora[name])
         if not math.isclose(layer.scaling[adapter_name], scale, rel_tol=1e-6):
             raise PeftConversionError(
                 f"{name}: PEFT computed scaling {layer.scaling[adapter_name]}, lowrank has {scale}"

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_within_torch_error as assert_close_by_rule
 from lowrank.kernels import lora_matmul as L
 from lowrank.kernels import nf4 as K
 
@@ -19,7 +20,6 @@ from lowrank.nf4 import NF4Weight
 
 pytestmark = pytest.mark.interpreter
 
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (quant_type, double_quant) or None for a dense weight
 WEIGHT_KINDS = {
@@ -89,12 +89,6 @@ def backward_in(dtype_compute, dy, x, w, A, B, s, x_lora):
     return dx, dA, dB
 
 
-def assert_close_by_rule(out, torch_same, ref64, dtype, what):
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2 * (torch_same.double() - ref64).abs().max().item() + ATOL[dtype]
-    assert err <= bound, f"{what}: max error {err:.3e} exceeds 2 x PyTorch error + atol = {bound:.3e}"
-
-
 def check_forward(M, dtype, kind, device, bias, separate, path=None, k=KDIM, n=N, blocksize=64):
     weight, dense = make_weight(kind, n, k, device, blocksize)
     x, A, B, b, x_lora = make_operands(M, dtype, device, bias, separate, k=k, n=n)
@@ -116,7 +110,7 @@ def check_backward(M, dtype, kind, device, separate, k=KDIM, n=N, blocksize=64, 
     assert (dx.dtype, dA.dtype, dB.dtype) == (dtype, A.dtype, B.dtype)
     ref = backward_in(torch.float64, dy, x, dense, A, B, RSLORA_SCALE, x_lora)
     same = backward_in(dtype, dy, x, dense, A, B, RSLORA_SCALE, x_lora)
-    for name, out, t, r in zip(("dx", "dA", "dB"), (dx, dA, dB), same, ref):
+    for name, out, t, r in zip(("dx", "dA", "dB"), (dx, dA, dB), same, ref, strict=True):
         assert_close_by_rule(out, t, r, dtype, f"{name} ({kind}, {dtype}, M={M}, path={path})")
     return dx, dA, dB
 
@@ -240,6 +234,7 @@ def test_large_rank_is_chunked(device):
         grads,
         backward_in(torch.float32, dy, x, dense, A, B, 0.5, None),
         backward_in(torch.float64, dy, x, dense, A, B, 0.5, None),
+        strict=True,
     ):
         assert_close_by_rule(g, t, r64, torch.float32, f"{name} with r=72")
 
@@ -303,7 +298,9 @@ def test_decoded_tiles_equal_dequantized_weight(M, dtype, k, device):
     assert torch.equal(y_q, y_d) and torch.equal(xa_q, xa_d)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
     for g_q, g_d in zip(
-        L.lora_backward(dy, x, weight, A, B, 2.0, xa_q, x_lora), L.lora_backward(dy, x, dense, A, B, 2.0, xa_d, x_lora)
+        L.lora_backward(dy, x, weight, A, B, 2.0, xa_q, x_lora),
+        L.lora_backward(dy, x, dense, A, B, 2.0, xa_d, x_lora),
+        strict=True,
     ):
         assert torch.equal(g_q, g_d)
 
@@ -329,7 +326,7 @@ def test_need_flags_skip_work(path, device):
         got = L.lora_backward(
             dy, x, weight, A, B, 2.0, xa, need_dx=flags[0], need_dA=flags[1], need_dB=flags[2], path=path
         )
-        for wanted, g, f in zip(flags, got, full):
+        for wanted, g, f in zip(flags, got, full, strict=True):
             if wanted:
                 torch.testing.assert_close(g, f, rtol=0, atol=1e-5)
             else:

@@ -3,18 +3,18 @@
 import copy
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
+from helpers import dequantized_copy, tiny, tokens
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
-from lowrank import adapters
 from lowrank.adapters import (
     AdapterConfigError,
     AdapterError,
@@ -31,9 +31,6 @@ from lowrank.models import prepare_model
 from lowrank.nn import LinearNF4, LoRALinear
 
 peft = pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import dequantized_copy, tiny, tokens  # noqa: E402
-
 pytestmark = pytest.mark.oracle
 
 
@@ -193,7 +190,7 @@ def saved_adapter(tmp_path):
         (lambda c: c.update(lora_alpha=None), "lora_alpha must be a number"),
         (lambda c: c.update(target_modules=[]), "target_modules"),
         (lambda c: c.update(peft_type="IA3"), "must be 'LORA'"),
-        (lambda c: c.update(use_dora=True), "use_dora"),
+        (lambda c: c.update(use_dora="yes"), "use_dora must be true or false"),
         (lambda c: c.update(lora_dropout=1.5), "lora_dropout"),
     ],
 )
@@ -258,7 +255,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):

@@ -16,6 +16,8 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_bit_equal as assert_bitwise_equal
+from helpers import unpack
 from lowrank.kernels import nf4 as K
 
 from lowrank import nf4 as api
@@ -42,27 +44,6 @@ HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 STATS_FILE = os.path.join(os.path.dirname(__file__), "..", "data", "nf4_roundtrip_stats.json")
 # bitsandbytes' CPU clamp for the absmax of an all-zero partial block (1e-38 in fp32).
 BNB_ZERO_TAIL_ABSMAX = torch.tensor(1e-38, dtype=torch.float32).item()
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return t.contiguous().view(view[t.dtype]) if t.dtype in view else t
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
-        what,
-        actual.dtype,
-        actual.shape,
-        expected.shape,
-    )
-    equal = bits(actual) == bits(expected)
-    assert bool(equal.all()), f"{what}: {int((~equal).sum())} of {equal.numel()} differ"
-
-
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    flat = packed.reshape(-1).long()
-    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
 
 
 def codes_by_division(x: torch.Tensor, absmax: float, quant_type: str) -> torch.Tensor:

@@ -77,7 +77,7 @@ def model_dirs(tmp_path_factory):
     return out
 
 
-def make_peft(model_dirs, arch: str, quant: str | None, double_quant: bool = True, use_rslora: bool = False):
+def make_peft(model_dirs, arch: str, quant: str | None, double_quant: bool = True, use_rslora: bool = False, **extra):
     kwargs = {"dtype": torch.float32}
     if quant is not None:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
@@ -92,6 +92,7 @@ def make_peft(model_dirs, arch: str, quant: str | None, double_quant: bool = Tru
     lora = dict(LORA[arch])
     if quant is not None:
         lora.pop("fan_in_fan_out", None)  # transformers loads GPT-2's Conv1D as Linear4bit (Linear semantics)
+    lora.update(extra)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False, use_rslora=use_rslora, **lora
     )
@@ -260,7 +261,6 @@ def test_gpt2_to_peft_keeps_conv1d(model_dirs):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(use_dora=True), "DoRA"),
         (dict(bias="all"), "bias='all'"),
         (dict(lora_bias=True), "lora_bias"),
     ],
@@ -354,3 +354,34 @@ def test_rank_pattern_follows_what_lowrank_settings_can_hold(model_dirs):
     model = peft_bridge.from_peft(pm)
     assert model.model.layers[0].self_attn.v_proj.r == 2 and model.model.layers[0].self_attn.q_proj.r == 4
     assert (logits(model, ids) - reference).abs().max().item() <= ATOL_FP32
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_dora_moves_over_when_lowrank_has_it(model_dirs, quant):
+    pm = make_peft(model_dirs, "llama", quant, use_dora=True)
+    if not peft_bridge._dora_supported():
+        with pytest.raises(peft_bridge.PeftConversionError, match="DoRA"):
+            peft_bridge.from_peft(pm)
+        return
+    for m in pm.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    with torch.no_grad():  # a magnitude that is not the initial row norm, so that it matters
+        for m in pm.modules():
+            if hasattr(m, "lora_magnitude_vector") and "default" in m.lora_magnitude_vector:
+                m.lora_magnitude_vector["default"].weight.mul_(1.25)
+    ids = tokens()
+    reference = logits(pm, ids)
+    model = peft_bridge.from_peft(pm)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(m.use_dora and m.lora_magnitude_vector.requires_grad for m in layers)
+    assert (logits(model, ids) - reference).abs().max().item() <= ATOL_FP32
+    back = peft_bridge.to_peft(model)
+    assert back.peft_config["default"].use_dora
+    assert (logits(back, ids) - reference).abs().max().item() <= ATOL_FP32
+    again = peft_bridge.from_peft(back)
+    config = TrainConfig(
+        task="generation", max_steps=4, batch_size=4, lr=1e-2, schedule="constant", progress=False, device="cpu"
+    )
+    loss = [h["loss"] for h in train(again, train_data("llama"), None, config).history]
+    assert loss[-1] < loss[0], loss

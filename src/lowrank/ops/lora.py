@@ -36,7 +36,6 @@ from lowrank.ops.dispatch import register
 import lowrank.nf4 as _nf4  # noqa: E402  isort: skip
 
 _SEED_HIGH = 2**62
-_DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PackedWeight(NamedTuple):
