@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import transformers
+from helpers import tiny, tokens
 
 from lowrank import peft_bridge
 from lowrank.config import TrainConfig
@@ -13,45 +14,9 @@ from lowrank.nn import LinearNF4, LoRALinear
 from lowrank.train import train
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("one_thread")]
 
 ATOL_FP32 = 1e-4  # the tolerance rule's fp32 term; PEFT's fp32 forward is the same-precision reference
-VOCAB = 48
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(arch: str):
-    # Every linear layer has in_features % 64 == 0: bitsandbytes' AVX-512 CPU dequantize misreads other shapes.
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-    if arch == "gpt2":
-        return transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=32, bos_token_id=1, eos_token_id=2
-        )
-    return transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
 
 
 MODEL_CLASSES = {
@@ -70,9 +35,10 @@ LORA = {
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft-bridge")
     out = {}
-    for arch, cls in MODEL_CLASSES.items():
-        torch.manual_seed(0)
-        cls(tiny_config(arch)).save_pretrained(root / arch)
+    for arch in MODEL_CLASSES:
+        # hidden 64, intermediate 128: every in_features % 64 == 0 (bitsandbytes' AVX-512 CPU dequantize
+        # misreads other shapes)
+        tiny(arch).save_pretrained(root / arch)
         out[arch] = str(root / arch)
     return out
 
@@ -98,10 +64,6 @@ def make_peft(model_dirs, arch: str, quant: str | None, double_quant: bool = Tru
     )
     torch.manual_seed(1)
     return peft.get_peft_model(base, config)
-
-
-def tokens(batch=2, length=8, seed=0):
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model, ids):

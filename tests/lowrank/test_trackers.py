@@ -10,32 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import tiny
 
 from lowrank import trackers
 from lowrank.config import ConfigError, TrainConfig
 from lowrank.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        max_position_embeddings=16,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return tiny("bert", seed)
 
 
 def cls_data(n=12, seed=1):
