@@ -46,6 +46,9 @@ _EXPORTS = {
     "TrainConfig": "lowrank.train",
     "TrainResult": "lowrank.train",
     "train": "lowrank.train",
+    # moving a PEFT model onto lowrank and back
+    "from_peft": "lowrank.peft_bridge",
+    "to_peft": "lowrank.peft_bridge",
 }
 
 __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_package.py keeps them in step)
@@ -77,6 +80,8 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "TrainConfig",
     "TrainResult",
     "train",
+    "from_peft",
+    "to_peft",
 ]
 
 if TYPE_CHECKING:
@@ -94,6 +99,7 @@ if TYPE_CHECKING:
     from lowrank.nf4 import NF4Weight, dequantize, quantize
     from lowrank.nn import LinearNF4, LoRALinear
     from lowrank.ops import lora_linear, lora_linear_nf4
+    from lowrank.peft_bridge import from_peft, to_peft
     from lowrank.train import TrainConfig, TrainResult, train
 
 

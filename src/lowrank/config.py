@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lowrank import trackers as _trackers
+
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -61,6 +63,12 @@ class TrainConfig:
     pad_token_id: int = 0
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = flag(True, "no progress bar", flag="--no-progress", action="store_false")
+    report_to: list[str] | tuple[str, ...] | str = flag(
+        (),
+        "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, or none (default)",
+        type=_trackers.parse_report_to,
+        metavar="NAMES",
+    )
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, name: str, expected: str):
@@ -95,6 +103,11 @@ class TrainConfig:
         need(not self.resume or self.output_dir is not None, "resume", "False unless output_dir is set")
         need(0 <= self.seed < 2**63, "seed", "an integer in 0 .. 2**63 - 1")
         need(isinstance(self.device, str) and bool(_DEVICE.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
+        try:  # a comma string is accepted and normalized; a tracker that is not installed fails here
+            self.report_to = _trackers.parse_report_to(self.report_to)
+            _trackers.check_available(self.report_to)
+        except _trackers.TrackerError as err:
+            raise ConfigError(str(err)) from None
         return self
 
 

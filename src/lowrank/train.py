@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lowrank import files
+from lowrank import trackers as _trackers
 from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
 from lowrank.data import collate, target_count
 from lowrank.evaluate import evaluate
@@ -349,6 +350,7 @@ def train(
     param_groups: list[dict] | None = None,
     unfreeze=None,
     on_step: Callable[[dict], None] | None = None,
+    reporter: _trackers.Reporter | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on tokenized examples (see :mod:`lowrank.data`).
 
@@ -356,6 +358,8 @@ def train(
         one group of every parameter with ``requires_grad``.
     unfreeze: a gradual-unfreezing schedule, ``unfreeze.apply(model, step)`` called before each step.
     on_step: called with each step's log entry (after any checkpoint of that step is written).
+    reporter: the experiment trackers to report to, left open for the caller to close (default: a run of
+        ``config.report_to``'s trackers, opened here and closed at the end).
     """
 
     config.validate()
@@ -425,6 +429,9 @@ def train(
     log = _AppendLog(out / "log.jsonl" if out is not None else None, history)
     eval_log = _AppendLog(out / "evals.jsonl" if out is not None else None, evals)
 
+    own_reporter = reporter is None
+    if own_reporter:
+        reporter = _trackers.open_trackers(config.report_to, asdict(config), config.output_dir)
     model.train()
     progress = _progress(config, total_steps, start_step)
     t_start = time.perf_counter()
@@ -479,6 +486,7 @@ def train(
                 "delta_w_cumulative": math.sqrt(sum(v * v for v in cumulative.values())),
             }
             history.append(entry)
+            reporter.log_step(entry)
             _write_or_fail(log.append, entry, "the training log", out, step, last_checkpoint)
 
             at_end = step == total_steps
@@ -493,6 +501,7 @@ def train(
                     precision=config.precision,
                 )
                 evals.append({"step": step, **metrics})
+                reporter.log_eval(step, metrics)
                 _write_or_fail(eval_log.append, evals[-1], "the evaluation log", out, step, last_checkpoint)
                 model.train()
                 if config.early_stopping_patience and config.eval_every:
@@ -543,9 +552,13 @@ def train(
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
+        if own_reporter:
+            reporter.close(failed=True)
         raise  # the bar is closed, so a Ctrl-C message prints on a line of its own
     if progress is not None:
         progress.close()
+    if own_reporter:
+        reporter.close()
     model.eval()
     session = time.perf_counter() - t_start
     return TrainResult(

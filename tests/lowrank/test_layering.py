@@ -37,6 +37,7 @@ LAYER_OF = {
     "lowrank.adapters.merge": "models/io",
     "lowrank.adapters.peft_format": "models/io",
     "lowrank.adapters.quantized": "models/io",
+    "lowrank.peft_bridge": "models/io",
     "lowrank.freeze": "models/io",
     "lowrank.optim": "models/io",
     "lowrank.loss": "models/io",
@@ -63,6 +64,7 @@ LAYER_OF = {
     "lowrank.files": "format",
     "lowrank.config": "format",
     "lowrank.nf4_format": "format",
+    "lowrank.trackers": "format",  # stdlib only at import (each tracker is imported when asked for); config uses it
 }
 
 #: cycles known to exist (none: a new cycle fails the test; a listed one that disappears must be deleted here)

@@ -35,6 +35,9 @@ def _public(metrics: dict) -> dict:
 
 
 def run_finetune(args, out: Path | None = None) -> dict:
+    from dataclasses import asdict
+
+    from lowrank import trackers
     from lowrank.models import summary
     from lowrank.train import list_checkpoints, train
 
@@ -57,13 +60,25 @@ def run_finetune(args, out: Path | None = None) -> dict:
         f"{counts.total_params:,} ({100 * counts.trainable_fraction:.2f}%)",
         flush=True,
     )
+    try:
+        reporter = trackers.open_trackers(run.config.report_to, {**run_record(args), **asdict(run.config)}, str(out))
+    except trackers.TrackerError as err:
+        raise CliError(str(err)) from None
     before = run.metrics()
     _print_metrics("before", before)
+    reporter.log_metrics(before, 0, "before")
     result = train(
-        run.model, run.train_data, run.eval_data, run.config, param_groups=run.param_groups, unfreeze=run.schedule
+        run.model,
+        run.train_data,
+        run.eval_data,
+        run.config,
+        param_groups=run.param_groups,
+        unfreeze=run.schedule,
+        reporter=reporter,
     )
     after = run.metrics()
     _print_metrics("after ", after)
+    reporter.log_metrics(after, result.steps, "after")
     try:
         _write_outputs(out, args, run, result, before, after, method)
     except OSError as e:
@@ -73,6 +88,8 @@ def run_finetune(args, out: Path | None = None) -> dict:
             f"cannot write the run's outputs in {out}: {e.strerror or e}; {kept} "
             "(free space or fix permissions, then rerun with --resume to write them)"
         ) from None
+    reporter.log_files([out / name for name in ("loss.png", "delta_w.png", "step_time.png", "report.md")])
+    reporter.close()
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
     print(
         f"{result.steps} steps{resumed} in {result.total_time_s:.1f} s of training in all"
