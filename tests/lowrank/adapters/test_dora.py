@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from lora_cases import check_rule
+from helpers import check_rule
 from peft_oracle import (
     dequantized_copy,
     grads_after_backward,
