@@ -533,7 +533,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter {self.adapter_name!r} is a DoRA adapter: mixed batches take plain LoRA only")
         base = self.base_layer
         x_c = x if not self.is_quantized or base.compute_dtype is None else x.to(base.compute_dtype)
-        w = base.packed_weight if self.is_quantized else base.weight
+        w = base.weight_nf4 if self.is_quantized else base.weight
         if not used:
             return self.base_layer(x)
         holders = [self.adapter(n) for n in used]
