@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,8 +123,9 @@ def plot_run(
         )
     if history and history[-1]["delta_w"]:
         totals = {n: sum(h["delta_w"].get(n, 0.0) for h in history) for n in history[-1]["delta_w"]}
-        for name in sorted(totals, key=totals.get, reverse=True)[:top_k]:
-            ax.plot(steps, [h["delta_w"].get(name, float("nan")) for h in history], lw=1, label=_short(name))
+        largest = sorted(totals, key=totals.get, reverse=True)[:top_k]
+        for name, label in zip(largest, _matrix_labels(largest), strict=True):
+            ax.plot(steps, [h["delta_w"].get(name, float("nan")) for h in history], lw=1, label=label)
     ax.set(ylabel="Frobenius norm", title=f"Weight change per step, ‖ΔW_t‖_F{lora}: {what}")
     if history and min(h["delta_w_total"] for h in history) > 0:
         ax.set_yscale("log")  # per-step changes shrink with the lr schedule; the cumulative one grows
@@ -144,8 +146,22 @@ def plot_run(
     return figures
 
 
-def _short(name: str, width: int = 38) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
+def _matrix_labels(names: Sequence[str], width: int = 40) -> list[str]:
+    """Readable legend labels: the prefix every name shares is dropped ('bert.encoder.layer.0.attention.self.query'
+    -> 'layer 0: attention.self.query'); what is still too long is cut in the middle, never at the front."""
+    if len(names) > 1:
+        prefix = os.path.commonprefix([n.split(".") for n in names])
+    else:
+        prefix = names[0].split(".")[:-3] if names else []
+    labels = []
+    for name in names:
+        parts = name.split(".")[len(prefix) :]
+        if prefix and prefix[-1] in ("layer", "layers", "h", "block", "blocks") and parts and parts[0].isdigit():
+            text = f"layer {parts[0]}: " + ".".join(parts[1:])
+        else:
+            text = ".".join(parts) or name
+        labels.append(text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width // 2) :])
+    return labels
 
 
 def _metrics_table(rows: dict[str, dict[str, float]]) -> str:
@@ -242,10 +258,16 @@ def step_time_saving(
 
 
 def plot_comparison(
-    names: tuple[str, str], histories: tuple[Sequence[dict], Sequence[dict]], *, model: str = "model"
+    names: tuple[str, str],
+    histories: tuple[Sequence[dict], Sequence[dict]],
+    *,
+    model: str = "model",
+    methods: tuple[str, str] | None = None,
 ) -> dict[str, Figure]:
-    """The comparison's figures by file name (not yet saved)."""
+    """The comparison's figures by file name (not yet saved); ``methods`` name each side's method in the titles."""
     (a, b), (ha, hb) = names, histories
+    if methods is not None:
+        a, b = (f"{n} ({m})" if m and m != n else n for n, m in zip(names, methods, strict=True))
     figures = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, h in ((a, ha), (b, hb)):
@@ -260,10 +282,11 @@ def plot_comparison(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     points = ax.scatter(la, lb, s=14, c=[e["step"] for e in ha[:n]], cmap="viridis", label="one optimizer step")
     if n:
-        fig.colorbar(points, ax=ax, label="optimizer step")
+        bar = fig.colorbar(points, ax=ax, label="optimizer step (colour)")
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         lo, hi = min(la + lb), max(la + lb)
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x (equal loss)")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     ax.set(xlabel=f"loss of {a}", ylabel=f"loss of {b}", title=f"Per-step train loss, {b} vs {a}: {model}")
     figures["compare_scatter.png"] = fig
 
@@ -290,11 +313,12 @@ def write_comparison(
     settings: tuple[dict, dict],
     *,
     model: str = "model",
+    methods: tuple[str, str] | None = None,
 ) -> dict:
     """Side-by-side plots and ``compare.md``; returns the summary numbers."""
     out_dir = Path(out_dir)
     (a, b), (ha, hb) = names, histories
-    for name, fig in plot_comparison(names, histories, model=model).items():
+    for name, fig in plot_comparison(names, histories, model=model, methods=methods).items():
         _save_figure(fig, out_dir / name)
     saving = step_time_saving(ha, hb)
     summary = {

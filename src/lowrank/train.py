@@ -52,14 +52,6 @@ class OutputWriteError(CheckpointError):
     """A checkpoint or log could not be written (disk full, read-only); the message names the last intact checkpoint."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`train`: ``step`` steps were done, ``checkpoint`` is the newest intact one (or None)."""
-
-    def __init__(self, step: int, total_steps: int, checkpoint: str | None):
-        super().__init__(f"interrupted at step {step} of {total_steps}")
-        self.step, self.total_steps, self.checkpoint = step, total_steps, checkpoint
-
-
 @dataclass
 class TrainResult:
     history: list[dict]  # one entry per optimizer step (loss, lr, grad_norm, delta_w, ...)
@@ -562,7 +554,7 @@ def train(
             progress.close()
         if own_reporter:
             reporter.close(failed=True)
-        raise TrainingInterrupted(step, total_steps, last_checkpoint) from None
+        raise  # the bar is closed, so a Ctrl-C message prints on a line of its own
     if progress is not None:
         progress.close()
     if own_reporter:

@@ -63,7 +63,9 @@ def save_tiny_models(root: Path) -> dict[str, str]:
         )
     )
     gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        transformers.GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=2
+        )
     )
     dirs = {}
     for name, model in (("bert", bert), ("llama", llama), ("gpt2", gpt2)):

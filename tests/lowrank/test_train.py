@@ -169,6 +169,17 @@ def test_resume_after_a_crash_reproduces_losses_bit_for_bit(tmp_path):
     assert state["step"] == 9 and "torch" in state["rng"]
 
 
+def test_eval_data_is_evaluated_at_the_end_by_default(tmp_path):
+    data, held_out = cls_data(8), cls_data(6, seed=5)
+    config = TrainConfig(batch_size=4, max_steps=3, progress=False, output_dir=str(tmp_path))
+    result = train(qlora_bert(), data, held_out, config)
+    assert [e["step"] for e in result.evals] == [3] and "accuracy" in result.evals[0]
+    assert len((tmp_path / "evals.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3  # appended step by step
+    # checkpoints without save_every: each epoch's end (2 micro-batches per epoch: step 2) and the last step
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000002", "step-000003"]
+
+
 def test_resume_refuses_another_model_or_run(tmp_path):
     data = cls_data(12)
     config = dict(

@@ -12,8 +12,9 @@ before anything is written to the output directory.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, one_line, user_errors
+from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, is_user_error, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,26 +32,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lowrank: error: {interrupted(args, e)}", file=sys.stderr)
         return EXIT_USAGE
-    except user_errors() as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not is_user_error(e):
             raise
         print(one_line(e), file=sys.stderr)
         return EXIT_USAGE
 
 
 def interrupted(args, error: KeyboardInterrupt) -> str:
-    """What a Ctrl-C left behind and how to continue (one line)."""
+    """What a Ctrl-C left behind and how to continue (one line), read from the output directory."""
     if args.command not in ("finetune", "compare"):
         return f"interrupted (Ctrl-C); {args.command} writes nothing until it is done: rerun the command"
-    step = getattr(error, "step", None)
-    if step is None:
-        return "interrupted (Ctrl-C) before training started: rerun the same command (add --resume if run.json exists)"
-    checkpoint = getattr(error, "checkpoint", None)
-    kept = f"checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint had been written yet"
-    how = "rerun the same command with --resume to continue"
-    if args.command == "compare":
-        how = "compare starts over: rerun it with a new --output (finetune --resume continues a single run)"
-    return f"interrupted (Ctrl-C) at step {step} of {error.total_steps}; {kept}: {how}"
+    out = Path(args.output)
+    log = out / "log.jsonl"
+    if args.command == "compare" or not log.is_file():
+        where = "before training started" if not log.is_file() else "during training"
+        again = "rerun the same command" + (" (with --resume if run.json exists)" if args.command == "finetune" else "")
+        if args.command == "compare":
+            again = "compare starts over: rerun it with a new --output"
+        return f"interrupted (Ctrl-C) {where}: {again}"
+    steps = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+    checkpoints = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    kept = f"checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint had been written yet"
+    return f"interrupted (Ctrl-C) after step {steps}; {kept}: rerun the same command with --resume to continue"
 
 
 def __getattr__(name: str):

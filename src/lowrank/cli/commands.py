@@ -172,6 +172,7 @@ def cmd_compare(args) -> int:
         tuple(_public(r["after"]) for r in runs),
         tuple(run_record(s) for _, s in sides),
         model=args.model,
+        methods=tuple(resolve_method(s) for _, s in sides),
     )
     t = summary["time_saving"]
     print(

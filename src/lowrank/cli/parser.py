@@ -341,6 +341,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's input being wrong (flag errors are decided without importing torch)."""
+    from lowrank.config import ConfigError
+
+    return isinstance(error, (CliError, ConfigError)) or isinstance(error, user_errors())
+
+
 def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return f"lowrank: error: {text}"
@@ -354,6 +361,7 @@ __all__ = [
     "check_args",
     "check_output",
     "finetune_parser",
+    "is_user_error",
     "one_line",
     "run_record",
     "train_config",

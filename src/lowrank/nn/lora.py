@@ -375,7 +375,7 @@ class LoRALinear(nn.Module):
         """``z·Wᵀ`` (no bias) in fp32 through the op family (a 4-bit W is never materialised)."""
         base = self.base_layer
         if self.is_quantized:
-            return lora_ops.linear_nf4(z.float(), base.packed_weight, None, self.backend).float()
+            return lora_ops.linear_nf4(z.float(), base.weight_nf4, None, self.backend).float()
         return nn.functional.linear(z.float(), base.weight.float())
 
     def _weight_sq_norms(self) -> torch.Tensor:
@@ -409,7 +409,7 @@ class LoRALinear(nn.Module):
         if self.is_quantized:
             x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
             return lora_ops.lora_linear_nf4(
-                x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, None, 0.0, self.backend
+                x_c, base.weight_nf4, self.lora_A, self.lora_B, self.scale, None, 0.0, self.backend
             ).to(x.dtype)
         return lora_ops.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scale, None, 0.0, self.backend)
 
@@ -527,7 +527,7 @@ class LoRALinear(nn.Module):
         elif self.is_quantized:
             x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
             y = lora_ops.lora_linear_nf4(
-                x_c, base.packed_weight, first.lora_A, first.lora_B, first.scale, base.bias, p, self.backend
+                x_c, base.weight_nf4, first.lora_A, first.lora_B, first.scale, base.bias, p, self.backend
             )
         else:
             y = lora_ops.lora_linear(
@@ -575,7 +575,7 @@ class LoRAFusedProjections(nn.Module):
         projections = []
         for layer in self.layers:
             base = layer.base_layer
-            w = base.packed_weight if layer.is_quantized else base.weight
+            w = base.weight_nf4 if layer.is_quantized else base.weight
             projections.append((w, layer.lora_A, layer.lora_B, layer.scale, base.bias))
         p = self.layers[0].dropout if self.training else 0.0
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,11 +50,11 @@ def finished_run(tmp_path_factory, model_dirs):
     torch.set_num_threads(1)
     assert main(cls_args(model_dirs, root / "run", "--max-steps", "2")) == 0
     damaged = root / "damaged"
-    os.system(f"cp -r {root / 'run'} {damaged}")
+    shutil.copytree(root / "run", damaged)
     blob = (damaged / "trainable.safetensors").read_bytes()
     (damaged / "trainable.safetensors").write_bytes(blob[: len(blob) // 3])
     only = root / "only_checkpoint_damaged"
-    os.system(f"cp -r {root / 'run'} {only}")
+    shutil.copytree(root / "run", only)
     for ckpt in (only / "checkpoints").glob("step-*"):
         blob = (ckpt / "trainable.safetensors").read_bytes()
         (ckpt / "trainable.safetensors").write_bytes(blob[:100])

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from lowrank import data as D
 from lowrank.cli import main, rebuild
+from lowrank.models import summary
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -58,6 +59,9 @@ def test_finetune_classification_then_eval_and_merge(model_dirs, tmp_path, capsy
     model = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert not any("lora" in n for n, _ in model.named_parameters())
     trained = rebuild(out).model.eval()
+    counts = summary(trained)  # the printed count includes the 4-bit weights (their original element count)
+    assert f"trainable parameters {counts.trainable_params:,} of {counts.total_params:,}" in printed
+    assert counts.total_params > sum(p.numel() for p in trained.parameters())
     batch = D.collate(trained_examples(model_dirs), 0)
     with torch.no_grad():
         expected = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -116,6 +120,12 @@ def test_compare_two_configurations(model_dirs, tmp_path, capsys):
     first_b = json.loads((out / "lora" / "log.jsonl").read_text().splitlines()[0])
     assert first_a["loss"] == first_b["loss"]  # same initial function (B = 0) and the same first batch
     assert "time saving r" in (out / "compare.md").read_text()
+
+
+def test_env_prints_versions_and_backends(capsys):
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("lowrank ") and "backends on cpu" in text
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])

@@ -15,7 +15,7 @@ from cli_runs import cls_args, gen_args, tree
 
 from lowrank import files
 from lowrank.cli import main
-from lowrank.train import list_checkpoints, load_checkpoint  # noqa: F401  (the loader the fallback uses)
+from lowrank.train import list_checkpoints
 
 
 def losses(run) -> list[float]:
@@ -107,7 +107,27 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(model_dirs, tmp_path)
             proc.wait()
     lines = err.strip().splitlines()
     assert proc.returncode == 2, err
-    assert len(lines) == 1 and lines[0].startswith("lowrank: error: interrupted (Ctrl-C) at step "), err
+    assert len(lines) == 1 and lines[0].startswith("lowrank: error: interrupted (Ctrl-C) after step "), err
     assert "is intact: rerun the same command with --resume to continue" in lines[0]
     before = tree(out / "checkpoints")
     assert not [name for name in before if ".tmp-" in name]
+
+
+def test_outputs_unwritable_after_training_keep_the_final_checkpoint(model_dirs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = files.write_safetensors
+
+    def failing(path, tensors, metadata=None):
+        if str(path) == str(out / "trainable.safetensors"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(files, "write_safetensors", failing)
+    assert main(cls_args(model_dirs, out, "--max-steps", "3")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("lowrank: error: cannot write the run's outputs in")
+    assert "Read-only file system" in err[0] and "step-000003 is intact" in err[0] and "--resume" in err[0]
+    monkeypatch.setattr(files, "write_safetensors", real)
+    assert main(cls_args(model_dirs, out, "--max-steps", "3", "--resume")) == 0  # nothing left to train
+    assert "resumed from step 3 of 3" in capsys.readouterr().out
+    assert (out / "trainable.safetensors").is_file() and len(losses(out)) == 3
