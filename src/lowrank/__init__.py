@@ -20,6 +20,7 @@ _SUBMODULES = ("freeze", "nf4", "nn", "ops", "optim")
 
 #: exported name -> the module that defines it
 _EXPORTS = {
+    "mixed_batch": "lowrank.models",
     # NF4 weights
     "NF4Weight": "lowrank.nf4",
     "quantize": "lowrank.nf4",
@@ -31,6 +32,10 @@ _EXPORTS = {
     "LoRALinear": "lowrank.nn",
     # models, files, freezing, optimizer
     "prepare_model": "lowrank.models",
+    "add_adapter": "lowrank.models",
+    "delete_adapter": "lowrank.models",
+    "disable_adapters": "lowrank.models",
+    "set_adapter": "lowrank.models",
     "summary": "lowrank.models",
     "load_adapter": "lowrank.adapters",
     "load_quantized": "lowrank.adapters",
@@ -41,10 +46,14 @@ _EXPORTS = {
     "TrainConfig": "lowrank.train",
     "TrainResult": "lowrank.train",
     "train": "lowrank.train",
+    # moving a PEFT model onto lowrank and back
+    "from_peft": "lowrank.peft_bridge",
+    "to_peft": "lowrank.peft_bridge",
 }
 
 __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_package.py keeps them in step)
     "__version__",
+    "mixed_batch",
     "freeze",
     "nf4",
     "nn",
@@ -58,6 +67,10 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "LinearNF4",
     "LoRALinear",
     "prepare_model",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "set_adapter",
     "summary",
     "load_adapter",
     "load_quantized",
@@ -67,15 +80,26 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "TrainConfig",
     "TrainResult",
     "train",
+    "from_peft",
+    "to_peft",
 ]
 
 if TYPE_CHECKING:
     from lowrank import freeze, nf4, nn, ops, optim
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
-    from lowrank.models import prepare_model, summary
+    from lowrank.models import (
+        add_adapter,
+        delete_adapter,
+        disable_adapters,
+        mixed_batch,
+        prepare_model,
+        set_adapter,
+        summary,
+    )
     from lowrank.nf4 import NF4Weight, dequantize, quantize
     from lowrank.nn import LinearNF4, LoRALinear
     from lowrank.ops import lora_linear, lora_linear_nf4
+    from lowrank.peft_bridge import from_peft, to_peft
     from lowrank.train import TrainConfig, TrainResult, train
 
 
