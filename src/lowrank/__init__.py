@@ -41,3 +41,8 @@ __all__ += [
     "TrainResult",
     "train",
 ]
+
+# Streamed loading of big checkpoints straight into 4 bits (issue 11).
+from lowrank.loading import from_pretrained  # noqa: E402
+
+__all__ += ["from_pretrained"]
