@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from lowrank import files  # noqa: E402
 
 _CSV_COLUMNS = (
     "step",
@@ -36,30 +37,23 @@ _CSV_COLUMNS = (
 )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def write_logs(out_dir: Path, history: Sequence[dict], evals: Sequence[dict]) -> None:
     """``log.jsonl`` + ``log.csv`` (per step) and ``evals.jsonl`` (per evaluation)."""
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    atomic_write_text(out_dir / "evals.jsonl", "".join(json.dumps(e) + "\n" for e in evals))
+    files.write_text(out_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    files.write_text(out_dir / "evals.jsonl", "".join(json.dumps(e) + "\n" for e in evals))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(out_dir / "log.csv", buf.getvalue())
+    files.write_text(out_dir / "log.csv", buf.getvalue())
 
 
 def plot_run(out_dir: Path, history: Sequence[dict], evals: Sequence[dict], title: str = "", top_k: int = 6) -> None:
@@ -143,7 +137,7 @@ def write_run_report(
         "![step time](step_time.png)",
         "",
     ]
-    atomic_write_text(Path(out_dir) / "report.md", "\n".join(lines))
+    files.write_text(Path(out_dir) / "report.md", "\n".join(lines))
 
 
 def time_saving(total_a: float, total_b: float) -> float:
@@ -225,9 +219,9 @@ def write_comparison(
         "![delta_w](compare_delta_w.png)",
         "",
     ]
-    atomic_write_text(out_dir / "compare.md", "\n".join(lines))
-    atomic_write_text(out_dir / "compare.json", json.dumps(summary, indent=2))
+    files.write_text(out_dir / "compare.md", "\n".join(lines))
+    files.write_text(out_dir / "compare.json", json.dumps(summary, indent=2))
     return summary
 
 
-__all__ = ["atomic_write_text", "plot_run", "time_saving", "write_comparison", "write_logs", "write_run_report"]
+__all__ = ["plot_run", "time_saving", "write_comparison", "write_logs", "write_run_report"]

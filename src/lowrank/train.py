@@ -24,7 +24,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,87 +32,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
 from lowrank.data import IGNORE_INDEX, collate, target_count
 from lowrank.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
-
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "paged_adamw")
-PRECISIONS = ("auto", "bf16", "fp32")
-TASK_KINDS = ("classification", "generation")
-
-
-class ConfigError(ValueError):
-    """A TrainConfig value is out of range."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, or belongs to another model or run."""
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run (the CLI exposes each as a ``--flag``)."""
-
-    task: str = "classification"  # classification | generation (causal LM)
-    epochs: float = 1.0  # passes over train_data (ignored when max_steps is set)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
-    optimizer: str = "adamw"  # adamw | paged_adamw (lowrank.optim.PagedAdamW)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    gradient_checkpointing: bool = False
-    eval_every: int = 0  # steps between evaluations (0: only at the end)
-    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
-    early_stopping_threshold: float = 0.0
-    save_every: int = 0  # steps between checkpoints (0: none; needs output_dir)
-    keep_last: int = 2  # checkpoints kept
-    output_dir: str | None = None
-    resume: bool = False  # continue from the latest checkpoint in output_dir
-    seed: int = 0
-    pad_token_id: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True
-
-    def validate(self) -> TrainConfig:
-        def need(ok: bool, name: str, expected: str):
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: expected {expected}")
-
-        need(self.task in TASK_KINDS, "task", f"one of {TASK_KINDS}")
-        need(self.epochs > 0 and math.isfinite(self.epochs), "epochs", "a finite number > 0")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1")
-        need(self.batch_size >= 1, "batch_size", "an integer >= 1")
-        need(self.grad_accum >= 1, "grad_accum", "an integer >= 1")
-        need(0 < self.lr < 1, "lr", "0 < lr < 1")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(0 <= self.adam_beta1 < 1, "adam_beta1", "0 <= beta1 < 1")
-        need(0 <= self.adam_beta2 < 1, "adam_beta2", "0 <= beta2 < 1")
-        need(self.adam_eps > 0, "adam_eps", "> 0")
-        need(self.warmup_steps >= 0, "warmup_steps", ">= 0")
-        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
-        need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
-        need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
-        need(self.eval_every >= 0, "eval_every", ">= 0")
-        need(self.early_stopping_patience >= 0, "early_stopping_patience", ">= 0")
-        need(
-            self.early_stopping_patience == 0 or self.eval_every > 0,
-            "early_stopping_patience",
-            "0 unless eval_every > 0 (early stopping needs periodic evaluation)",
-        )
-        need(self.save_every >= 0, "save_every", ">= 0")
-        need(self.keep_last >= 1, "keep_last", ">= 1")
-        need(self.save_every == 0 or self.output_dir is not None, "save_every", "0 unless output_dir is set")
-        need(not self.resume or self.output_dir is not None, "resume", "False unless output_dir is set")
-        return self
 
 
 @dataclass
@@ -545,15 +471,11 @@ def _progress(config: TrainConfig, total: int, start: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def config_from_dict(values: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-    return TrainConfig(**values)
-
-
 __all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "TASK_KINDS",
     "CheckpointError",
     "ConfigError",
     "DeltaTracker",
