@@ -83,6 +83,8 @@ def load_tokenizer_and_model(args, num_labels: int | None):
             if args.task != "generation":
                 raise CliError("--model tiny-causal is a causal LM: use it with --task generation")
             model = _tiny_causal(tokenizer, args.max_length or 128)
+        elif spec == args.model and resolve_method(args) == "qlora" and _streamable(path):
+            model = _stream_4bit(path, args, num_labels)
         elif args.task == "classification":
             config = transformers.AutoConfig.from_pretrained(str(path))
             trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -101,6 +103,36 @@ def load_tokenizer_and_model(args, num_labels: int | None):
         raise CliError(f"--max-length {args.max_length} is larger than the model allows ({limit})")
     head = getattr(model.config, "num_labels", None) if args.task == "classification" else None
     return tokenizer, model, args.max_length or limit, head
+
+
+def _streamable(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def _stream_4bit(path: Path, args, num_labels: int | None):
+    """``--model DIR`` with qlora: streamed straight into 4 bits (the dense model never exists)."""
+    import transformers
+
+    from lowrank.loading import load_pretrained
+
+    cfg = files.read_json(path / "config.json", what="model config")
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if args.task == "classification":
+        trained_head = any(a.endswith("ForSequenceClassification") for a in (cfg.get("architectures") or []))
+        auto, overrides = (
+            transformers.AutoModelForSequenceClassification,
+            None if trained_head else {"num_labels": num_labels},
+        )
+    else:
+        auto, overrides = transformers.AutoModelForCausalLM, None
+    return load_pretrained(
+        path,
+        double_quant=not args.no_double_quant,
+        blocksize=args.blocksize,
+        dtype=dtype,
+        auto_class=auto,
+        config_overrides=overrides,
+    )
 
 
 def resolve_method(args) -> str:
