@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank import adapters as _adapters
 from lowrank import files, nf4
 from lowrank import models as _models
 from lowrank.dtypes import parse_dtype
@@ -524,7 +526,26 @@ def load_pretrained(
     for p in model.parameters():
         p.requires_grad_(False)
     _generation_config(model, directory)
+    if any(isinstance(m, LinearNF4) for m in model.modules()):
+        model.save_pretrained = types.MethodType(_save_4bit_pretrained, model)
     return model.eval()
+
+
+_SAVE_OPTIONS = ("safe_serialization", "is_main_process")
+
+
+def _save_4bit_pretrained(self, save_directory, **kwargs):
+    """``save_pretrained`` of a loaded (not prepared) 4-bit model: the bitsandbytes format that transformers
+    (+ bitsandbytes) and :func:`from_pretrained` read back with identical logits (:func:`lowrank.save_quantized`)."""
+    unsupported = sorted(set(kwargs) - set(_SAVE_OPTIONS))
+    if unsupported:
+        raise TypeError(
+            f"save_pretrained of a lowrank 4-bit model writes lowrank.save_quantized's files and takes no {unsupported}"
+        )
+    if kwargs.get("safe_serialization", True) is False:
+        raise ValueError("lowrank writes safetensors only (safe_serialization=False is not supported)")
+    if kwargs.get("is_main_process", True):
+        _adapters.save_quantized(self, save_directory)
 
 
 def _load_quantized_layer(loader: _Loader, layer: str, mapping, quant_type, blocksize, double_quant, compute_dtype):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowrank import freeze as _freeze
+from lowrank import saving as _saving
 from lowrank.nn import LinearNF4, LoRALinear
 
 try:  # transformers is a runtime dependency, Conv1D only matters for GPT-2-style models
@@ -334,6 +335,7 @@ def prepare_model(
     )
     model.lowrank_bytes_before = bytes_before
     model.lowrank_summary = summary(model)
+    _saving.guard_save_pretrained(model)  # save_pretrained would write a checkpoint transformers misloads
     if verbose:
         print(model.lowrank_summary)
     return model
