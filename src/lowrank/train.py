@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from lowrank import distributed as _distributed
 from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
 from lowrank.data import IGNORE_INDEX, collate, target_count
 from lowrank.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
@@ -294,7 +295,13 @@ def train(
     config.validate()
     if not train_data:
         raise ConfigError("train_data is empty: nothing to train on")
-    device = resolve_device(config.device)
+    dist_ctx = _distributed.setup(config.distributed, resolve_device(config.device), config.batch_size)
+    device = dist_ctx.device
+    if dist_ctx.active and unfreeze is not None:
+        raise ConfigError(
+            f"distributed={config.distributed!r} cannot change the trained parameters mid-run: "
+            "gradual unfreezing needs a single-process run"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -322,9 +329,10 @@ def train(
     for group in param_groups:
         group.setdefault("lr", config.lr)
         group["base_lr"] = group["lr"]
-    optimizer = _build_optimizer(config, param_groups)
     tracker = DeltaTracker(model)
     fingerprint = model_fingerprint(model)
+    forward_model, param_groups = dist_ctx.wrap(model, param_groups)  # DDP / FSDP2, or the model itself
+    optimizer = _build_optimizer(config, param_groups)
 
     per_epoch = math.ceil(len(train_data) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
@@ -338,7 +346,7 @@ def train(
         found = list_checkpoints(ckpt_root)
         if not found:
             raise CheckpointError(f"resume was requested but {ckpt_root} holds no complete checkpoint")
-        state = load_checkpoint(found[-1], model, optimizer, fingerprint, check_trainable=unfreeze is None)
+        state, rng = _resume(dist_ctx, found[-1], model, optimizer, fingerprint, check_trainable=unfreeze is None)
         if state["total_steps"] != total_steps or state["seed"] != config.seed:
             raise CheckpointError(
                 f"checkpoint {found[-1]} is from a run of {state['total_steps']} steps with seed {state['seed']}; "
@@ -346,38 +354,46 @@ def train(
             )
         start_step, history, evals = state["step"], state["history"], state["evals"]
         best, bad_evals = state["best"], state["bad_evals"]
-        _set_rng_state(state["rng"])
+        _set_rng_state(rng)
 
     model.train()
-    progress = _progress(config, total_steps, start_step)
+    progress = _progress(config, total_steps, start_step) if dist_ctx.is_main else None
     t_start = time.perf_counter()
     step = start_step
     while step < total_steps:
         if unfreeze is not None:
             unfreeze.apply(model, step)
         t0 = time.perf_counter()
-        batches = [
-            collate(
-                micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
-                config.pad_token_id,
-            )
+        shares = [  # a single process takes the whole micro-batch; rank r of N its r-th slice
+            dist_ctx.share(micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed))
             for i in range(config.grad_accum)
         ]
-        n_targets = sum(target_count(b) for b in batches)
+        batches = [collate(examples, config.pad_token_id) for examples, _ in shares]
+        real = [is_real for _, is_real in shares]
+        n_targets = sum(target_count(b) for b, r in zip(batches, real, strict=True) if r)
+        if dist_ctx.active:
+            n_targets = int(dist_ctx.all_sum([n_targets])[0])
         factor = lr_factor(step, total_steps, config.warmup_steps, config.schedule)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         step_loss, n_tokens = 0.0, 0
-        for batch in batches:
+        for batch, is_real in zip(batches, real, strict=True):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_for(config, device):
-                total, _ = loss_sum(model, batch, config.task)
-            (total / max(n_targets, 1)).backward()
-            step_loss += total.item()
-            n_tokens += int(batch["attention_mask"].sum())
+                total, _ = loss_sum(forward_model, batch, config.task)
+            loss = total / max(n_targets, 1)
+            if dist_ctx.active:  # DDP / FSDP2 average gradients over ranks: the sum is the single-process one
+                loss = loss * (dist_ctx.world if is_real else 0.0)
+            loss.backward()
+            if is_real:
+                step_loss += total.item()
+                n_tokens += int(batch["attention_mask"].sum())
+        if dist_ctx.active:
+            step_loss, n_tokens = dist_ctx.all_sum([step_loss, n_tokens])
+            n_tokens = int(n_tokens)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        grad_norm = dist_ctx.grad_norm(params, clip) if params else 0.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -436,7 +452,13 @@ def train(
                 "rng": _rng_state(),
                 "config": asdict(config),
             }
-            checkpoints.append(str(save_checkpoint(ckpt_root, step, model, optimizer, state, config.keep_last)))
+            if dist_ctx.active:  # every rank writes its shard (DCP); rank 0 the metadata
+                path = _distributed.save_checkpoint(
+                    dist_ctx, ckpt_root, step, model, optimizer, state, state["rng"], config.keep_last
+                )
+            else:
+                path = save_checkpoint(ckpt_root, step, model, optimizer, state, config.keep_last)
+            checkpoints.append(str(path))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
@@ -445,12 +467,13 @@ def train(
                 tok_s=f"{entry['tokens_per_s']:.0f}",
                 mem_mb=f"{entry['peak_mem_mb']:.0f}",
             )
-        if on_step is not None:
+        if on_step is not None and dist_ctx.is_main:
             on_step(entry)
         if stopped_early:
             break
     if progress is not None:
         progress.close()
+    dist_ctx.finish(model)  # FSDP2: full tensors again on every rank
     model.eval()
     return TrainResult(
         history=history,
@@ -461,6 +484,20 @@ def train(
         best_metric=best,
         checkpoints=checkpoints,
     )
+
+
+def _resume(dist_ctx, path: Path, model, optimizer, fingerprint: str, check_trainable: bool) -> tuple[dict, dict]:
+    """(state.json, RNG state) of the checkpoint at ``path``: a sharded (DCP) one from any number of ranks,
+    or a single-process one (which DDP ranks read whole; FSDP2 needs a sharded one)."""
+    if _distributed.is_sharded_checkpoint(path):
+        return _distributed.load_checkpoint(dist_ctx, path, model, optimizer, fingerprint)
+    if dist_ctx.mode == "fsdp2":
+        raise CheckpointError(
+            f"checkpoint {path} was written by a single-process run: resume it without --distributed or with "
+            "--distributed ddp (fsdp2 resumes the sharded checkpoints that distributed runs write)"
+        )
+    state = load_checkpoint(path, model, optimizer, fingerprint, check_trainable=check_trainable)
+    return state, state["rng"]
 
 
 def _progress(config: TrainConfig, total: int, start: int):
