@@ -40,10 +40,10 @@ def data(n: int = 30) -> list[dict]:
     return out
 
 
-def config(out: str, mode: str, resume: bool = False) -> TrainConfig:
+def config(out: str, mode: str, resume: bool = False, batch_size: int = 4) -> TrainConfig:
     return TrainConfig(
         task="generation",
-        batch_size=4,
+        batch_size=batch_size,
         grad_accum=2,
         lr=1e-2,
         warmup_steps=1,
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("mode")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--crash-at", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -72,7 +73,13 @@ def main() -> None:
             os._exit(17)
 
     m = model()
-    result = train(m, data(), None, config(args.out, args.mode, args.resume), on_step=crash if args.crash_at else None)
+    result = train(
+        m,
+        data(),
+        None,
+        config(args.out, args.mode, args.resume, args.batch_size),
+        on_step=crash if args.crash_at else None,
+    )
     rank = int(os.environ.get("RANK", "0"))
     record = {"loss": [h["loss"] for h in result.history], "grad_norm": [h["grad_norm"] for h in result.history]}
     Path(args.out, f"result-rank{rank}.json").write_text(json.dumps(record))

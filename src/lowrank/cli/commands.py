@@ -47,14 +47,17 @@ def run_finetune(args, out: Path | None = None) -> dict:
 
     out = Path(out or args.output)
     args.output = str(out)
+    main_rank = _join_distributed(args)  # --distributed: every rank checks, rank 0 alone writes
     _check_output(out, args.resume, args)
     run = Run(args)  # everything is validated before the first write
     if args.resume and not list_checkpoints(out / "checkpoints"):
         print(f"{out}: no checkpoint was written before the interruption; starting from step 0", flush=True)
         run.config.resume = False
-    out.mkdir(parents=True, exist_ok=True)
     args.label_names = run.labels
-    files.write_json(out / "run.json", run_record(args))
+    _barrier(args)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        files.write_json(out / "run.json", run_record(args))
     n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in run.model.parameters())
     print(
@@ -68,6 +71,8 @@ def run_finetune(args, out: Path | None = None) -> dict:
         run.model, run.train_data, run.eval_data, run.config, param_groups=run.param_groups, unfreeze=run.schedule
     )
     after = run.metrics()
+    if not main_rank:
+        return {"result": result, "before": before, "after": after, "run": run}
     _print_metrics("after ", after)
     trainable = {n: p.detach().cpu().contiguous() for n, p in run.model.named_parameters() if p.requires_grad}
     files.write_safetensors(out / "trainable.safetensors", trainable)
@@ -92,6 +97,23 @@ def run_finetune(args, out: Path | None = None) -> dict:
     )
     print(f"{result.steps} steps in {result.total_time_s:.1f} s; report: {out / 'report.md'}", flush=True)
     return {"result": result, "before": before, "after": after, "run": run}
+
+
+def _join_distributed(args) -> bool:
+    """Join the torchrun process group for ``--distributed`` (a clear error without torchrun); True on rank 0."""
+    if getattr(args, "distributed", "none") == "none":
+        return True
+    from lowrank import distributed
+    from lowrank.train import resolve_device
+
+    return distributed.setup(args.distributed, resolve_device(args.device), args.batch_size).is_main
+
+
+def _barrier(args) -> None:
+    if getattr(args, "distributed", "none") != "none":
+        import torch.distributed
+
+        torch.distributed.barrier()
 
 
 def _save_adapter(model, path: Path) -> None:

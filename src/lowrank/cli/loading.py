@@ -15,7 +15,7 @@ from pathlib import Path
 from lowrank import files
 from lowrank.cli.parser import CliError
 
-FROZEN_RUN_KEYS = ("resume", "progress", "command", "func", "debug")
+FROZEN_RUN_KEYS = ("resume", "progress", "command", "func", "debug", "distributed")
 
 
 def run_record(args) -> dict:

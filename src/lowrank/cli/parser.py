@@ -161,7 +161,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FileFormatError,
         FileNotFoundError,
     ]
-    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim"):
+    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim", "lowrank.distributed"):
         values = vars(sys.modules.get(module) or __import__(module, fromlist=["_"])).values()
         errors += [e for e in values if isinstance(e, type) and issubclass(e, ValueError) and e is not ValueError]
     return tuple(errors)
