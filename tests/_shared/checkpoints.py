@@ -52,3 +52,44 @@ def write_checkpoint(model: torch.nn.Module, directory: Path, sharded: bool = Fa
 
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the shipped data sets' vocabulary (a small vocabulary: fast tiny models)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from lowrank import data as D
+
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = set()
+    for name in ("topics_train.jsonl", "topics_eval.jsonl", "records_train.jsonl", "records_eval.jsonl"):
+        for _, record in D.read_records(D.shipped(name)):
+            for value in record.values():
+                words |= {w for w, _ in split(value.lower())}
+    special = ["[PAD]", "[UNK]", "[EOS]"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + sorted(words))}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+
+
+def tiny_llama_dir(directory: Path) -> Path:
+    """A tiny tied Llama checkpoint with :func:`word_tokenizer`'s vocabulary and tokenizer files (for the CLI)."""
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

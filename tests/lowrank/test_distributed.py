@@ -12,6 +12,7 @@ from pathlib import Path
 import dist_worker
 import pytest
 import torch
+from checkpoints import tiny_llama_dir
 from safetensors.torch import load_file
 
 from lowrank.distributed import DistributedError
@@ -137,3 +138,43 @@ def test_distributed_without_torchrun_is_refused(monkeypatch, tmp_path):
         with pytest.raises(DistributedError, match=f"torchrun --nproc_per_node N .*--distributed {mode}"):
             train(dist_worker.model(), dist_worker.data(), None, dist_worker.config(str(tmp_path), mode))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_cli_finetune_under_torchrun_writes_the_single_process_files(tmp_path):
+    model_dir = tiny_llama_dir(tmp_path / "model")
+    flags = ["--task", "generation", "--model", str(model_dir), "--method", "qlora", "--max-steps", "3"]
+    flags += ["--batch-size", "4", "--max-new-tokens", "4", "--no-progress", "--save-every", "2"]
+    code, log = launch([sys.executable, "-m", "lowrank", "finetune", *flags, "--output", str(tmp_path / "one")])
+    assert code == 0, log[-4000:]
+    code, log = torchrun(
+        2, "-m", "lowrank", "finetune", *flags, "--output", str(tmp_path / "two"), "--distributed", "fsdp2"
+    )
+    assert code == 0, log[-4000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def listing(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+
+    assert listing(one) == listing(two)
+    runs = [json.loads((d / "run.json").read_text()) for d in (one, two)]
+    assert [{k: v for k, v in r.items() if k != "output"} for r in runs] == [
+        {k: v for k, v in runs[0].items() if k != "output"}
+    ] * 2  # the same run record: --distributed is how it ran, not what it is
+    assert (one / "adapter" / "adapter_config.json").read_text() == (
+        two / "adapter" / "adapter_config.json"
+    ).read_text()
+    assert_same_weights(one / "adapter" / "adapter_model.safetensors", two / "adapter" / "adapter_model.safetensors")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert a["steps"] == b["steps"] == 3
+    torch.testing.assert_close(a["after"]["loss"], b["after"]["loss"], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+    code, log = launch(
+        [sys.executable, "-m", "lowrank", "finetune", *flags, "--output", str(tmp_path / "x"), "--distributed", "ddp"]
+    )
+    assert code == 2 and "needs the processes torchrun starts" in log and not (tmp_path / "x").exists()
+    odd = list(flags)
+    odd[odd.index("--batch-size") + 1] = "3"
+    code, log = torchrun(2, "-m", "lowrank", "finetune", *odd, "--output", str(tmp_path / "y"), "--distributed", "ddp")
+    assert code != 0 and "must split evenly over the world size 2" in log and not (tmp_path / "y").exists()
