@@ -39,7 +39,7 @@ and decoded in registers, shrink in the K loop), ``fused_tiled`` (each weight ti
 program feeding tl.dot, shrink precomputed), ``dequant_matmul`` (one-launch dequant + torch.matmul,
 then the LoRA term added with one addmm). The M thresholds are to be measured on GPU.
 
-Backward paths (``choose_backward_path`` picks; ``LOWRANK_LORA_BACKWARD_PATH`` forces): ``fused`` (the dX
+Backward paths (``choose_backward_path`` picks; ``path=`` forces): ``fused`` (the dX
 kernel above, W decoded tile by tile) and ``dequant`` (the forward's ``dequant_matmul`` helper with
 t = n: W dequantized once into a transient, dX = dy · W on cuBLAS, then ``dX += s · dS · A``). dS, dA and
 dB are computed the same way on both paths.
@@ -49,10 +49,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 from lowrank.kernels import nf4 as _nf4
+
+from lowrank.nf4_format import NF4Weight
 
 try:
     import triton
@@ -79,8 +80,6 @@ BACKWARD_PATHS = ("fused", "dequant")
 #: for pure torch) and was 3x slower than dequantize + matmul at M = 8192 (13.5 vs 4.40 ms). The crossover
 #: is not measured; bench/gpu/run.sh records the backward path of each case so that it can be.
 FUSED_BACKWARD_M_MAX = 256
-#: Environment variable forcing the backward path: "fused", "dequant" or "auto" (unset = auto).
-BACKWARD_PATH_ENV = "LOWRANK_LORA_BACKWARD_PATH"
 #: Largest row tile of the small-M kernel (see _tile_config).
 SMALL_BLOCK_M_MAX = 32
 #: Largest rank whose shrink is accumulated inside the main loop (its accumulator lives in registers).
@@ -90,14 +89,12 @@ SHRINK_MIN_T_PER_SPLIT = 256
 #: Whether the small-M kernels accumulate the shrink (xa, dS) in their own loop (one launch; every
 #: column tile recomputes it) instead of a split shrink launch before them. To be measured on GPU.
 FUSE_SHRINK_SMALL_M = True
-#: Per-path tile overrides for tuning runs ({"small": {...}, "tiled": {...}}); empty in normal use.
-TILE_OVERRIDES: dict[str, dict] = {}
-
-_WEIGHT_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "shape", "blocksize", "quant_type")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _interpreting(device: torch.device) -> bool:
+    # Triton runs CPU tensors only in its interpreter (the dispatch point checks that it is on), so the
+    # device says which numerics apply; nothing here reads the environment.
+    return device.type == "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -557,18 +554,13 @@ def choose_forward_path(M: int, N: int, K: int, device: torch.device | str) -> s
 
 
 def choose_backward_path(M: int, N: int, K: int, r: int, device: torch.device | str) -> str:
-    """The backward path (one of BACKWARD_PATHS): the ONE place this choice is made.
+    """The backward path (one of BACKWARD_PATHS) by shape: the ONE place this choice is made.
 
     ``fused`` for M <= FUSED_BACKWARD_M_MAX (dX decodes W tile by tile), ``dequant`` above (W dequantized
-    once, dX on cuBLAS). The environment variable LOWRANK_LORA_BACKWARD_PATH = fused | dequant forces a
-    path (tests use it to cover both at tiny shapes); ``auto`` or unset chooses by M. N, K, r and device
-    are accepted so that a measured table can use them.
+    once, dX on cuBLAS). A caller forces a path with ``lora_backward(..., path=)`` (the ops layer does so
+    for ``LOWRANK_LORA_BACKWARD_PATH``, read by ``lowrank.ops.dispatch``). N, K, r and device are accepted
+    so that a measured table can use them.
     """
-    forced = os.environ.get(BACKWARD_PATH_ENV, "auto")
-    if forced in BACKWARD_PATHS:
-        return forced
-    if forced != "auto":
-        raise ValueError(f"{BACKWARD_PATH_ENV} must be one of {BACKWARD_PATHS} or 'auto', got {forced!r}")
     return "fused" if M <= FUSED_BACKWARD_M_MAX else "dequant"
 
 
@@ -583,32 +575,17 @@ def _weight_shape(weight) -> tuple[int, int]:
         if weight.dtype not in _nf4.FLOAT_DTYPES:
             raise TypeError(f"a dense weight must be float32/float16/bfloat16, got {weight.dtype}")
         return tuple(weight.shape)
-    missing = [f for f in _WEIGHT_FIELDS if not hasattr(weight, f)]
-    if missing:
-        raise TypeError(
-            f"weight must be a dense tensor or have NF4Weight's fields; {type(weight).__name__} lacks {missing}"
-        )
-    shape = tuple(weight.shape)
+    if not isinstance(weight, NF4Weight):
+        raise TypeError(f"weight must be a dense tensor or an NF4Weight, got {type(weight).__name__}")
+    shape = tuple(weight.shape)  # an NF4Weight was validated where it was built
     if len(shape) != 2:
         raise ValueError(f"a 4-bit weight must have a 2-D shape (N, K), got {shape}")
-    _nf4.check_quant_type(weight.quant_type)
-    _nf4.check_blocksize(weight.blocksize)
-    n = shape[0] * shape[1]
-    if weight.packed.dtype != torch.uint8 or weight.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"packed must be uint8 with {(n + 1) // 2} bytes for shape {shape}, got {weight.packed.dtype} "
-            f"with {weight.packed.numel()}"
-        )
-    nb = _nf4.num_blocks(n, weight.blocksize)
-    double_quant = weight.nested_absmax is not None
-    want = torch.uint8 if double_quant else torch.float32
-    if weight.absmax.dtype != want or weight.absmax.numel() != nb:
-        raise ValueError(
-            f"absmax must be {want} with {nb} entries, got {weight.absmax.dtype} with {weight.absmax.numel()}"
-        )
-    if double_quant and (weight.nested_offset is None or weight.nested_offset.numel() != 1):
-        raise ValueError("a double-quantized weight needs a one-element nested_offset")
     return shape
+
+
+def _check_path(path: str | None, paths: tuple[str, ...]) -> None:
+    if path is not None and path not in paths:
+        raise ValueError(f"path must be one of {paths} or None, got {path!r}")
 
 
 def _weight_device(weight) -> torch.device:
@@ -618,15 +595,13 @@ def _weight_device(weight) -> torch.device:
 def _check_device(device: torch.device) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the lora_matmul kernels need triton, which is not installed")
-    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+    if device.type in ("cuda", "cpu"):  # CPU tensors run in the Triton interpreter (TRITON_INTERPRET=1)
         return
-    raise RuntimeError(
-        f"the lora_matmul kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
-    )
+    raise RuntimeError(f"the lora_matmul kernels need CUDA tensors (or CPU tensors in the interpreter), got {device}")
 
 
 def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
-    """Validate the forward operands; returns (M, N, K, r, float scale, contiguous x, x_lora or None)."""
+    """Validate the forward operands (direct callers of the launchers); returns (M, N, K, r)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D (M, K) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in _nf4.FLOAT_DTYPES:
@@ -666,15 +641,15 @@ def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
     if wrong:
         raise ValueError(f"all operands must be on x's device {device}; got {wrong}")
     _check_device(device)
-    return M, N, K, r, float(scale), x.contiguous(), (None if x_lora is None else x_lora.contiguous())
+    return M, N, K, r
 
 
 _TL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _dot_config(dtype: torch.dtype) -> dict:
+def _dot_config(dtype: torch.dtype, device: torch.device) -> dict:
     """DOT_DTYPE / DOT_FP32 for inputs of ``dtype`` (bf16 is upcast under the interpreter)."""
-    interpreting = _interpreting()
+    interpreting = _interpreting(device)
     if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting):
         return {"DOT_DTYPE": tl.float32, "DOT_FP32": True, "ROUND_BY_BITS": interpreting}
     return {"DOT_DTYPE": getattr(tl, _TL_DTYPES[dtype]), "DOT_FP32": False, "ROUND_BY_BITS": interpreting}
@@ -698,7 +673,7 @@ def _weight_args(weight, compute_dtype: torch.dtype) -> tuple[list, dict]:
         _nf4._device_table(weight.quant_type, device),
     ]
     K = weight.shape[1]
-    nested_kind = _nf4._NESTED_KIND[getattr(weight, "nested_dtype", torch.float32)]
+    nested_kind = _nf4._NESTED_KIND[weight.nested_dtype]
     meta = {"W_QUANT": True, "BLOCKSIZE": weight.blocksize, "DOUBLE_QUANT": double_quant, "NESTED_KIND": nested_kind}
     return args, {**meta, "strides": (K, 1)}
 
@@ -715,9 +690,8 @@ def _tile_config(M: int, small: bool) -> dict:
         block_m = max(16, min(triton.next_power_of_2(M), SMALL_BLOCK_M_MAX))
         config = {"BLOCK_M": block_m, "BLOCK_C": 32 if block_m <= 32 else 64, "BLOCK_T": 128, "GROUP_M": 1}
         config.update(num_warps=4, num_stages=2)
-        return {**config, **TILE_OVERRIDES.get("small", {})}
-    config = {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {**config, **TILE_OVERRIDES.get("tiled", {})}
+        return config
+    return {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
@@ -748,7 +722,7 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
             BLOCK_M=block_m,
             BLOCK_T=block_t,
             BLOCK_R=block_r,
-            **_dot_config(lin.dtype),
+            **_dot_config(lin.dtype, lin.device),
         )
     return low[0] if split == 1 else low.sum(0)
 
@@ -799,7 +773,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             **config,
             **w_meta,
             **decode,
-            **_dot_config(inp.dtype),
+            **_dot_config(inp.dtype, inp.device),
             **_nf4._launch_options(inp.device),
         )
     return out
@@ -817,7 +791,7 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
         dtype,
         weight.blocksize,
         weight.quant_type,
-        getattr(weight, "nested_dtype", torch.float32),
+        weight.nested_dtype,
     )
 
 
@@ -843,15 +817,24 @@ def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
 def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
     """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
 
-    x: (M, K); weight: dense (N, K) tensor or an object with NF4Weight's fields; A: (r, K); B: (N, r);
-    bias: (N,) or None; x_lora: (M, K) or None (= x). Returns y (M, N) in x.dtype and xa (M, r) fp32.
-    ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`).
+    x: (M, K); weight: dense (N, K) tensor or an :class:`~lowrank.nf4_format.NF4Weight`; A: (r, K);
+    B: (N, r); bias: (N,) or None; x_lora: (M, K) or None (= x). Returns y (M, N) in x.dtype and xa (M, r)
+    fp32. ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`). Validates the
+    operands, then runs :func:`lora_forward_unchecked`.
     """
-    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, bias, x_lora)
+    _check_operands(x, weight, A, B, scale, bias, x_lora)
+    _check_path(path, FORWARD_PATHS)
+    return lora_forward_unchecked(x, weight, A, B, float(scale), bias, x_lora, path=path)
+
+
+def lora_forward_unchecked(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
+    """:func:`lora_forward` for operands validated by the caller (the ops layer, once per public call)."""
+    M, K = x.shape
+    N, r = B.shape
+    x = x.contiguous()
+    x_lora = None if x_lora is None else x_lora.contiguous()
     if path is None:
         path = choose_forward_path(M, N, K, x.device)
-    elif path not in FORWARD_PATHS:
-        raise ValueError(f"path must be one of {FORWARD_PATHS} or None, got {path!r}")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     xa = torch.empty((M, r), dtype=torch.float32, device=x.device)
     if M == 0:
@@ -882,9 +865,9 @@ def lora_backward(
       decoded W is transient but raises the peak memory by N·K·x.dtype.itemsize bytes (2·N·K in bf16,
       32 MiB for 4096 x 4096) while dX is computed. Nothing extra is saved by the forward.
 
-    dA and dB are the same on both paths.
+    dA and dB are the same on both paths. Validates the operands, then runs :func:`lora_backward_unchecked`.
     """
-    M, N, K, r, scale, x, x_lora = _check_operands(x, weight, A, B, scale, None, x_lora)
+    M, N, K, r = _check_operands(x, weight, A, B, scale, None, x_lora)
     if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
         raise ValueError(
             f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}"
@@ -894,10 +877,20 @@ def lora_backward(
     for name, t in (("dy", dy), ("xa", xa)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_path(path, BACKWARD_PATHS)
+    return lora_backward_unchecked(dy, x, weight, A, B, float(scale), xa, x_lora, need_dx, need_dA, need_dB, path=path)
+
+
+def lora_backward_unchecked(
+    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
+):
+    """:func:`lora_backward` for operands validated by the caller (the ops layer, once per public call)."""
+    M, K = x.shape
+    N, r = B.shape
+    x = x.contiguous()
+    x_lora = None if x_lora is None else x_lora.contiguous()
     if path is None:
         path = choose_backward_path(M, N, K, r, x.device)
-    elif path not in BACKWARD_PATHS:
-        raise ValueError(f"path must be one of {BACKWARD_PATHS} or None, got {path!r}")
     dy = dy.contiguous()
     lin = x if x_lora is None else x_lora
     dx = dA = dB = None
@@ -967,6 +960,6 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
             BLOCK_M=block_m,
-            **_dot_config(compute_dtype),
+            **_dot_config(compute_dtype, u.device),
         )
     return out if split == 1 else out.sum(0).to(out_dtype)

@@ -1,6 +1,6 @@
 """NF4 / FP4 blockwise 4-bit quantization and double quantization, bit-exact with bitsandbytes' format.
 
-Format (the specification is ``shared/reference/nf4-format.md``; the facts we rely on are restated here)
+Format (tables and checks: ``lowrank.nf4_format``; the facts the code relies on are restated here)
 ------------------------------------------------------------------------------------------------------
 * A tensor of ``n`` elements is flattened in row-major (C) order and cut into blocks of ``blocksize``
   consecutive elements (32 ... 4096, a power of two). The last block may be partial; only its valid
@@ -20,31 +20,30 @@ Format (the specification is ``shared/reference/nf4-format.md``; the facts we re
 
 Double quantization (``compress_statistics`` in bitsandbytes)
 -------------------------------------------------------------
-``offset = mean(absmax)`` (``torch.mean``, fp32); ``c = absmax - offset`` is quantized in blocks of 256
-with the signed 8-bit dynamic map: ``absmax2 = max |c|`` per 256-block, ``s = clamp(c * (1/absmax2), -1, 1)``
-and the code is the exact-nearest map entry (ties go to the lower code; an all-zero block gives the
-code of 0.0). Reconstruction: ``absmax = fp32(dyn[q] * absmax2[i // 256]) + offset`` -- two roundings,
-never a fused multiply-add. A state whose ``nested_dtype`` is bf16/fp16 (transformers writes
-``"nested_dtype": "bfloat16"``) is reconstructed the way bitsandbytes does it: ``T(T(dyn[q] * absmax2)
-+ T(offset))`` with every T-rounding to nearest even, then widened to fp32.
+``nested_offset = mean(absmax)`` (``torch.mean``, fp32); ``c = absmax - nested_offset`` is quantized in
+blocks of 256 with the signed 8-bit dynamic map: ``nested_absmax = max |c|`` per 256-block,
+``s = clamp(c * (1/nested_absmax), -1, 1)`` and the code is the exact-nearest map entry (ties go to the
+lower code; an all-zero block gives the code of 0.0). Reconstruction:
+``absmax = fp32(dyn[q] * nested_absmax[i // 256]) + nested_offset`` -- two roundings, never a fused
+multiply-add. A state whose ``nested_dtype`` is bf16/fp16 (transformers writes ``"nested_dtype":
+"bfloat16"``) is reconstructed the way bitsandbytes does it: ``T(T(dyn[q] * nested_absmax) +
+T(nested_offset))`` with every T-rounding to nearest even, then widened to fp32.
 (bitsandbytes >= 0.50 on CPU picks nested codes through an approximate 65,536-bin lookup table that
 differs from exact nearest in ~0.3 % of entries; ``double_quantize_ref(..., rounding="bnb_cpu_lut")``
 reproduces it for oracle tests. Its CUDA kernel is exact nearest, like ours.)
 
 Bytes moved (per weight element, blocksize 64, double quantization)
 -------------------------------------------------------------------
-dequantize to bf16: read 0.5 B packed + 1/64 B code + 4/(64*256) B absmax2 = 0.516 B, write 2 B ->
+dequantize to bf16: read 0.5 B packed + 1/64 B code + 4/(64*256) B nested_absmax = 0.516 B, write 2 B ->
 2.516 B/element: 4096x14336 moves 147.7 MB, 44 us at 3.35 TB/s. quantize from bf16: read 2 B, write
 0.516 B.
 
-This file holds the constants, the pure-torch references (``*_ref``), the Triton kernels and their
-launchers. Autograd, dispatch and the public API live in ``lowrank.ops`` / ``lowrank.nf4``.
+This file holds the pure-torch references (``*_ref``), the Triton kernels and their launchers; the
+constants, code tables and checks are ``lowrank.nf4_format``'s. Autograd, dispatch and the public API
+live in ``lowrank.ops`` / ``lowrank.nf4``.
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 
@@ -56,232 +55,36 @@ try:  # Triton has no wheels for some platforms (macOS, Windows); the references
 except ImportError:
     HAS_TRITON = False
 
-# ----------------------------------------------------------------------------------------------------
-# Constants: the single source of truth for the code tables.
-# ----------------------------------------------------------------------------------------------------
-
-#: The 16 NF4 values, index = 4-bit code (ascending; code 7 is exactly 0.0).
-NF4_CODE: tuple[float, ...] = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
+# The format (tables, checks) lives in lowrank.nf4_format, which imports no Triton; its names are also
+# reachable here so that code calling the kernels needs one module.
+from lowrank.nf4_format import (  # noqa: F401
+    BLOCKSIZES,
+    FLOAT_DTYPES,
+    FP4_CODE,
+    NESTED_BLOCKSIZE,
+    NESTED_DTYPES,
+    NESTED_RECIPROCAL_FLOOR,
+    NF4_CODE,
+    QUANT_TYPES,
+    RECIPROCAL_FLOOR,
+    ZERO_CODE,
+    _dynamic_map_cpu,
+    _dynamic_midpoints_cpu,
+    _sorted_table,
+    check_absmax_for_double_quant,
+    check_blocksize,
+    check_dequantize_args,
+    check_dequantize_out,
+    check_float_input,
+    check_nested_args,
+    check_quant_type,
+    code_table,
+    dynamic_map,
+    num_blocks,
+    packed_shape,
+    sorted_codes,
+    thresholds,
 )
-
-#: The 16 FP4 (e2m1, bitsandbytes variant) values in bit-pattern order: bit 3 is the sign.
-#: Code 8 is +0.0 (not -0.0), as in bitsandbytes' table, so dequantized zeros match bit for bit.
-FP4_CODE: tuple[float, ...] = tuple(
-    sign * m / 12.0 if m else 0.0 for sign in (1.0, -1.0) for m in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-)
-
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-#: Smallest divisor of a block's reciprocal (bitsandbytes' clamp; stored in fp32 as 9.99999935e-39).
-RECIPROCAL_FLOOR = 1e-38
-#: Same for the nested 256-blocks: the smallest normal fp32, so 1 / absmax2 never overflows.
-NESTED_RECIPROCAL_FLOOR = torch.finfo(torch.float32).tiny
-#: Dtypes a serialized nested state may name (bitsandbytes reconstructs the constants in it).
-NESTED_DTYPES = FLOAT_DTYPES
-
-#: Code of 0.0, used for the padding nibble of an odd element count and for all-zero blocks.
-ZERO_CODE = {"nf4": 7, "fp4": 0}
-
-
-def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 value table of ``quant_type`` (index = code)."""
-    check_quant_type(quant_type)
-    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
-
-
-@functools.cache
-def _sorted_table(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sorted values, fp32 midpoints between neighbours, code of each sorted position), on CPU.
-
-    A stable sort keeps FP4's +0.0 (code 0) before -0.0 (code 8), which is what bitsandbytes' CPU
-    path does: 0 < s <= 0.0026 becomes code 8 and s == 0 becomes code 0.
-    """
-    table = code_table(quant_type)
-    values, order = torch.sort(table, stable=True)
-    return values, (values[:-1] + values[1:]) / 2, order.to(torch.uint8)
-
-
-def thresholds(quant_type: str) -> tuple[float, ...]:
-    """The 15 fp32 decision thresholds (as Python floats that are exactly representable in fp32)."""
-    return tuple(_sorted_table(quant_type)[1].tolist())
-
-
-def sorted_codes(quant_type: str) -> tuple[int, ...]:
-    """Code of the table entry at each sorted position (identity for NF4)."""
-    return tuple(_sorted_table(quant_type)[2].tolist())
-
-
-@functools.cache
-def _dynamic_map_cpu() -> torch.Tensor:
-    # The signed 8-bit dynamic map (bitsandbytes' create_dynamic_map(signed=True, 7 exponent bits)):
-    # for each decade i = 0..6, the means of neighbouring points of linspace(0.1, 1, 2**i + 1),
-    # scaled by 10**(i - 6), with both signs; then 0 and 1.0; sorted. 256 values, range [-0.993, 1].
-    values: list[float] = []
-    for i in range(7):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        values += ((10 ** (i - 6)) * means).tolist()
-        values += (-(10 ** (i - 6)) * means).tolist()
-    values += [0.0, 1.0]
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry signed dynamic map used for the nested (double) quantization, fp32 (a fresh tensor:
-    callers may keep or modify it without touching the cached table)."""
-    return _dynamic_map_cpu().to(device, copy=True)
-
-
-@functools.cache
-def _dynamic_midpoints_cpu() -> torch.Tensor:
-    dyn = _dynamic_map_cpu()
-    return (dyn[:-1] + dyn[1:]) / 2
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation shared by the references and the launchers.
-# ----------------------------------------------------------------------------------------------------
-
-
-def check_quant_type(quant_type: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-
-
-def check_blocksize(blocksize: int) -> None:
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-
-
-def check_float_input(x: torch.Tensor, name: str = "input") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} dtype must be one of float32/float16/bfloat16, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
-
-
-def check_dequantize_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
-    """A caller's output buffer must be exactly what the dequantization would return, and contiguous."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != torch.device(device):
-        raise ValueError(
-            f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-            f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}"
-        )
-    if not out.is_contiguous():
-        raise ValueError(f"out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
-    if out.requires_grad:
-        raise ValueError("out must not require grad (dequantization writes it in place)")
-
-
-def check_dequantize_args(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: tuple[int, ...] | torch.Size,
-    dtype: torch.dtype,
-    blocksize: int,
-    quant_type: str,
-    nested_dtype: torch.dtype = torch.float32,
-) -> int:
-    """Validate a dequantization request before any kernel sees it; returns the element count."""
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"output dtype must be one of float32/float16/bfloat16, got {dtype}")
-    if nested_dtype not in NESTED_DTYPES:
-        raise TypeError(f"nested_dtype must be one of float32/float16/bfloat16, got {nested_dtype}")
-    if any(not isinstance(d, int) or d < 0 for d in shape):
-        raise ValueError(f"shape must be a sequence of non-negative ints, got {tuple(shape)}")
-    n = math.prod(shape)
-    if n == 0:
-        raise ValueError(f"shape {tuple(shape)} has no elements; there is nothing to dequantize")
-    nb = num_blocks(n, blocksize)
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"packed must be uint8 with {(n + 1) // 2} bytes for shape {tuple(shape)}, "
-            f"got {packed.dtype} with {packed.numel()} elements"
-        )
-    want = torch.float32 if absmax2 is None else torch.uint8
-    if absmax.dtype != want or absmax.numel() != nb:
-        raise ValueError(
-            f"absmax must be {want} with {nb} entries (shape {tuple(shape)}, blocksize {blocksize}), "
-            f"got {absmax.dtype} with {absmax.numel()}"
-        )
-    if absmax2 is not None:
-        n2 = num_blocks(nb, NESTED_BLOCKSIZE)
-        if absmax2.dtype != torch.float32 or absmax2.numel() != n2:
-            raise ValueError(f"absmax2 must be float32 with {n2} entries, got {absmax2.dtype} with {absmax2.numel()}")
-        if offset is None or offset.numel() != 1 or offset.dtype != torch.float32:
-            raise ValueError(f"offset must be a one-element float32 tensor, got {offset!r}")
-    elif offset is not None:
-        raise ValueError("offset was given without absmax2 (double quantization needs both)")
-    tensors = {"packed": packed, "absmax": absmax, "absmax2": absmax2, "offset": offset}
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{k}={v}' for k, v in devices.items())}")
-    return n
-
-
-def check_nested_args(
-    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype
-) -> None:
-    """Validate double-quantized block constants (uint8 codes, fp32 scales per 256, fp32 offset)."""
-    if nested_dtype not in NESTED_DTYPES:
-        raise TypeError(f"nested_dtype must be one of float32/float16/bfloat16, got {nested_dtype}")
-    if qabsmax.dtype != torch.uint8 or qabsmax.dim() != 1 or qabsmax.numel() == 0:
-        raise ValueError(
-            f"qabsmax must be a non-empty 1-D uint8 tensor, got {qabsmax.dtype} of shape {tuple(qabsmax.shape)}"
-        )
-    n2 = num_blocks(qabsmax.numel(), NESTED_BLOCKSIZE)
-    if absmax2.dtype != torch.float32 or absmax2.numel() != n2:
-        raise ValueError(f"absmax2 must be float32 with {n2} entries, got {absmax2.dtype} with {absmax2.numel()}")
-    if offset.dtype != torch.float32 or offset.numel() != 1:
-        raise ValueError(f"offset must be a one-element float32 tensor, got {offset.dtype} with {offset.numel()}")
-    if len({qabsmax.device, absmax2.device, offset.device}) != 1:
-        raise ValueError(
-            f"qabsmax, absmax2 and offset must share a device, got {qabsmax.device}, {absmax2.device}, {offset.device}"
-        )
-
-
-def check_absmax_for_double_quant(absmax: torch.Tensor) -> None:
-    if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(
-            f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} of shape {tuple(absmax.shape)}"
-        )
-
-
-def num_blocks(numel: int, blocksize: int) -> int:
-    return (numel + blocksize - 1) // blocksize
-
-
-def packed_shape(numel: int) -> tuple[int, int]:
-    return ((numel + 1) // 2, 1)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Pure-torch references. They define the numerics; the kernels must match them bit for bit.
@@ -377,20 +180,24 @@ def _bnb_cpu_lut_codes(scaled: torch.Tensor, absmax2: torch.Tensor) -> torch.Ten
 
 
 def double_dequantize_ref(
-    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype = torch.float32
+    qabsmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_offset: torch.Tensor,
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Reconstruct fp32 block constants ``[nb]``: ``fp32(dyn[q] * absmax2[i // 256]) + offset`` (two roundings).
+    """Reconstruct fp32 block constants ``[nb]``: ``fp32(dyn[q] * nested_absmax[i // 256]) + nested_offset``
+    (two roundings).
 
-    With ``nested_dtype`` bf16/fp16 the product, the offset and the sum are each rounded to that dtype,
-    as bitsandbytes does for a state that names it (``T(T(product) + T(offset))``, widened to fp32).
+    With ``nested_dtype`` bf16/fp16 the product, the nested_offset and the sum are each rounded to that dtype,
+    as bitsandbytes does for a state that names it (``T(T(product) + T(nested_offset))``, widened to fp32).
     """
-    check_nested_args(qabsmax, absmax2, offset, nested_dtype)
+    check_nested_args(qabsmax, nested_absmax, nested_offset, nested_dtype)
     # repeat_interleave, not a gather by arange // 256: see dequantize_4bit_ref
-    scale = absmax2.reshape(-1).repeat_interleave(NESTED_BLOCKSIZE)[: qabsmax.numel()]
+    scale = nested_absmax.reshape(-1).repeat_interleave(NESTED_BLOCKSIZE)[: qabsmax.numel()]
     product = dynamic_map(qabsmax.device)[qabsmax.reshape(-1).long()] * scale
     if nested_dtype == torch.float32:
-        return product + offset.reshape(())
-    return (product.to(nested_dtype) + offset.reshape(()).to(nested_dtype)).float()
+        return product + nested_offset.reshape(())
+    return (product.to(nested_dtype) + nested_offset.reshape(()).to(nested_dtype)).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,8 +462,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
     shape: tuple[int, ...],
     dtype: torch.dtype,
     blocksize: int = 64,
@@ -666,14 +473,16 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """One-launch Triton dequantization, double-quantized constants decoded in the same kernel.
 
-    packed: uint8 ``((n + 1) // 2, 1)``; absmax: fp32 ``[nb]``, or uint8 ``[nb]`` with absmax2 fp32
-    ``[ceil(nb / 256)]`` and offset fp32 0-dim (reconstructed in ``nested_dtype``, see
+    packed: uint8 ``((n + 1) // 2, 1)``; absmax: fp32 ``[nb]``, or uint8 ``[nb]`` with nested_absmax fp32
+    ``[ceil(nb / 256)]`` and nested_offset fp32 0-dim (reconstructed in ``nested_dtype``, see
     :func:`double_dequantize_ref`). Returns ``shape`` in ``dtype``, written into ``out`` when given.
     """
-    n = check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+    n = check_dequantize_args(
+        packed, absmax, nested_absmax, nested_offset, shape, dtype, blocksize, quant_type, nested_dtype
+    )
     device = packed.device
     packed = packed.contiguous()
-    double_quant = absmax2 is not None
+    double_quant = nested_absmax is not None
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     else:
@@ -687,8 +496,8 @@ def dequantize_4bit(
         _dequantize_4bit_kernel[grid](
             packed,
             absmax,
-            absmax2 if double_quant else absmax,
-            offset.reshape(1) if double_quant else absmax,
+            nested_absmax if double_quant else absmax,
+            nested_offset.reshape(1) if double_quant else absmax,
             _device_table("dynamic", device),
             _device_table(quant_type, device),
             out,
@@ -724,19 +533,22 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def double_dequantize(
-    qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype = torch.float32
+    qabsmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_offset: torch.Tensor,
+    nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Triton reconstruction of fp32 block constants ``[nb]``; same values as :func:`double_dequantize_ref`."""
-    check_nested_args(qabsmax, absmax2, offset, nested_dtype)
-    qabsmax, absmax2 = qabsmax.contiguous(), absmax2.contiguous()
+    check_nested_args(qabsmax, nested_absmax, nested_offset, nested_dtype)
+    qabsmax, nested_absmax = qabsmax.contiguous(), nested_absmax.contiguous()
     nb = qabsmax.numel()
     out = torch.empty(nb, dtype=torch.float32, device=qabsmax.device)
     block = 1024
     with _device_context(qabsmax.device):
         _double_dequantize_kernel[(triton.cdiv(nb, block),)](
             qabsmax,
-            absmax2,
-            offset.reshape(1),
+            nested_absmax,
+            nested_offset.reshape(1),
             _device_table("dynamic", qabsmax.device),
             out,
             nb,

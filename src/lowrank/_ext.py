@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from lowrank.kernels import nf4 as K
+from lowrank import nf4_format as F
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "quantize_4bit")
     def _(x, blocksize, quant_type):
         n = x.numel()
-        return x.new_empty(K.packed_shape(n), dtype=torch.uint8), x.new_empty(
-            (K.num_blocks(n, blocksize),), dtype=torch.float32
+        return x.new_empty(F.packed_shape(n), dtype=torch.uint8), x.new_empty(
+            (F.num_blocks(n, blocksize),), dtype=torch.float32
         )
 
     @torch.library.register_fake(lib + "double_quantize")
@@ -110,24 +110,26 @@ def _register_fakes() -> None:
         nb = absmax.numel()
         return (
             absmax.new_empty((nb,), dtype=torch.uint8),
-            absmax.new_empty((K.num_blocks(nb, K.NESTED_BLOCKSIZE),), dtype=torch.float32),
+            absmax.new_empty((F.num_blocks(nb, F.NESTED_BLOCKSIZE),), dtype=torch.float32),
             absmax.new_empty((), dtype=torch.float32),
         )
 
     @torch.library.register_fake(lib + "double_dequantize")
-    def _(qabsmax, absmax2, offset, nested_dtype):
+    def _(qabsmax, nested_absmax, nested_offset, nested_dtype):
         return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
 
     @torch.library.register_fake(lib + "dequantize_4bit")
-    def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
+    def _(packed, absmax, nested_absmax, nested_offset, shape, dtype, blocksize, quant_type, nested_dtype):
         return packed.new_empty(shape, dtype=dtype)
 
     @torch.library.register_fake(lib + "dequantize_4bit_out")
-    def _(packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out):
+    def _(packed, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, out):
         return None
 
     @torch.library.register_fake(lib + "lora_forward")
-    def _(x, weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, A, B, scale, bias, x_lora):
+    def _(
+        x, weight, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, A, B, scale, bias, x_lora
+    ):
         return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "lora_backward")
@@ -136,8 +138,8 @@ def _register_fakes() -> None:
         x,
         weight,
         absmax,
-        absmax2,
-        offset,
+        nested_absmax,
+        nested_offset,
         blocksize,
         quant_type,
         nested_dtype,
@@ -163,35 +165,18 @@ def _register_fakes() -> None:
 
 
 def _weight_args(weight, n: int, k: int) -> tuple:
-    """(tensor, absmax, absmax2, offset, blocksize, quant_type, nested_dtype) for the lora ops."""
+    """The lora kernels' weight arguments: (tensor, absmax, nested_absmax, nested_offset, blocksize, quant_type,
+    nested_dtype). A 4-bit weight is an :class:`~lowrank.nf4_format.NF4Weight` validated where it came in."""
     if isinstance(weight, torch.Tensor):
         if weight.shape != (n, k):
             raise ValueError(f"weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {tuple(weight.shape)}")
         return weight, None, None, None, 64, "nf4", torch.float32
-    shape = tuple(weight.shape)
-    if shape != (n, k):
-        raise ValueError(f"4-bit weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {shape}")
-    nested_dtype = getattr(weight, "nested_dtype", torch.float32)
-    K.check_dequantize_args(
-        weight.packed,
-        weight.absmax,
-        weight.nested_absmax,
-        weight.nested_offset,
-        shape,
-        torch.float32,
-        weight.blocksize,
-        weight.quant_type,
-        nested_dtype,
-    )
-    return (
-        weight.packed,
-        weight.absmax,
-        weight.nested_absmax,
-        weight.nested_offset,
-        weight.blocksize,
-        weight.quant_type,
-        nested_dtype,
-    )
+    if tuple(weight.shape) != (n, k):
+        raise ValueError(
+            f"4-bit weight must have shape ({n}, {k}) = (B.shape[0], x.shape[1]), got {tuple(weight.shape)}"
+        )
+    tensors = tuple(getattr(weight, name) for name in F.TENSOR_FIELDS)
+    return (*tensors, weight.blocksize, weight.quant_type, weight.nested_dtype)
 
 
 def _check_lora_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int]:
@@ -217,31 +202,34 @@ class Extension:
         x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: any shape, fp32/fp16/bf16 -> (packed uint8 ((n + 1) // 2, 1), absmax fp32 [ceil(n / blocksize)])."""
-        K.check_float_input(x)
-        K.check_blocksize(blocksize)
-        K.check_quant_type(quant_type)
+        F.check_float_input(x)
+        F.check_blocksize(blocksize)
+        F.check_quant_type(quant_type)
         return torch.ops.lowrank_ext.quantize_4bit(x, blocksize, quant_type)
 
     @staticmethod
     def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """absmax fp32 [nb] -> (codes uint8 [nb], absmax2 fp32 [ceil(nb / 256)], offset fp32 0-dim)."""
-        K.check_absmax_for_double_quant(absmax)
+        """absmax fp32 [nb] -> (codes uint8 [nb], nested_absmax fp32 [ceil(nb / 256)], nested_offset fp32 0-dim)."""
+        F.check_absmax_for_double_quant(absmax)
         return torch.ops.lowrank_ext.double_quantize(absmax)
 
     @staticmethod
     def double_dequantize(
-        qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, nested_dtype: torch.dtype = torch.float32
+        qabsmax: torch.Tensor,
+        nested_absmax: torch.Tensor,
+        nested_offset: torch.Tensor,
+        nested_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """-> fp32 [nb] block constants (see ``double_dequantize_ref``)."""
-        K.check_nested_args(qabsmax, absmax2, offset, nested_dtype)
-        return torch.ops.lowrank_ext.double_dequantize(qabsmax.reshape(-1), absmax2, offset, nested_dtype)
+        F.check_nested_args(qabsmax, nested_absmax, nested_offset, nested_dtype)
+        return torch.ops.lowrank_ext.double_dequantize(qabsmax.reshape(-1), nested_absmax, nested_offset, nested_dtype)
 
     @staticmethod
     def dequantize_4bit(
         packed: torch.Tensor,
         absmax: torch.Tensor,
-        absmax2: torch.Tensor | None,
-        offset: torch.Tensor | None,
+        nested_absmax: torch.Tensor | None,
+        nested_offset: torch.Tensor | None,
         shape,
         dtype: torch.dtype,
         blocksize: int = 64,
@@ -251,16 +239,26 @@ class Extension:
     ) -> torch.Tensor:
         """One pass: nested constants decoded per block, then ``dtype(code * absmax)`` -> ``shape``
         (written into ``out`` when given: a buffer reused across calls skips a fresh output's page faults)."""
-        K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+        F.check_dequantize_args(
+            packed, absmax, nested_absmax, nested_offset, shape, dtype, blocksize, quant_type, nested_dtype
+        )
         if out is not None:
-            K.check_dequantize_out(out, shape, dtype, packed.device)
+            F.check_dequantize_out(out, shape, dtype, packed.device)
             # a kernel exists wherever dequantize_4bit has one: CPU, and CUDA when built with it
             torch.ops.lowrank_ext.dequantize_4bit_out(
-                packed, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, out
+                packed, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, out
             )
             return out
         return torch.ops.lowrank_ext.dequantize_4bit(
-            packed, absmax, absmax2, offset, [int(d) for d in shape], dtype, blocksize, quant_type, nested_dtype
+            packed,
+            absmax,
+            nested_absmax,
+            nested_offset,
+            [int(d) for d in shape],
+            dtype,
+            blocksize,
+            quant_type,
+            nested_dtype,
         )
 
     # -- LoRA linear on a 4-bit or dense base -------------------------------------------------------

@@ -94,14 +94,15 @@ def _bytes(model: nn.Module) -> int:
 def summary(model: nn.Module) -> Summary:
     """Count trainable / total parameters and bytes of ``model`` (prepared or not)."""
     trainable = total = 0
-    seen: set[int] = set()
+    quantized = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    # the 4-bit bytes are frozen parameters too; a quantized weight counts its original elements instead
+    seen: set[int] = {id(getattr(m, name)) for m in quantized for name in LinearNF4.QUANTIZED_PARAMETERS}
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    quantized = [m for m in model.modules() if isinstance(m, LinearNF4)]
     total += sum(m.in_features * m.out_features for m in quantized)
     return Summary(
         trainable_params=trainable,

@@ -330,7 +330,15 @@ def test_quantize_rejects_bad_arguments(fn):
 def test_dequantize_launcher_rejects_bad_arguments():
     packed, absmax = K.quantize_4bit_ref(torch.randn(100), 64)
     q, absmax2, offset = K.double_quantize_ref(absmax)
-    ok = dict(packed=packed, absmax=absmax, absmax2=None, offset=None, shape=(100,), dtype=torch.float32, blocksize=64)
+    ok = dict(
+        packed=packed,
+        absmax=absmax,
+        nested_absmax=None,
+        nested_offset=None,
+        shape=(100,),
+        dtype=torch.float32,
+        blocksize=64,
+    )
     cases = [
         (dict(packed=packed[:-1]), ValueError, "packed must be uint8 with 50 bytes .* got torch.uint8 with 49"),
         (dict(packed=packed.view(torch.int8)), ValueError, "packed must be uint8 .* got torch.int8"),
@@ -340,21 +348,25 @@ def test_dequantize_launcher_rejects_bad_arguments():
             "absmax must be torch.float32 with 2 entries .* got torch.float32 with 1",
         ),
         (dict(absmax=q), ValueError, "absmax must be torch.float32 .* got torch.uint8"),
-        (dict(absmax=q, absmax2=absmax2), ValueError, "offset must be a one-element float32 tensor"),
-        (dict(absmax=q, absmax2=absmax2[:0], offset=offset), ValueError, "absmax2 must be float32 with 1 entries"),
-        (dict(offset=offset), ValueError, "offset was given without absmax2"),
+        (dict(absmax=q, nested_absmax=absmax2), ValueError, "needs a one-element float32 nested_offset"),
+        (
+            dict(absmax=q, nested_absmax=absmax2[:0], nested_offset=offset),
+            ValueError,
+            "nested_absmax must be float32 with 1 entries",
+        ),
+        (dict(nested_offset=offset), ValueError, "nested_offset given without nested_absmax"),
         (dict(shape=(0,)), ValueError, r"shape \(0,\) has no elements"),
         (dict(shape=(10, -10)), ValueError, "non-negative ints"),
         (dict(dtype=torch.int32), TypeError, "output dtype must be one of .* got torch.int32"),
         (dict(blocksize=100), ValueError, "blocksize must be one of .* got 100"),
-        (dict(absmax=absmax.to("meta")), ValueError, "all tensors must be on one device, got packed=cpu, absmax=meta"),
+        (dict(absmax=absmax.to("meta")), ValueError, "one device, got packed on cpu, absmax on meta"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):
             K.dequantize_4bit(**{**ok, **change})
-        if change.get("absmax2") is None and change.get("offset") is None:
+        if change.get("nested_absmax") is None and change.get("nested_offset") is None:
             kwargs = {**ok, **change}
-            del kwargs["absmax2"], kwargs["offset"]
+            del kwargs["nested_absmax"], kwargs["nested_offset"]
             with pytest.raises(error, match=message):
                 K.dequantize_4bit_ref(**kwargs)
 
@@ -362,11 +374,11 @@ def test_dequantize_launcher_rejects_bad_arguments():
 @pytest.mark.parametrize("fn", [K.double_dequantize_ref, K.double_dequantize], ids=["ref", "triton"])
 def test_double_dequantize_rejects_bad_arguments(fn):
     q, absmax2, offset = K.double_quantize_ref(torch.rand(300) + 0.1)
-    with pytest.raises(ValueError, match="absmax2 must be float32 with 2 entries, got torch.float32 with 1"):
+    with pytest.raises(ValueError, match="nested_absmax must be float32 with 2 entries, got torch.float32 with 1"):
         fn(q, absmax2[:1], offset)
     with pytest.raises(ValueError, match="qabsmax must be a non-empty 1-D uint8 tensor, got torch.float32"):
         fn(q.float(), absmax2, offset)
-    with pytest.raises(ValueError, match="offset must be a one-element float32 tensor, got torch.float64"):
+    with pytest.raises(ValueError, match="nested_offset must be a one-element float32 tensor, got torch.float64"):
         fn(q, absmax2, offset.double())
     with pytest.raises(ValueError, match="share a device, got cpu, meta, cpu"):
         fn(q, absmax2.to("meta"), offset)

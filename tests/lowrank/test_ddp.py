@@ -50,5 +50,5 @@ def test_two_ranks_keep_identical_adapters(tmp_path, mode):
         torch.testing.assert_close(rank0[key], single[key], atol=1e-5, rtol=1e-4, msg=key)
     initial = load_file(tmp_path / "init.safetensors")
     assert all(not torch.equal(rank0[k], initial[k]) for k in params)  # every adapter trained
-    buffers = [k for k in rank0 if k.startswith("buffer.")]
-    assert buffers and all(rank0[k].dtype == torch.uint8 for k in buffers)  # packed NF4 stays plain uint8
+    base = [k for k in rank0 if k.startswith("base.")]
+    assert base and all(rank0[k].dtype == torch.uint8 and torch.equal(rank0[k], initial[k]) for k in base)

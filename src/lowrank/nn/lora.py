@@ -215,7 +215,7 @@ class LoRALinear(nn.Module):
         if self.is_quantized:
             x_c = x if base.compute_dtype is None else x.to(base.compute_dtype)
             y = lora_ops.lora_linear_nf4(
-                x_c, base.packed_weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend
+                x_c, base.weight_nf4, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend
             )
             return y.to(x.dtype)
         return lora_ops.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scale, base.bias, p, self.backend)
@@ -250,7 +250,7 @@ class LoRAFusedProjections(nn.Module):
         projections = []
         for layer in self.layers:
             base = layer.base_layer
-            w = base.packed_weight if layer.is_quantized else base.weight
+            w = base.weight_nf4 if layer.is_quantized else base.weight
             projections.append((w, layer.lora_A, layer.lora_B, layer.scale, base.bias))
         p = self.layers[0].dropout if self.training else 0.0
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)

@@ -1,6 +1,6 @@
 """The single backend dispatch point: which implementation (``torch`` | ``triton`` | ``ext``) runs an op.
 
-Rules (nothing else in lowrank checks devices or versions):
+Rules (nothing else in lowrank checks devices, versions or the environment that chooses a kernel):
 
 * An op family registers one implementation per backend with :func:`register`.
 * The request comes from the ``backend=`` argument, else the ``LOWRANK_BACKEND`` environment variable,
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 # Imported here (it loads the extension once) so that a torch.compile trace never runs that import.
-import lowrank._ext  # noqa: E402,F401
+from lowrank import _ext
 
 BACKENDS = ("torch", "triton", "ext")
 _AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
@@ -52,26 +52,32 @@ def triton_importable() -> bool:
 
 
 def triton_interpreter() -> bool:
+    """True when Triton runs kernels on CPU tensors in its interpreter: the one place lowrank asks."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Environment variable forcing the Triton LoRA backward path: "fused", "dequant" or "auto" (unset = auto).
+LORA_BACKWARD_PATH_ENV = "LOWRANK_LORA_BACKWARD_PATH"
+
+
+def forced_path(variable: str, paths: tuple[str, ...]) -> str | None:
+    """The path an environment variable forces (None for unset or ``auto``); ValueError for anything else."""
+    forced = os.environ.get(variable, "auto")
+    if forced == "auto":
+        return None
+    if forced not in paths:
+        raise ValueError(f"{variable} must be one of {paths} or 'auto', got {forced!r}")
+    return forced
 
 
 def ext_module():
     """The loaded C++/CUDA extension module, or None (see ``lowrank._ext``)."""
-    try:
-        from lowrank import _ext
-    except ImportError:
-        return None
     return _ext.load()
 
 
 def ext_unavailable_reason() -> str:
     """Why the extension is not loaded, in words (for error messages and ``python -m lowrank.env``)."""
-    try:
-        from lowrank import _ext
-    except ImportError as err:
-        return f"lowrank._ext is not importable ({err})"
-    reason = _ext.load_error() if hasattr(_ext, "load_error") else None
-    return reason or "the C++ extension is not built or was disabled (LOWRANK_DISABLE_EXT=1)"
+    return _ext.load_error() or "the C++ extension is not built or was disabled (LOWRANK_DISABLE_EXT=1)"
 
 
 def why_unusable(backend: str, op: str, device: torch.device) -> str | None:

@@ -16,56 +16,28 @@ backward instead of storing ``drop(x)`` (M·K). Dropout follows PEFT (only the L
 applied as ``x_lora = x·mask`` with ``1/(1-p)`` folded into the scale, so the mask is exact in every dtype.
 Every backward that needs W decodes it from the saved packed bytes: the triton backend either tile by tile
 or, for large M, into a transient freed before it returns (``lowrank.kernels.lora_matmul.choose_backward_path``;
-``LOWRANK_LORA_BACKWARD_PATH=fused|dequant`` forces one).
+``LOWRANK_LORA_BACKWARD_PATH=fused|dequant``, read by the dispatch point, forces one).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
+from lowrank.kernels import lora_matmul as _LK
 from lowrank.kernels import nf4 as K
+from lowrank.nf4_format import NF4Weight
 from lowrank.ops import dispatch
 from lowrank.ops.dispatch import register
-
-# lowrank.nf4 imports lowrank.ops, so bind the module (complete by the time any op runs), not its names.
-import lowrank.nf4 as _nf4  # noqa: E402  isort: skip
 
 _SEED_HIGH = 2**62
 _DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PackedWeight(NamedTuple):
-    """An NF4Weight-like view of 4-bit tensors, built without validation (for hot paths and traced code).
-
-    Same fields as :class:`~lowrank.nf4.NF4Weight`; modules hold already-validated buffers and pass this.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    nested_absmax: torch.Tensor | None
-    nested_offset: torch.Tensor | None
-    shape: tuple[int, int]
-    blocksize: int
-    quant_type: str
-    dtype: torch.dtype
-    nested_dtype: torch.dtype = torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-
 def _is_4bit(w) -> bool:
-    return isinstance(w, (PackedWeight, _nf4.NF4Weight))
+    return isinstance(w, NF4Weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,12 +85,15 @@ def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, x_lora=None, need
 # triton backend (the launchers in lowrank.kernels.lora_matmul) and ext backend (the C++ extension).
 # ---------------------------------------------------------------------------------------------------
 
-if importlib.util.find_spec("lowrank.kernels.lora_matmul") is not None:
-    from lowrank.kernels import lora_matmul as _LK
+if _LK.HAS_TRITON:
+    # The ops layer has validated the operands once per public call: the launchers' unchecked entries.
+    register("lora_forward", "triton")(_LK.lora_forward_unchecked)
 
-    if getattr(_LK, "HAS_TRITON", True) and hasattr(_LK, "lora_forward") and hasattr(_LK, "lora_backward"):
-        register("lora_forward", "triton")(_LK.lora_forward)
-        register("lora_backward", "triton")(_LK.lora_backward)
+    @register("lora_backward", "triton")
+    def _lora_backward_triton(*args, **kwargs):
+        path = dispatch.forced_path(dispatch.LORA_BACKWARD_PATH_ENV, _LK.BACKWARD_PATHS)
+        return _LK.lora_backward_unchecked(*args, **kwargs, path=path)
+
 
 for _op in ("lora_forward", "lora_backward"):
     register(_op, "ext")(lambda *args, _op=_op, **kwargs: getattr(dispatch.ext_module(), _op)(*args, **kwargs))
@@ -161,8 +136,8 @@ def _masked_input(x: torch.Tensor, p: float, seed: torch.Tensor | None, index: i
 def _weight_object(weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, dtype):
     if weight.dtype != torch.uint8:
         return weight
-    return PackedWeight(
-        weight, absmax, nested_absmax, nested_offset, tuple(shape), blocksize, quant_type, dtype, nested_dtype
+    return NF4Weight.trusted(
+        weight, absmax, shape, dtype, blocksize, quant_type, nested_absmax, nested_offset, nested_dtype
     )
 
 
@@ -558,7 +533,7 @@ def lora_linear(
 
 def lora_linear_nf4(
     x,
-    w: _nf4.NF4Weight,
+    w: NF4Weight,
     A,
     B,
     scale: float,
@@ -576,7 +551,7 @@ def lora_linear_nf4(
     return _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed)
 
 
-def linear_nf4(x, w: _nf4.NF4Weight, bias=None, backend: str | None = None):
+def linear_nf4(x, w: NF4Weight, bias=None, backend: str | None = None):
     """``x·dequant(w)ᵀ + bias`` without a dense copy kept for the backward (dx re-dequantizes ``w``)."""
     if not _is_4bit(w):
         raise TypeError(f"linear_nf4 expects an NF4Weight, got {type(w).__name__}")

@@ -23,13 +23,24 @@ register("double_dequantize", "torch")(K.double_dequantize_ref)
 
 @register("dequantize_4bit", "torch")
 def _dequantize_4bit_torch(
-    packed, absmax, absmax2, offset, shape, dtype, blocksize=64, quant_type="nf4", nested_dtype=torch.float32, out=None
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    shape,
+    dtype,
+    blocksize=64,
+    quant_type="nf4",
+    nested_dtype=torch.float32,
+    out=None,
 ):
-    K.check_dequantize_args(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype)
+    K.check_dequantize_args(
+        packed, absmax, nested_absmax, nested_offset, shape, dtype, blocksize, quant_type, nested_dtype
+    )
     if out is not None:
         K.check_dequantize_out(out, shape, dtype, packed.device)
-    if absmax2 is not None:
-        absmax = K.double_dequantize_ref(absmax, absmax2, offset, nested_dtype)
+    if nested_absmax is not None:
+        absmax = K.double_dequantize_ref(absmax, nested_absmax, nested_offset, nested_dtype)
     result = K.dequantize_4bit_ref(packed, absmax, shape, dtype, blocksize, quant_type)
     return result if out is None else out.copy_(result)
 
@@ -92,16 +103,16 @@ def _(absmax, backend):
 @torch.library.custom_op("lowrank::double_dequantize", mutates_args=())
 def double_dequantize_op(
     qabsmax: torch.Tensor,
-    absmax2: torch.Tensor,
-    offset: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_offset: torch.Tensor,
     backend: str,
     nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    return dispatch.implementation("double_dequantize", backend)(qabsmax, absmax2, offset, nested_dtype)
+    return dispatch.implementation("double_dequantize", backend)(qabsmax, nested_absmax, nested_offset, nested_dtype)
 
 
 @double_dequantize_op.register_fake
-def _(qabsmax, absmax2, offset, backend, nested_dtype=torch.float32):
+def _(qabsmax, nested_absmax, nested_offset, backend, nested_dtype=torch.float32):
     return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
 
 
@@ -109,8 +120,8 @@ def _(qabsmax, absmax2, offset, backend, nested_dtype=torch.float32):
 def dequantize_4bit_op(
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    offset: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
     shape: list[int],
     dtype: torch.dtype,
     blocksize: int,
@@ -119,10 +130,21 @@ def dequantize_4bit_op(
     nested_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     return dispatch.implementation("dequantize_4bit", backend)(
-        packed, absmax, absmax2, offset, tuple(shape), dtype, blocksize, quant_type, nested_dtype
+        packed, absmax, nested_absmax, nested_offset, tuple(shape), dtype, blocksize, quant_type, nested_dtype
     )
 
 
 @dequantize_4bit_op.register_fake
-def _(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, backend, nested_dtype=torch.float32):
+def _(
+    packed,
+    absmax,
+    nested_absmax,
+    nested_offset,
+    shape,
+    dtype,
+    blocksize,
+    quant_type,
+    backend,
+    nested_dtype=torch.float32,
+):
     return packed.new_empty(shape, dtype=dtype)

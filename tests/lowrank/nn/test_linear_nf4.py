@@ -36,13 +36,12 @@ def test_from_linear_quantizes_bit_exactly_and_freezes():
     for name in ("packed", "absmax", "nested_absmax", "nested_offset"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == ((96 * 40) // 2, 1)
-    assert [name for name, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
-    assert {name for name, _ in layer.named_buffers()} == {
-        "weight",
-        "weight_absmax",
-        "weight_nested_absmax",
-        "weight_nested_offset",
-    }
+    # the uint8 tensors are frozen parameters (FSDP2 shards them, DDP never re-sends them), the tiny fp32
+    # nested constants buffers
+    params = dict(layer.named_parameters())
+    assert list(params) == ["weight", "weight_absmax", "bias"] and not any(p.requires_grad for p in params.values())
+    assert params["weight_absmax"].dtype == torch.uint8
+    assert {name for name, _ in layer.named_buffers()} == {"weight_nested_absmax", "weight_nested_offset"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -131,8 +130,8 @@ def test_dtype_casts_keep_quantization_constants_fp32():
             assert (
                 layer.weight_nested_absmax.dtype == torch.float32 and layer.weight_nested_offset.dtype == torch.float32
             )
-        else:
-            assert layer.weight_absmax.dtype == torch.float32
+        else:  # fp32 block constants are held as their bytes
+            assert layer.weight_absmax.dtype == torch.uint8 and layer.weight_nf4.absmax.dtype == torch.float32
         after = layer.state_dict()
         for key in before:
             if key != "bias":
@@ -200,3 +199,71 @@ def test_matches_bitsandbytes_linear4bit(compute_dtype):
     y_bnb.sum().backward()
     y.sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=ATOL[compute_dtype] / 10)
+
+
+def _same_layer(a: LinearNF4, b: LinearNF4) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    x = torch.randn(5, a.in_features, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a(x), b(x))
+
+
+def test_copy_deepcopy_pickle_and_weights_only_state_dicts():
+    import copy
+    import io
+
+    layer = LinearNF4.from_linear(make_linear())
+    deep = copy.deepcopy(layer)
+    assert deep.weight.data_ptr() != layer.weight.data_ptr()
+    _same_layer(layer, deep)
+    _same_layer(layer, copy.copy(layer))
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # the whole module (pickled)
+    buffer.seek(0)
+    _same_layer(layer, torch.load(buffer, weights_only=False))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)  # tensors only: loadable with weights_only=True
+    buffer.seek(0)
+    fresh = LinearNF4.from_linear(make_linear(seed=7))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    _same_layer(layer, fresh)
+
+
+def test_meta_skeleton_then_load():
+    layer = LinearNF4.from_linear(make_linear(), blocksize=128)
+    sd = layer.state_dict()
+    for double_quant in (True, False):
+        source = LinearNF4.from_linear(make_linear(), blocksize=128, double_quant=double_quant)
+        with torch.device("meta"):
+            meta_linear = torch.nn.Linear(96, 40)
+        skeleton = LinearNF4.from_linear(meta_linear, blocksize=128, double_quant=double_quant)
+        assert skeleton.weight.is_meta and skeleton.weight.shape == source.weight.shape
+        skeleton.load_state_dict(source.state_dict(), assign=True)  # meta -> the state dict's tensors
+        _same_layer(source, skeleton)
+        empty = LinearNF4.empty(40, 96, True, blocksize=128, double_quant=double_quant, device="meta")
+        empty.to_empty(device="cpu")
+        empty.load_state_dict(source.state_dict())
+        _same_layer(source, empty)
+    assert sd  # the first layer's state dict was not consumed
+
+
+def test_dtype_casts_of_a_prepared_model_leave_the_4bit_base_alone():
+    model = torch.nn.Sequential(LinearNF4.from_linear(make_linear()), LinearNF4.from_linear(make_linear(96, 96)))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "bias" not in k}
+    model.to(torch.float16).to(torch.bfloat16).double().float()
+    after = model.state_dict()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+
+
+def test_distributed_checkpoint_state_dict_of_an_unsharded_model():
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = torch.nn.Sequential(LinearNF4.from_linear(make_linear()), torch.nn.ReLU())
+    sd = get_model_state_dict(model)  # walks every key with getattr: bitsandbytes' keys must resolve
+    assert sd.keys() == model.state_dict().keys() and "0.weight.quant_state.bitsandbytes__nf4" in sd
+    other = torch.nn.Sequential(LinearNF4.from_linear(make_linear(seed=5)), torch.nn.ReLU())
+    set_model_state_dict(other, sd)
+    _same_layer(model[0], other[0])

@@ -301,7 +301,7 @@ def test_fused_projections_equal_separate_layers(p):
 
             base = twin.base_layer
             y = lora_linear_nf4(
-                x2, base.packed_weight, twin.lora_A, twin.lora_B, twin.scale, base.bias, p, dropout_seed=seed + i
+                x2, base.weight_nf4, twin.lora_A, twin.lora_B, twin.scale, base.bias, p, dropout_seed=seed + i
             )
         else:
             y = twin.eval()(x2)

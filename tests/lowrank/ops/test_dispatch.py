@@ -3,7 +3,6 @@ BackendUnavailableError with the reason, LOWRANK_BACKEND is honoured, bad names 
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import pytest
@@ -27,8 +26,8 @@ def probe_op():
 
 @pytest.fixture
 def no_extension(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lowrank._ext", None)
-    monkeypatch.delattr(lowrank, "_ext", raising=False)
+    monkeypatch.setattr(dispatch._ext, "load", lambda: None)
+    monkeypatch.setattr(dispatch._ext, "load_error", lambda: "lowrank._C is not built (test)")
 
 
 def test_auto_prefers_the_extension_on_cpu_when_it_is_loaded():
@@ -69,7 +68,7 @@ def test_explicit_unusable_backend_raises_with_the_reason(probe_op, no_extension
     with pytest.raises(BackendUnavailableError, match="'ext' .* has no 'ext' implementation"):
         resolve(probe_op, "cpu", "ext")
     with pytest.raises(
-        BackendUnavailableError, match="the C\\+\\+ extension is unavailable: lowrank._ext is not importable"
+        BackendUnavailableError, match="the C\\+\\+ extension is unavailable: lowrank._C is not built \\(test\\)"
     ):
         resolve("quantize_4bit", "cpu", "ext")
     with pytest.raises(BackendUnavailableError, match="backend 'ext' was requested"):

@@ -127,7 +127,7 @@ def test_torch_backend_bias_dropout_rslora(bias, p, rslora):
 def test_triton_backend_matches_reference(M, dtype, kind, bias, p, rslora, n, k, backward_path, monkeypatch):
     if not usable("triton"):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
-    monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+    monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, backward_path)
     run_and_check(M, dtype, kind, bias=bias, p=p, rslora=rslora, backend="triton", n=n, k=k)
 
 
@@ -201,7 +201,7 @@ def test_saves_packed_weight_x_and_adapters_only(p, backend, backward_path, monk
     A.requires_grad_(True)
     dequantized = []
     if backward_path is not None:
-        monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+        monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, backward_path)
         original = LK._dequantize
         monkeypatch.setattr(LK, "_dequantize", lambda *a, **kw: dequantized.append(1) or original(*a, **kw))
     y, saved = saved_tensors_of(
@@ -332,7 +332,7 @@ def test_multi_triton_matches_reference(M, dtype, p, backward_path, monkeypatch)
     # q/k/v-style: two NF4 projections (one with odd N) and a dense one in ONE op, dx summed over them.
     if not usable("triton"):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
-    monkeypatch.setenv(LK.BACKWARD_PATH_ENV, backward_path)
+    monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, backward_path)
     problems, projections = [], []
     x = make_problem(M, dtype)[2]
     for i, (kind, n, bias) in enumerate([("nf4", 40, True), ("nf4", 23, False), ("dense", 24, True)]):
@@ -436,3 +436,22 @@ def test_bad_inputs_raise_clear_errors():
         lora_linear_nf4(x, torch.randn(N, KDIM), A, B, 1.0)
     with pytest.raises(ValueError, match="'gpu' is not a backend"):
         lora_linear_nf4(x, w, A, B, 1.0, backend="gpu")
+
+
+@pytest.mark.parametrize(
+    "setting, expected", [("fused", "fused"), ("dequant", "dequant"), ("auto", None), (None, None)]
+)
+def test_backward_path_variable_is_read_by_the_dispatch_point(setting, expected, monkeypatch):
+    if not usable("triton"):
+        pytest.skip("the triton backend of lora_backward is not registered or not usable here")
+    if setting is None:
+        monkeypatch.delenv(dispatch.LORA_BACKWARD_PATH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, setting)
+    seen = []
+    monkeypatch.setattr(LK, "lora_backward_unchecked", lambda *args, path=None, **kwargs: seen.append(path))
+    dispatch.implementation("lora_backward", "triton")("dy", "x", "w", "A", "B", 2.0, "xa")
+    assert seen == [expected]
+    monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, "cublas")
+    with pytest.raises(ValueError, match="LOWRANK_LORA_BACKWARD_PATH must be one of .*'cublas'"):
+        dispatch.implementation("lora_backward", "triton")("dy", "x", "w", "A", "B", 2.0, "xa")

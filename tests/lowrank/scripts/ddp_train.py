@@ -1,9 +1,9 @@
 """Run under ``torchrun --nproc_per_node 2 ddp_train.py OUT [ddp|fsdp2]``: data-parallel training of a
-lowrank-prepared NF4 model on gloo (CPU), with DDP or with FSDP2 (``fully_shard``: LoRA parameters and the
-frozen dense parameters are sharded; the packed NF4 buffers stay replicated plain tensors).
+lowrank-prepared NF4 model on gloo (CPU), with DDP or with FSDP2 (``fully_shard``: LoRA parameters, the
+frozen dense parameters and the frozen uint8 parameters of the 4-bit base are sharded).
 
 Each rank trains on different tokens with gradient checkpointing; afterwards every rank writes its LoRA
-parameters and 4-bit buffers to ``<out>/rank<r>.safetensors``, and rank 0 also writes the result of
+parameters and 4-bit bytes to ``<out>/rank<r>.safetensors``, and rank 0 also writes the result of
 training an identical model in a single process on the concatenated batch (``<out>/single.safetensors``)
 and the initial state (``<out>/init.safetensors``).
 """
@@ -28,7 +28,7 @@ STEPS = 3
 
 def trained_state(model) -> dict[str, torch.Tensor]:
     state = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.uint8})
+    state.update({f"base.{n}": p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8})
     return state
 
 
