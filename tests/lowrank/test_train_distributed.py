@@ -178,3 +178,25 @@ def test_cli_finetune_under_torchrun_writes_the_single_process_files(tmp_path):
     odd[odd.index("--batch-size") + 1] = "3"
     code, log = torchrun(2, "-m", "lowrank", "finetune", *odd, "--output", str(tmp_path / "y"), "--distributed", "ddp")
     assert code != 0 and "must split evenly over the world size 2" in log and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_readme_big_model_recipe_runs_as_written(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- recipe:big-model -->", 1)[1].split("<!-- /recipe:big-model -->", 1)[0]
+    script = block.strip().removeprefix("```bash").removesuffix("```")
+    model_dir = tiny_llama_dir(tmp_path / "model")
+    bin_dir = str(Path(sys.executable).parent)
+    command = [
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        f"export PATH={bin_dir}:$PATH MODEL={model_dir} OUT={tmp_path / 'out'}\n{script}",
+    ]
+    code, log = launch(command, timeout=500)
+    assert code == 0, log[-4000:]
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000002", "step-000004"]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
