@@ -1,7 +1,7 @@
 """Shared benchmark harness: shape registry, providers, measured limits, timing, and result records.
 
-Timing (style-anchors §E)
--------------------------
+Timing (docs/bench.md, "What is measured")
+-------------------------------------------
 * **Wall time** — pytest-benchmark's ``benchmark.pedantic`` times ``fn(); synchronize()``, so every round
   ends with the GPU idle. Compilation, autotuning and warm-up run before the timed rounds. The number of
   rounds is chosen from one probe call so that each benchmark spends about ``TARGET_TIMED_S`` timed.
@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from lowrank import files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,16 +214,6 @@ def skip_reason(provider: str) -> str | None:
     raise KeyError(f"unknown provider {provider!r}; known: {sorted(PROVIDER_LABELS)} (and triton:<forward path>)")
 
 
-def lowrank_attr(module: str, name: str) -> tuple[Callable | None, str | None]:
-    """A lowrank function that another part of the project provides, or why it is not there (yet)."""
-    mod, reason = optional_module(module)
-    if mod is None:
-        return None, f"{module} is not available: {reason}"
-    if not hasattr(mod, name):
-        return None, f"{module} has no `{name}` yet"
-    return getattr(mod, name), None
-
-
 # ----------------------------------------------------------------------------------------------------
 # Measured limits.
 # ----------------------------------------------------------------------------------------------------
@@ -307,7 +299,8 @@ def load_or_measure_limits() -> Limits:
             return cached
     limits = measure_limits()
     if path:
-        write_atomic(Path(path), json.dumps(dataclasses.asdict(limits)))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path, json.dumps(dataclasses.asdict(limits)))
     return limits
 
 
@@ -384,14 +377,6 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Records.
 # ----------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def append_record(record: dict) -> None:

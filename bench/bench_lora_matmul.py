@@ -11,7 +11,7 @@ Work and traffic (what the floor is computed from; adapters fp32, activations bf
 Dense baselines move 2 B per weight element instead of 0.516. ``fraction_of_limit`` is the roofline floor
 (copy bandwidth or bf16 GEMM peak, whichever bounds) over the measured time.
 
-Goals on H100 (kernels-and-limits.md §8): forward at M ≤ 64 ≥ 3× faster than ``dequant_gemm``
+Goals on H100 (docs/bench.md, "Where the goals come from"): forward at M ≤ 64 ≥ 3× faster than ``dequant_gemm``
 (dequantize + cuBLAS); at M ≥ 2048 within ~10 % of ``gemm_dense`` (cuBLAS bf16 GEMM on a pre-dequantized
 W: ~5 % GEMM + < 5 % LoRA overhead); backward (dX + dA + dB) ≤ 1.1× ``gemm_dx`` (the dX GEMM alone).
 
@@ -40,12 +40,12 @@ from _harness import (
     LORA_SHAPES,
     SHAPES,
     SUITE,
-    lowrank_attr,
     nf4_weight_bytes,
     optional_module,
     rows,
     skip_reason,
 )
+from lowrank.kernels import lora_matmul as LM
 from lowrank.kernels import nf4 as K
 
 import lowrank.nf4
@@ -213,12 +213,6 @@ def test_lora(bench, case: Case) -> None:
     reason = skip_reason(case.provider)
     if reason:
         pytest.skip(f"{case.provider}: {reason}")
-    if case.provider.startswith("triton"):
-        _, reason = lowrank_attr("lowrank.kernels.lora_matmul", "lora_forward")
-    elif case.provider == "lowrank_op":
-        _, reason = lowrank_attr("lowrank.ops", "lora_linear_nf4")
-    if reason:
-        pytest.skip(f"{case.provider}: {reason}")
     p = make_problem(case.shape, case.m, case.r)
     m, k = p.x.shape
     n = p.w_dense.shape[0]
@@ -255,12 +249,11 @@ def _forward(provider: str, p: Problem):
         x, p.qw.packed, p.qw.absmax, p.qw.nested_absmax, p.qw.nested_offset, *p.qw.shape, A, B, s
     )
     if provider.startswith("triton"):
-        lm = optional_module("lowrank.kernels.lora_matmul")[0]
         path = provider.partition(":")[2] or None
-        chosen = path or lm.choose_forward_path(x.shape[0], p.w_dense.shape[0], x.shape[1], x.device)
+        chosen = path or LM.choose_forward_path(x.shape[0], p.w_dense.shape[0], x.shape[1], x.device)
 
         def fn():
-            return lm.lora_forward(x, p.qw, A, B, s, path=path)[0]
+            return LM.lora_forward(x, p.qw, A, B, s, path=path)[0]
 
         return fn, {"path": chosen, "max_rel_err_vs_torch": _max_rel_err(fn(), reference)}
     if provider == "peft_bnb":
@@ -296,11 +289,10 @@ def _backward(provider: str, p: Problem):
         return (lambda: p.dy @ p.w_dense), {}
     reference = _reference_grads(p)
     if provider == "triton":
-        lm = optional_module("lowrank.kernels.lora_matmul")[0]
-        _, xa = lm.lora_forward(p.x, p.qw, p.A, p.B, p.scale)
+        _, xa = LM.lora_forward(p.x, p.qw, p.A, p.B, p.scale)
 
         def fn():
-            return lm.lora_backward(p.dy, p.x, p.qw, p.A, p.B, p.scale, xa)
+            return LM.lora_backward(p.dy, p.x, p.qw, p.A, p.B, p.scale, xa)
 
         return fn, {**_grad_errors(fn(), reference), **_triton_paths(p)}
     forward, inputs = _graph(provider, p)
@@ -314,11 +306,10 @@ def _backward(provider: str, p: Problem):
 
 def _triton_paths(p: Problem) -> dict:
     """The forward and backward paths lowrank.kernels.lora_matmul chooses for this problem."""
-    lm = optional_module("lowrank.kernels.lora_matmul")[0]
     (m, k), n, r = p.x.shape, p.w_dense.shape[0], p.A.shape[0]
     return {
-        "path": lm.choose_forward_path(m, n, k, p.x.device),
-        "backward_path": lm.choose_backward_path(m, n, k, r, p.x.device),
+        "path": LM.choose_forward_path(m, n, k, p.x.device),
+        "backward_path": LM.choose_backward_path(m, n, k, r, p.x.device),
     }
 
 

@@ -5,13 +5,13 @@ Bytes moved per weight element (blocksize 64): dequantize reads 0.5 B codes + 1/
 4/(64·256) B nested absmax (double quant; 4/64 B fp32 absmax without) and writes 2 B of bf16;
 quantize reads 2 B of bf16 and writes the same 0.516 (0.5625) B. 4096x14336 dequantize moves 147.7 MB.
 
-Goal on H100 (kernels-and-limits.md §8): NF4 + double quant → bf16 dequantize at ≥ 80 % of copy bandwidth:
-4096x14336 ≤ 55 µs, 8192x28672 ≤ 220 µs (bitsandbytes ≈ 151 µs at 4096x14336).
+Goal on H100 (docs/bench.md, "Where the goals come from"): NF4 + double quant → bf16 dequantize at ≥ 80 % of
+copy bandwidth: 4096x14336 ≤ 55 µs, 8192x28672 ≤ 220 µs (bitsandbytes ≈ 151 µs at 4096x14336).
 
 Providers: ``triton`` (lowrank.nf4 public API, backend="triton"), ``torch`` (same API, backend="torch":
 the reference), ``ext`` (same API, backend="ext": the C++ extension's kernels -- CUDA ones when built
-with them; its quantize runs on CPU only), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference functions, called
-directly because the public op is opaque to the compiler), ``bitsandbytes`` (``bnb.functional``).
+with them; its quantize runs on CPU only), ``torch_compiled`` (``torch.compile(dynamic=True)`` of the reference
+functions, called directly because the public op is opaque to the compiler), ``bitsandbytes`` (``bnb.functional``).
 The public API's ``quantize`` also checks that the input is finite (one more read and a host sync): that is
 part of what a user pays, and it is in the lowrank figures.
 """

@@ -21,7 +21,9 @@ import re
 
 import pytest
 import torch
-from _harness import DEVICE, DTYPE, ON_GPU, SUITE, TINY, lowrank_attr, optional_module, skip_reason
+from _harness import DEVICE, DTYPE, ON_GPU, SUITE, TINY, optional_module, skip_reason
+
+import lowrank
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -71,10 +73,7 @@ def step_flops(config) -> float:
 
 
 def prepare_lowrank(model):
-    prepare_model, reason = lowrank_attr("lowrank", "prepare_model")
-    if reason:
-        pytest.skip(f"lowrank: {reason}")
-    return prepare_model(
+    return lowrank.prepare_model(
         model, r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear", quantize="nf4", double_quant=True
     )
 

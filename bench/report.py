@@ -205,7 +205,8 @@ def _side_by_side(groups: dict) -> list[str]:
         out += [
             f"## {group} (side by side, one run)",
             "",
-            "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this | peak extra MiB |",
+            "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this "
+            "| peak extra MiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         limit_rate = limit["extra_info"]["bytes_moved"] / limit["stats"]["min"] if limit else None
@@ -326,7 +327,7 @@ def _goals(records: list[dict], machine: dict) -> list[str]:
     if not rows:
         return []
     header = [
-        "## Goals (H100, kernels-and-limits.md §8)",
+        "## Goals (H100, docs/bench.md)",
         "",
         "| goal | case | measured | status |",
         "| --- | --- | --- | --- |",

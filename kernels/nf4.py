@@ -1,7 +1,8 @@
 """NF4 / FP4 blockwise 4-bit quantization and double quantization, bit-exact with bitsandbytes' format.
 
-Format (tables and checks: ``lowrank.nf4_format``; the facts the code relies on are restated here)
-------------------------------------------------------------------------------------------------------
+Format (tables and checks: ``lowrank.nf4_format``; docs/nf4.md describes bitsandbytes' format; the facts the
+kernels rely on are restated here)
+--------------------------------------------------------------------------------------------------------------
 * A tensor of ``n`` elements is flattened in row-major (C) order and cut into blocks of ``blocksize``
   consecutive elements (32 ... 4096, a power of two). The last block may be partial; only its valid
   elements take part.

@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 
 import torch
 from lowrank.kernels import nf4 as K
 
 import lowrank
+from lowrank import files
 
 SHAPE = (1024, 1024)
 OUTPUT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "nf4_roundtrip_stats.json")
@@ -71,11 +71,7 @@ def main() -> None:
     }
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(output), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, output)
+    files.write_text(output, json.dumps(result, indent=1, sort_keys=True) + "\n")
     print("wrote", output)
 
 

@@ -20,6 +20,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes share the cores
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def device() -> torch.device:
     """Where kernel tests run: CUDA when LOWRANK_TEST_GPU=1, else CPU (Triton interpreter)."""
     return torch.device("cuda" if os.environ.get("LOWRANK_TEST_GPU") == "1" else "cpu")

@@ -26,7 +26,7 @@ for shape, bs, qt, dt in [
     w.view(-1)[:bs] = 0
     a = lowrank.quantize(w, bs, True, qt, backend="torch")
     b = lowrank.quantize(w, bs, True, qt, backend="triton")
-    same_q = [torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values())]
+    same_q = [torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True)]
     for odt in (torch.bfloat16, torch.float32):
         d1 = lowrank.dequantize(a, odt, backend="torch")
         d2 = lowrank.dequantize(a, odt, backend="triton")
@@ -52,13 +52,38 @@ for shape, bs, qt, dt in [
             }
         )
     )
-# copy bandwidth
-x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-y = torch.empty_like(x)
-t = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300)
-copy_bw = 2 * x.numel() / (t * 1e-3) / 1e9
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    return 2 * src.numel() / (t * 1e-3) / 1e9
+
+
+def dequantize_launch(q, out, n, bpp, warps):
+    """A call of the dequantize kernel with ``bpp`` bytes per program and ``warps`` warps."""
+    grid = (triton.cdiv((n + 1) // 2, bpp),)
+    return lambda: K._dequantize_4bit_kernel[grid](
+        q.packed,
+        q.absmax,
+        q.nested_absmax,
+        q.nested_offset.reshape(1),
+        K._device_table("dynamic", dev),
+        K._device_table("nf4", dev),
+        out,
+        n,
+        BLOCKSIZE=64,
+        BYTES_PER_PROGRAM=bpp,
+        DOUBLE_QUANT=True,
+        num_warps=warps,
+        enable_fp_fusion=False,
+    )
+
+
+copy_bw = copy_bandwidth()
 print(json.dumps({"copy_GBps": copy_bw}))
-del x, y
 for N, Kd in [(4096, 4096), (4096, 14336), (8192, 28672)]:
     w = torch.randn(N, Kd, device=dev, dtype=torch.bfloat16)
     q = lowrank.quantize(w, 64, True, "nf4", backend="triton")
@@ -67,24 +92,8 @@ for N, Kd in [(4096, 4096), (4096, 14336), (8192, 28672)]:
     out = torch.empty(N, Kd, dtype=torch.bfloat16, device=dev)
     for bpp in (512, 1024, 2048, 4096):
         for warps in (2, 4, 8):
-            grid = (triton.cdiv((n + 1) // 2, bpp),)
-            f = lambda: K._dequantize_4bit_kernel[grid](
-                q.packed,
-                q.absmax,
-                q.nested_absmax,
-                q.nested_offset.reshape(1),
-                K._device_table("dynamic", dev),
-                K._device_table("nf4", dev),
-                out,
-                n,
-                BLOCKSIZE=64,
-                BYTES_PER_PROGRAM=bpp,
-                DOUBLE_QUANT=True,
-                num_warps=warps,
-                enable_fp_fusion=False,
-            )
             try:
-                t = triton.testing.do_bench(f, warmup=25, rep=100)
+                t = triton.testing.do_bench(dequantize_launch(q, out, n, bpp, warps), warmup=25, rep=100)
             except Exception as e:
                 print(json.dumps({"shape": [N, Kd], "bpp": bpp, "warps": warps, "error": str(e)[:200]}))
                 continue
@@ -100,9 +109,9 @@ for N, Kd in [(4096, 4096), (4096, 14336), (8192, 28672)]:
                     }
                 )
             )
-    t = triton.testing.do_bench(lambda: lowrank.dequantize(q, torch.bfloat16), warmup=25, rep=100)
+    t = triton.testing.do_bench(lambda q=q: lowrank.dequantize(q, torch.bfloat16), warmup=25, rep=100)
     print(json.dumps({"shape": [N, Kd], "public_api_us": t * 1e3}))
-    tq = triton.testing.do_bench(lambda: lowrank.quantize(w, 64, True, "nf4", backend="triton"), warmup=5, rep=50)
+    tq = triton.testing.do_bench(lambda w=w: lowrank.quantize(w, 64, True, "nf4", backend="triton"), warmup=5, rep=50)
     print(json.dumps({"shape": [N, Kd], "quantize_dq_us": tq * 1e3, "GBps": (2 * n + q.nbytes) / (tq * 1e-3) / 1e9}))
     a = torch.mm(torch.randn(16, Kd, device=dev, dtype=torch.bfloat16), w.t())
 print(json.dumps({"bad": [list(s) for s in bad]}))

@@ -1,7 +1,7 @@
 """Evaluation: loss and perplexity; accuracy and macro-F1 (classification); greedy generation, ROUGE, and
 the share of generated tokens that fall in a frequent-token set (generation).
 
-ROUGE follows the usual convention (ecosystem.md §5): ``rouge_score.RougeScorer([...], use_stemmer=True)``,
+ROUGE follows the usual convention (docs/train.md): ``rouge_score.RougeScorer([...], use_stemmer=True)``,
 ``scorer.score(reference, prediction)`` (reference first), F-measure averaged over examples, in [0, 1].
 For ROUGE-Lsum each text is split into sentences on ``.``/``!``/``?`` followed by white space and joined
 with newlines (a regex instead of nltk's punkt, which would need a download).
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from lowrank.data import collate, target_count
+from lowrank.loss import autocast_for, loss_sum
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -34,8 +35,6 @@ def evaluate(
     precision: str = "auto",
 ) -> dict[str, float]:
     """Mean loss per target and its perplexity; for classification also ``accuracy`` and ``f1`` (macro)."""
-    from lowrank.train import TrainConfig, autocast_for, loss_sum
-
     if not data:
         raise ValueError("evaluation data is empty")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -47,7 +46,7 @@ def evaluate(
         batch = collate(data[start : start + batch_size], pad_token_id)
         count += target_count(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_for(TrainConfig(precision=precision), device):
+        with autocast_for(precision, device):
             loss, logits = loss_sum(model, batch, task)
         total += loss.item()
         if task == "classification":

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.optim.adamw import adamw as _functional_adamw
+
+from lowrank import files
 
 DEFAULT_PAGE_MIN_NUMEL = 100_000
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -335,31 +334,18 @@ def optimizer_state_from_tensors(
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
     """Write the optimizer's state to one safetensors file (JSON in its metadata), atomically."""
     tensors, meta = optimizer_state_to_tensors(optimizer)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.write_safetensors(path, tensors, metadata={_META_KEY: json.dumps(meta)})
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
     """Load a file written by :func:`save_optimizer_state`; raise OptimizerStateError if it is unusable."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise OptimizerStateError(f"optimizer state file {path!r} does not exist")
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+        metadata = files.read_safetensors_metadata(path)
+        tensors = files.read_safetensors(path)
+    except files.FileFormatError as err:
         raise OptimizerStateError(f"{path} is not a readable safetensors file: {err}") from err
     if _META_KEY not in metadata:
         raise OptimizerStateError(f"{path} has no {_META_KEY!r} metadata; it was not written by save_optimizer_state")

@@ -2,7 +2,7 @@
 
 One optimizer step = ``grad_accum`` micro-batches. Their losses are summed per target (label token, or
 example for classification) and divided by the step's total target count, so accumulation equals one
-big batch (ecosystem.md §4). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
+big batch (docs/train.md). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
 from 0 (the first update uses lr 0 when warmup > 0, as transformers does), then cosine or linear decay.
 
 Checkpoints (``<output_dir>/checkpoints/step-NNNNNN/``) hold ``trainable.safetensors`` (every trainable
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lowrank import distributed as _distributed
 from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
-from lowrank.data import IGNORE_INDEX, collate, target_count
+from lowrank.data import collate, target_count
+from lowrank.evaluate import evaluate
+from lowrank.loss import autocast_for, loss_sum
 from lowrank.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 
 
@@ -74,27 +75,6 @@ def micro_batch(data: Sequence[dict], index: int, batch_size: int, seed: int) ->
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return [data[i] for i in order[position * batch_size : (position + 1) * batch_size].tolist()]
-
-
-# --------------------------------------------------------------------------------------- loss
-
-
-def loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-target losses, logits): cross-entropy over classes, or over next tokens."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"]
-    if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), logits
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    ), logits
-
-
-def autocast_for(config: TrainConfig, device: torch.device):
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -290,7 +270,6 @@ def train(
     unfreeze: a gradual-unfreezing schedule, ``unfreeze.apply(model, step)`` called before each step.
     on_step: called with each step's log entry (after any checkpoint of that step is written).
     """
-    from lowrank.evaluate import evaluate  # evaluate imports this module's loss_sum
 
     config.validate()
     if not train_data:
@@ -379,7 +358,7 @@ def train(
         step_loss, n_tokens = 0.0, 0
         for batch, is_real in zip(batches, real, strict=True):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_for(config, device):
+            with autocast_for(config.precision, device):
                 total, _ = loss_sum(forward_model, batch, config.task)
             loss = total / max(n_targets, 1)
             if dist_ctx.active:  # DDP / FSDP2 average gradients over ranks: the sum is the single-process one

@@ -17,9 +17,10 @@ import os
 
 import pytest
 import torch
-from lora_cases import ATOL, WEIGHTS, check_partial_gradients, lora_problem, max_err
-from lora_cases import check_rule as shared_check_rule
-from lora_cases import make_weight as shared_make_weight
+from helpers import WEIGHTS, assert_bit_equal, assert_within_torch_error, check_partial_gradients, lora_problem
+from helpers import check_rule as shared_check_rule
+from helpers import make_weight as shared_make_weight
+from helpers import sample_decades as sample
 from lowrank.kernels import nf4 as K
 
 import lowrank
@@ -47,33 +48,6 @@ needs_real_gpu = pytest.mark.skipif(EMULATED, reason="about devices or streams: 
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes, so -0.0 vs +0.0 and NaN payloads count as differences."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bit_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (
-        f"{what}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}"
-    )
-    mismatch = (bits(out) != bits(ref)).nonzero().view(-1)
-    assert mismatch.numel() == 0, (
-        f"{what}: {mismatch.numel()} differing bytes, first at bytes {mismatch[:5].tolist()} "
-        f"(element size {out.element_size()})"
-    )
-
-
-def sample(shape, seed: int) -> torch.Tensor:
-    """fp32 randn over several decades, with a run of exact zeros and an all-zero first block where it fits."""
-    gen = torch.Generator().manual_seed(seed)
-    n = math.prod(shape)
-    x = torch.randn(n, generator=gen) * torch.logspace(-3, 2, n)[torch.randperm(n, generator=gen)]
-    if n >= 96:
-        x[:64] = 0.0
-        x[80:90] = 0.0
-    return x.reshape(shape)
 
 
 def dequantize_op(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
@@ -253,7 +227,7 @@ def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
     dx_low, dA_low, dB_low = dyg @ w_low + g_low @ Ag, g_low.t() @ xl_g, (dyg * scale).t() @ xa_low
 
     assert xa.dtype == torch.float32 and xa.device.type == CUDA.type
-    assert max_err(xa, xa64) <= 2 * max_err(xa_low, xa64) + ATOL[dtype]
+    assert_within_torch_error(xa, xa_low, xa64, dtype, "xa")
     for name, out, ref, low in (
         ("y", y, y64, y_low),
         ("dx", dx, dx64, dx_low),

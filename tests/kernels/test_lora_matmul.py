@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import assert_within_torch_error as assert_close_by_rule
 from lowrank.kernels import lora_matmul as L
 from lowrank.kernels import nf4 as K
 
@@ -19,7 +20,6 @@ from lowrank.nf4 import NF4Weight
 
 pytestmark = pytest.mark.interpreter
 
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (quant_type, double_quant) or None for a dense weight
 WEIGHT_KINDS = {
@@ -87,12 +87,6 @@ def backward_in(dtype_compute, dy, x, w, A, B, s, x_lora):
     xa = xl.to(c) @ A_.T
     dB = s * (dy.to(c).T @ xa.to(x.dtype).to(c))
     return dx, dA, dB
-
-
-def assert_close_by_rule(out, torch_same, ref64, dtype, what):
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2 * (torch_same.double() - ref64).abs().max().item() + ATOL[dtype]
-    assert err <= bound, f"{what}: max error {err:.3e} exceeds 2 x PyTorch error + atol = {bound:.3e}"
 
 
 def check_forward(M, dtype, kind, device, bias, separate, path=None, k=KDIM, n=N, blocksize=64):

@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
+from helpers import assert_bit_equal as assert_bitwise_equal
+from helpers import bits, unpack
 from lowrank.kernels import nf4 as K
 
 pytestmark = pytest.mark.interpreter
 
-# The 15 NF4 decision thresholds as printed in shared/reference/nf4-format.md §1.2 (bit-identical to the
+# The 15 NF4 decision thresholds (docs/nf4.md, "Thresholds"; bit-identical to the
 # literals of bitsandbytes' CUDA decision tree).
 DOCUMENTED_NF4_THRESHOLDS = (
     -0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
@@ -20,29 +22,6 @@ DOCUMENTED_NF4_THRESHOLDS = (
     0.120255246758461, 0.2035212516784668, 0.2920137643814087, 0.3893125355243683,
     0.5016634464263916, 0.6427869200706482, 0.8614784479141235,
 )  # fmt: skip
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of ``t`` as integers, so comparisons see -0.0 vs +0.0 and NaN payloads."""
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return t.contiguous().view(view[t.dtype]) if t.dtype in view else t
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
-        actual.dtype,
-        actual.shape,
-        expected.shape,
-    )
-    equal = bits(actual.cpu()) == bits(expected.cpu())
-    assert bool(equal.all()), (
-        f"{int((~equal).sum())} of {equal.numel()} differ; first at {(~equal).nonzero()[0].tolist()}"
-    )
-
-
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    flat = packed.reshape(-1).long()
-    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
 
 
 # ---------------------------------------------------------------------------------------------------

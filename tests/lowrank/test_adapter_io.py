@@ -3,13 +3,13 @@
 import copy
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from helpers import dequantized_copy, tiny, tokens
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
@@ -31,9 +31,6 @@ from lowrank.models import prepare_model
 from lowrank.nn import LinearNF4, LoRALinear
 
 peft = pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import dequantized_copy, tiny, tokens  # noqa: E402
-
 pytestmark = pytest.mark.oracle
 
 

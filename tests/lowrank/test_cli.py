@@ -21,14 +21,7 @@ from lowrank.cli import main, rebuild
 REPO = Path(__file__).resolve().parents[2]
 SPECIAL = ["[PAD]", "[UNK]", "[EOS]"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:

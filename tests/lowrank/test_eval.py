@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import transformers
+from helpers import tiny_llama
 from rouge_score import rouge_scorer
 
 from lowrank import data as D
@@ -46,22 +47,8 @@ def test_frequent_tokens_and_share():
     assert frequent_share([[]], {5}) == 0.0
 
 
-def tiny_llama(vocab=64):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_evaluate_loss_and_perplexity_match_manual_cross_entropy():
-    model = tiny_llama()
+    model = tiny_llama(vocab=64).eval()
     examples = [
         {"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]},
         {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]},
@@ -100,7 +87,7 @@ def test_evaluate_classification_reports_accuracy_and_f1():
 
 
 def test_greedy_generation_matches_transformers_generate():
-    model = tiny_llama()
+    model = tiny_llama(vocab=64).eval()
     prompt = [1, 7, 3, 9]
     (ours,) = generate(model, [prompt], max_new_tokens=8, eos_token_id=63)
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=63, pad_token_id=0)

@@ -1,18 +1,13 @@
 """Freezing policies, verified by which parameters change after one optimizer step."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import tiny, tokens
 
 from lowrank import freeze
 from lowrank.freeze import FreezeError, GradualUnfreezing, Stage
 from lowrank.models import prepare_model
 from lowrank.optim import PagedAdamW
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import tiny, tokens  # noqa: E402
 
 
 def _step(model, optimizer=None):

@@ -3,21 +3,17 @@
 import copy
 import gc
 import os
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ARCHS, dequantized_copy, minilm_path, tiny, tokens
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
 from lowrank.models import TargetModulesError, output_head_names, prepare_model, resolve_targets, summary
 from lowrank.nn import LinearNF4, LoRALinear
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import ARCHS, dequantized_copy, minilm_path, tiny, tokens  # noqa: E402
 
 
 def logits(model, ids):

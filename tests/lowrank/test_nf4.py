@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lowrank.kernels import nf4 as K
@@ -20,11 +21,6 @@ from lowrank.ops import dispatch
 
 def usable_backends() -> list[str]:
     return dispatch.usable_backends("dequantize_4bit", "cpu")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return t.contiguous().view(view[t.dtype]) if t.dtype in view else t
 
 
 def assert_same_weight(a: NF4Weight, b: NF4Weight) -> None:

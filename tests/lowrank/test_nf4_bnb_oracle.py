@@ -2,7 +2,7 @@
 dequantized values and serialized state, bit for bit.
 
 bitsandbytes is a test-only dependency. Where bitsandbytes' CPU path has a documented quirk
-(shared/reference/nf4-format.md §1.3, §1.6, §2.2) the random comparison checks that the difference
+(docs/nf4.md, "bitsandbytes on the CPU", quirks 1-4) the random comparison checks that the difference
 is exactly that quirk, and a test of its own shows the quirk.
 """
 
@@ -16,6 +16,8 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_bit_equal as assert_bitwise_equal
+from helpers import unpack
 from lowrank.kernels import nf4 as K
 
 from lowrank import nf4 as api
@@ -42,27 +44,6 @@ HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 STATS_FILE = os.path.join(os.path.dirname(__file__), "..", "data", "nf4_roundtrip_stats.json")
 # bitsandbytes' CPU clamp for the absmax of an all-zero partial block (1e-38 in fp32).
 BNB_ZERO_TAIL_ABSMAX = torch.tensor(1e-38, dtype=torch.float32).item()
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-    return t.contiguous().view(view[t.dtype]) if t.dtype in view else t
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
-        what,
-        actual.dtype,
-        actual.shape,
-        expected.shape,
-    )
-    equal = bits(actual) == bits(expected)
-    assert bool(equal.all()), f"{what}: {int((~equal).sum())} of {equal.numel()} differ"
-
-
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    flat = packed.reshape(-1).long()
-    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
 
 
 def codes_by_division(x: torch.Tensor, absmax: float, quant_type: str) -> torch.Tensor:
@@ -103,7 +84,7 @@ def native_dequant_runs(shape, blocksize: int) -> bool:
 
 
 def native_dequant_has_avx512_bug(shape, blocksize: int) -> bool:
-    """nf4-format.md §1.6 quirk 2: bnb's AVX-512 dequant indexes absmax per row when rows are not block-aligned."""
+    """docs/nf4.md, CPU quirk 3: bnb's AVX-512 dequant indexes absmax per row when rows are not block-aligned."""
     if not HAS_AVX512 or len(shape) == 0 or blocksize >= 2048 or shape[-1] % 2:
         return False
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
@@ -436,7 +417,7 @@ def test_our_state_dict_loads_through_params4bit_from_prequantized(tmp_path):
 
 def test_bnb_state_after_cpu_inference_has_bf16_nested_dtype_and_we_match_it():
     """bitsandbytes re-quantizes the constants in bf16 after a CPU no-grad forward, and its state dict then
-    says ``"nested_dtype": "bfloat16"`` with a bf16 offset -- the variant transformers saves (ecosystem.md §3)."""
+    says ``"nested_dtype": "bfloat16"`` with a bf16 offset -- the variant transformers saves (docs/nf4.md, quirk 5)."""
     layer = make_bnb_linear(128, 64, "nf4", True)
     layer.eval()
     with torch.no_grad(), warnings.catch_warnings():
@@ -520,7 +501,7 @@ def test_transformers_save_pretrained_checkpoint_loads_into_nf4weight(tmp_path):
 
 # bitsandbytes' own expectation (tests/test_functional.py::test_4bit_quant, NF4, blocksize 64,
 # randn(1024, 1024)): mean abs error 0.072798 (std 7.4e-5), mean rel error 0.203339 (std 3.4e-4),
-# asserted within 7 standard deviations. Cited from shared/reference/ecosystem.md §5.
+# asserted within 7 standard deviations (docs/nf4.md, "Round-trip statistics").
 BNB_PUBLISHED_NF4_BS64 = {"abs_mean": 0.072798, "abs_std": 7.4e-5, "rel_mean": 0.203339, "rel_std": 3.4e-4}
 SIGMAS = 7
 

@@ -6,20 +6,14 @@ import math
 import pytest
 import torch
 import transformers
+from helpers import tiny_llama
 
 from lowrank import freeze
 from lowrank.models import prepare_model
 from lowrank.nn import LoRALinear
 from lowrank.train import CheckpointError, ConfigError, DeltaTracker, TrainConfig, list_checkpoints, lr_factor, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_bert(seed=0, dropout=0.1):
@@ -36,20 +30,6 @@ def tiny_bert(seed=0, dropout=0.1):
         attention_probs_dropout_prob=dropout,
     )
     return transformers.BertForSequenceClassification(config)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def qlora_bert(seed=0):

@@ -1,19 +1,15 @@
 """A lowrank-prepared model trains unchanged under transformers.Trainer, gradient checkpointing on."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from helpers import tiny, tokens
 
 from lowrank.models import prepare_model
 from lowrank.nn import LoRALinear
 from lowrank.optim import PagedAdamW
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from tiny_models import tiny, tokens  # noqa: E402
 
 
 class _Tokens(torch.utils.data.Dataset):

@@ -33,7 +33,6 @@ from lowrank.ops import dispatch
 from lowrank.ops.dispatch import register
 
 _SEED_HIGH = 2**62
-_DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _is_4bit(w) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lowrank.dtypes import DTYPES_BY_NAME
 from lowrank.ops.lora import (
-    _DTYPES_BY_NAME,
     _backward_one,
     _check_projection,
     _check_tensor,
@@ -102,7 +102,7 @@ def _weight_objects(x, weights, absmaxes, nested_absmaxes, nested_offsets, shape
             shapes[2 * i : 2 * i + 2],
             blocksizes[i],
             kinds[i][0],
-            _DTYPES_BY_NAME.get(kinds[i][1], torch.float32),
+            DTYPES_BY_NAME.get(kinds[i][1], torch.float32),
             x.dtype,
         )
         for i, w in enumerate(weights)

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_within_torch_error as within_rule
 
 from lowrank import nf4
 from lowrank.nn import LinearNF4, LoRAFusedProjections, LoRALinear
 
-ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 K_IN, N_OUT, RANK, ALPHA = 96, 40, 6, 12.0
 
 
@@ -47,12 +47,6 @@ class Wrapper(torch.nn.Module):
         return self.proj(x)
 
 
-def within_rule(ours, same, ref, dtype, what):
-    err = (ours.double() - ref.double()).abs().max().item()
-    base = (same.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + ATOL[dtype], f"{what}: {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]}"
-
-
 # ---------------------------------------------------------------------------------------------------
 # PEFT parity
 # ---------------------------------------------------------------------------------------------------
@@ -64,7 +58,7 @@ def within_rule(ours, same, ref, dtype, what):
 def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora):
     peft = pytest.importorskip("peft")
     bnb_nn = pytest.importorskip("bitsandbytes.nn")
-    k, n = 128, 48  # K block-aligned: bnb's AVX-512 CPU dequant is wrong otherwise (nf4-format.md §1.6)
+    k, n = 128, 48  # K block-aligned: bnb's AVX-512 CPU dequant is wrong otherwise (docs/nf4.md, CPU quirk 3)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -75,7 +69,7 @@ def test_matches_peft_lora_on_bitsandbytes_linear4bit(compute_dtype, use_rslora)
             (torch.randn(n, k) * 0.2).to(compute_dtype), requires_grad=False, quant_type="nf4", compress_statistics=True
         )
         base = base.to("cpu")
-    sd = {key: v.clone() for key, v in base.state_dict().items()}  # before any bnb forward (nf4-format.md §7)
+    sd = {key: v.clone() for key, v in base.state_dict().items()}  # before any bnb forward (docs/nf4.md, CPU quirk 5)
     config = peft.LoraConfig(
         r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False, use_rslora=use_rslora
     )

@@ -14,14 +14,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import tiny, tokens  # tests/_shared: the directory of this script is on sys.path
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_models import tiny, tokens  # noqa: E402
-
-from lowrank.models import prepare_model  # noqa: E402
-from lowrank.optim import PagedAdamW  # noqa: E402
+from lowrank.models import prepare_model
+from lowrank.optim import PagedAdamW
 
 STEPS = 3
 
