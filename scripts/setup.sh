@@ -19,7 +19,7 @@ if [ -f "$VENV/.lowrank-stamp" ] && [ "$(cat "$VENV/.lowrank-stamp")" = "$stamp_
     exit 0
 fi
 
-"${PIP[@]}" --upgrade "pip>=23" setuptools wheel
+"${PIP[@]}" --upgrade "pip>=23" "setuptools>=77" wheel  # 77: pyproject.toml's SPDX license string
 
 # torch first, so that the `torch>=2.4` requirement is already met and pip never pulls a multi-GB
 # CUDA build onto a machine without a GPU.
@@ -34,6 +34,12 @@ fi
 
 # Pin what CI pins (constraints/ci.txt), except torch, which is whatever was installed above.
 grep -v '^torch==' constraints/ci.txt > "$VENV/constraints.txt"
+echo "lowrank set-up: installing lowrank (editable, with the test extras) and building its C++ extension (about a minute)..."
 "${PIP[@]}" -c "$VENV/constraints.txt" --no-build-isolation -e ".[test]"
+if ls src/lowrank/_C*.so >/dev/null 2>&1; then
+    echo "lowrank set-up: done, C++ extension built ($(ls src/lowrank/_C*.so))"
+else
+    echo "lowrank set-up: done, without the C++ extension (lowrank runs on its torch/triton backends)"
+fi
 
 echo "$stamp_want" > "$VENV/.lowrank-stamp"

@@ -31,6 +31,10 @@ _EXPORTS = {
     "LoRALinear": "lowrank.nn",
     # models, files, freezing, optimizer
     "prepare_model": "lowrank.models",
+    "add_adapter": "lowrank.models",
+    "delete_adapter": "lowrank.models",
+    "disable_adapters": "lowrank.models",
+    "set_adapter": "lowrank.models",
     "summary": "lowrank.models",
     "load_adapter": "lowrank.adapters",
     "load_quantized": "lowrank.adapters",
@@ -60,6 +64,10 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "LinearNF4",
     "LoRALinear",
     "prepare_model",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "set_adapter",
     "summary",
     "load_adapter",
     "load_quantized",
@@ -76,7 +84,7 @@ if TYPE_CHECKING:
     from lowrank import freeze, nf4, nn, ops, optim
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
     from lowrank.loading import from_pretrained
-    from lowrank.models import prepare_model, summary
+    from lowrank.models import add_adapter, delete_adapter, disable_adapters, prepare_model, set_adapter, summary
     from lowrank.nf4 import NF4Weight, dequantize, quantize
     from lowrank.nn import LinearNF4, LoRALinear
     from lowrank.ops import lora_linear, lora_linear_nf4

@@ -53,7 +53,8 @@ class TrainConfig:
     eval_every: int = flag(0, "steps between evaluations (0: only at the end)")
     early_stopping_patience: int = flag(0, "evaluations without improvement before stopping (0: off)")
     early_stopping_threshold: float = flag(0.0)
-    save_every: int = flag(0, "steps between checkpoints (0: none; needs output_dir)")
+    save_every: int = flag(0, "steps between extra checkpoints (0: only at each epoch's end and the last step)")
+    checkpoints: bool = flag(True, "write no checkpoints", flag="--no-checkpoints", action="store_false")
     keep_last: int = flag(2, "checkpoints kept")
     output_dir: str | None = None  # the CLI's --output
     resume: bool = flag(False, "continue from the last checkpoint in --output")

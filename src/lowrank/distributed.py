@@ -47,7 +47,11 @@ class DistributedError(ConfigError):
 
 
 class DistributedCheckpointError(ValueError):
-    """A sharded checkpoint is incomplete or does not fit this run."""
+    """A sharded checkpoint does not fit this run."""
+
+
+class DamagedShardedCheckpoint(DistributedCheckpointError):
+    """A sharded checkpoint's files are missing, truncated or unreadable (resuming falls back to an older one)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -265,7 +269,12 @@ def load_checkpoint(ctx: Context, path: Path, model: nn.Module, optimizer, finge
     """Restore a DCP checkpoint written by any number of ranks; returns (state.json, this rank's RNG state)."""
     import torch.distributed.checkpoint as dcp
 
-    state = files.read_json(path / "state.json", what="checkpoint state")
+    try:
+        state = files.read_json(path / "state.json", what="checkpoint state")
+    except files.FileFormatError as e:
+        raise DamagedShardedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
+    if not isinstance(state, dict) or not {"step", "total_steps", "seed", "rng_by_rank"} <= set(state):
+        raise DamagedShardedCheckpoint(f"checkpoint {path} is damaged: state.json lacks step/total_steps/seed/rng")
     if state.get("fingerprint") != fingerprint:
         raise DistributedCheckpointError(
             f"checkpoint {path} was written for another model (fingerprint {state.get('fingerprint')}, this model "
@@ -276,7 +285,7 @@ def load_checkpoint(ctx: Context, path: Path, model: nn.Module, optimizer, finge
     try:
         stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     except Exception as e:
-        raise DistributedCheckpointError(f"checkpoint {path} has unreadable DCP metadata: {e}") from None
+        raise DamagedShardedCheckpoint(f"checkpoint {path} has unreadable DCP metadata: {e}") from None
     if stored != set(tensors):
         only_ckpt, only_run = sorted(stored - set(tensors)), sorted(set(tensors) - stored)
         raise DistributedCheckpointError(
@@ -286,7 +295,7 @@ def load_checkpoint(ctx: Context, path: Path, model: nn.Module, optimizer, finge
     try:
         dcp.load(tensors, checkpoint_id=str(path), no_dist=not ctx.active)
     except Exception as e:
-        raise DistributedCheckpointError(f"checkpoint {path} cannot be read: {e}") from None
+        raise DamagedShardedCheckpoint(f"checkpoint {path} cannot be read: {e}") from None
     rngs = state.get("rng_by_rank") or []
     rng = rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0]
     return state, rng
@@ -295,6 +304,7 @@ def load_checkpoint(ctx: Context, path: Path, model: nn.Module, optimizer, finge
 __all__ = [
     "MODES",
     "Context",
+    "DamagedShardedCheckpoint",
     "DistributedCheckpointError",
     "DistributedError",
     "is_main_process",

@@ -169,6 +169,14 @@ def adapters_only(model: nn.Module, also: Match = None) -> list[str]:
     saved = list(config.modules_to_save) if config is not None else []
     if saved:
         chosen |= set(select(model, list(saved)))
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        chosen |= {n for n, _ in _trainable_candidates(model) if n == "bias" or n.endswith(".bias")}
+    elif bias == "lora_only":
+        for module_name, module in model.named_modules():
+            base = getattr(module, "base_layer", None)
+            if callable(getattr(module, "adapter_params", None)) and getattr(base, "bias", None) is not None:
+                chosen.add(f"{module_name}.base_layer.bias" if module_name else "base_layer.bias")
     if also is not None:
         chosen |= set(select(model, also))
     if not chosen:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowrank.data import IGNORE_INDEX
-
 #: ``auto``: bf16 autocast on CUDA, fp32 on CPU; ``bf16``: bf16 autocast everywhere; ``fp32``: no autocast
-PRECISIONS = ("auto", "bf16", "fp32")
+from lowrank.config import PRECISIONS
+from lowrank.data import IGNORE_INDEX
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,7 @@ def main() -> None:
         on_step=crash if args.crash_at else None,
     )
     rank = int(os.environ.get("RANK", "0"))
-    record = {"loss": [h["loss"] for h in result.history], "grad_norm": [h["grad_norm"] for h in result.history]}
+    record = {key: [h[key] for h in result.history] for key in ("loss", "grad_norm", "delta_w_total")}
     Path(args.out, f"result-rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         trainable = {n: p.detach().contiguous() for n, p in m.named_parameters() if p.requires_grad}

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from helpers import dequantized_copy, tiny, tokens
@@ -14,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import lowrank
-from lowrank import adapters
 from lowrank.adapters import (
     AdapterConfigError,
     AdapterError,
@@ -190,7 +190,7 @@ def saved_adapter(tmp_path):
         (lambda c: c.update(lora_alpha=None), "lora_alpha must be a number"),
         (lambda c: c.update(target_modules=[]), "target_modules"),
         (lambda c: c.update(peft_type="IA3"), "must be 'LORA'"),
-        (lambda c: c.update(use_dora=True), "use_dora"),
+        (lambda c: c.update(use_dora="yes"), "use_dora must be true or false"),
         (lambda c: c.update(lora_dropout=1.5), "lora_dropout"),
     ],
 )
@@ -255,7 +255,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "out")
     with pytest.raises(OSError, match="disk full"):

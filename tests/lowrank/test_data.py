@@ -85,7 +85,7 @@ def test_classification_validation(tmp_path):
         )
         + "\n",
     )
-    labels = D.LabelSet.from_files(D.read_records(path))
+    labels = D.LabelSet.from_training(D.read_records(path), path)
     assert labels.names == ["neg", "neutral", "pos"]
     examples = D.load_classification(path, tok, 16, labels, head_size=3)
     assert [e["labels"] for e in examples] == [2, 0, 1]
@@ -106,7 +106,7 @@ def test_classification_validation(tmp_path):
 
 def test_integer_labels_keep_their_values(tmp_path):
     path = write(tmp_path, "i.jsonl", '{"text": "a", "label": 2}\n{"text": "b", "label": 0}\n')
-    labels = D.LabelSet.from_files(D.read_records(path))
+    labels = D.LabelSet.from_training(D.read_records(path), path)
     assert labels.names == ["0", "1", "2"]
     assert [e["labels"] for e in D.load_classification(path, WordTokenizer(), 8, labels, 3)] == [2, 0]
 

@@ -169,6 +169,17 @@ def test_resume_after_a_crash_reproduces_losses_bit_for_bit(tmp_path):
     assert state["step"] == 9 and "torch" in state["rng"]
 
 
+def test_eval_data_is_evaluated_at_the_end_by_default(tmp_path):
+    data, held_out = cls_data(8), cls_data(6, seed=5)
+    config = TrainConfig(batch_size=4, max_steps=3, progress=False, output_dir=str(tmp_path))
+    result = train(qlora_bert(), data, held_out, config)
+    assert [e["step"] for e in result.evals] == [3] and "accuracy" in result.evals[0]
+    assert len((tmp_path / "evals.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3  # appended step by step
+    # checkpoints without save_every: each epoch's end (2 micro-batches per epoch: step 2) and the last step
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000002", "step-000003"]
+
+
 def test_resume_refuses_another_model_or_run(tmp_path):
     data = cls_data(12)
     config = dict(
@@ -242,20 +253,35 @@ def test_early_stopping_stops_after_patience():
     assert result.stopped_early and result.steps == 2 and len(result.evals) == 2
 
 
-def test_delta_w_tracks_effective_lora_update_and_dense_weights():
+def test_delta_w_is_the_change_per_step_and_the_cumulative_change():
+    """‖ΔW_t‖_F = ‖W_t − W_{t−1}‖_F (LoRA: of s·B·A) per step, and ‖W_t − W_0‖_F as a second series."""
     model = qlora_bert()
-    result = train(model, cls_data(8), None, TrainConfig(batch_size=4, max_steps=2, lr=1e-2, progress=False))
     query = "bert.encoder.layer.0.attention.self.query"
     module = model.get_submodule(query)
     assert isinstance(module, LoRALinear)
-    assert result.history[-1]["delta_w"][query] == pytest.approx(float(module.delta_weight().norm()), rel=1e-4)
-    assert result.history[0]["delta_w"][query] > 0  # B moved from 0 after the first step
+    updates = []  # s·B·A after each step
+    config = TrainConfig(batch_size=4, max_steps=3, lr=1e-2, progress=False)
+    result = train(model, cls_data(8), None, config, on_step=lambda e: updates.append(module.delta_weight().double()))
+    per_step = [h["delta_w"][query] for h in result.history]
+    assert per_step[0] == pytest.approx(float(updates[0].norm()), rel=1e-6)  # B_0 = 0
+    for t in (1, 2):
+        assert per_step[t] == pytest.approx(float((updates[t] - updates[t - 1]).norm()), rel=1e-6)
+    assert per_step[2] < 0.9 * float(updates[2].norm())  # not the cumulative distance
+    first = result.history[0]
+    assert first["delta_w_cumulative"] == pytest.approx(first["delta_w_total"], rel=1e-9)  # W_0 = W_{t-1} at t = 1
+    for h in result.history:
+        assert h["delta_w_total"] == pytest.approx(math.sqrt(sum(v * v for v in h["delta_w"].values())))
+
     dense = tiny_bert()
     tracker = DeltaTracker(dense)
     name = "bert.encoder.layer.1.output.dense.weight"
-    with torch.no_grad():
-        dense.get_parameter(name).add_(1.0)
-    assert tracker.norms()[name] == pytest.approx(math.sqrt(dense.get_parameter(name).numel()), rel=1e-5)
+    for times in (1, 2):
+        with torch.no_grad():
+            dense.get_parameter(name).add_(1.0)
+        step, cumulative = tracker.norms()
+        root_n = math.sqrt(dense.get_parameter(name).numel())
+        assert step[name] == pytest.approx(root_n, rel=1e-6)
+        assert cumulative[name] == pytest.approx(times * root_n, rel=1e-6)
 
 
 def test_freezing_policies_discriminative_lr_and_gradual_unfreezing():

@@ -65,6 +65,7 @@ def assert_same_run(got: dict, expected: dict) -> None:
     # the same arithmetic up to the order of the all-reduce sums (float32 rounding only)
     torch.testing.assert_close(got["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["grad_norm"], expected["grad_norm"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["delta_w_total"], expected["delta_w_total"], rtol=1e-4, atol=1e-6)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -78,7 +79,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def single_process(out: Path) -> dict:
     torch.set_num_threads(1)
     result = train(dist_worker.model(), dist_worker.data(), None, dist_worker.config(str(out), "none"))
-    return {"loss": [h["loss"] for h in result.history], "grad_norm": [h["grad_norm"] for h in result.history]}
+    return {key: [h[key] for h in result.history] for key in ("loss", "grad_norm", "delta_w_total")}
 
 
 def test_ddp_and_fsdp2_equal_one_process_and_resume_on_one_rank(tmp_path):
@@ -107,10 +108,7 @@ def test_ddp_and_fsdp2_equal_one_process_and_resume_on_one_rank(tmp_path):
     # 2 ranks -> 1 process (no torchrun): the same losses as the uninterrupted run
     torch.set_num_threads(1)
     resumed = train(dist_worker.model(), dist_worker.data(), None, dist_worker.config(str(run), "none", resume=True))
-    assert_same_run(
-        {"loss": [h["loss"] for h in resumed.history], "grad_norm": [h["grad_norm"] for h in resumed.history]},
-        reference,
-    )
+    assert_same_run({key: [h[key] for h in resumed.history] for key in reference}, reference)
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000002", "step-000004", "step-000006"]
 
 

@@ -12,21 +12,49 @@ before anything is written to the output directory.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, one_line, user_errors
+from lowrank.cli.parser import EXIT_USAGE, CliError, build_parser, check_args, is_user_error, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from lowrank.cli.commands import COMMANDS
-
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        check_args(args)  # flags and --output, before torch or a model loads
+        from lowrank.cli.commands import COMMANDS
+
         return COMMANDS[args.command](args)
-    except user_errors() as e:
+    except KeyboardInterrupt as e:
         if args.debug:
+            raise
+        print(f"lowrank: error: {interrupted(args, e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if args.debug or not is_user_error(e):
             raise
         print(one_line(e), file=sys.stderr)
         return EXIT_USAGE
+
+
+def interrupted(args, error: KeyboardInterrupt) -> str:
+    """What a Ctrl-C left behind and how to continue (one line), read from the output directory."""
+    if args.command not in ("finetune", "compare"):
+        return f"interrupted (Ctrl-C); {args.command} writes nothing until it is done: rerun the command"
+    out = Path(args.output)
+    log = out / "log.jsonl"
+    if args.command == "compare" or not log.is_file():
+        where = "before training started" if not log.is_file() else "during training"
+        again = "rerun the same command" + (" (with --resume if run.json exists)" if args.command == "finetune" else "")
+        if args.command == "compare":
+            again = "compare starts over: rerun it with a new --output"
+        return f"interrupted (Ctrl-C) {where}: {again}"
+    steps = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+    checkpoints = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    kept = f"checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint had been written yet"
+    return f"interrupted (Ctrl-C) after step {steps}; {kept}: rerun the same command with --resume to continue"
 
 
 def __getattr__(name: str):

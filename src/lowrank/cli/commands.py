@@ -1,7 +1,7 @@
 """The commands: ``finetune``, ``eval``, ``compare``, ``merge``, ``quantize``, ``env``.
 
-Each takes the parsed flags and returns an exit status. Bad input (data, flags, checkpoints) raises a
-user error (see :func:`lowrank.cli.parser.user_errors`) before anything is written to the output
+Each takes the parsed (and already checked, see :func:`lowrank.cli.parser.check_args`) flags and
+returns an exit status. Bad input raises a user error before anything is written to the output
 directory; every file is written atomically through :mod:`lowrank.files`.
 """
 
@@ -10,30 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 from lowrank import files
-from lowrank.cli.loading import Run, embedded_minilm, rebuild, resolve_method, run_record, train_config
-from lowrank.cli.parser import CliError, finetune_parser
-
-
-def _check_output(out: Path, resume: bool, args) -> None:
-    if resume:
-        if not (out / "run.json").is_file():
-            raise CliError(f"--resume: {out} holds no run (run.json missing)")
-        saved = files.read_json(out / "run.json", what="run record")
-        now = run_record(args)
-        diff = sorted(k for k in set(saved) | set(now) if k != "label_names" and saved.get(k) != now.get(k))
-        if diff:
-            raise CliError(
-                f"--resume: {out} was written by a run with other settings: "
-                + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:6])
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise CliError(f"output directory {out} exists and is not empty; choose another one or pass --resume")
+from lowrank.cli.loading import (
+    Run,
+    is_quantized_checkpoint,
+    model_dir,
+    read_model_config,
+    rebuild,
+    resolve_method,
+)
+from lowrank.cli.parser import CliError, apply_overrides, check_output, run_record
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -41,14 +30,18 @@ def _print_metrics(title: str, metrics: dict) -> None:
     print(f"{title}: {shown}", flush=True)
 
 
+def _public(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
 def run_finetune(args, out: Path | None = None) -> dict:
-    from lowrank import report
+    from lowrank.models import summary
     from lowrank.train import list_checkpoints, train
 
     out = Path(out or args.output)
     args.output = str(out)
     main_rank = _join_distributed(args)  # --distributed: every rank checks, rank 0 alone writes
-    _check_output(out, args.resume, args)
+    check_output(out, args.resume, args)
     run = Run(args)  # everything is validated before the first write
     if args.resume and not list_checkpoints(out / "checkpoints"):
         print(f"{out}: no checkpoint was written before the interruption; starting from step 0", flush=True)
@@ -57,12 +50,14 @@ def run_finetune(args, out: Path | None = None) -> dict:
     _barrier(args)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
+    if main_rank and not args.resume:  # a resumed run's run.json was checked equal by check_output
         files.write_json(out / "run.json", run_record(args))
-    n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in run.model.parameters())
+    counts = summary(run.model)  # 4-bit weights count their original number of elements
+    method = resolve_method(args)
     print(
-        f"[{args.task}] model {args.model} ({resolve_method(args)}), {len(run.train_data)} train / "
-        f"{len(run.eval_data)} eval examples, trainable parameters {n_trainable:,} of {n_total:,}",
+        f"[{args.task}] model {args.model} ({method}), {len(run.train_data)} train / "
+        f"{len(run.eval_data)} eval examples, trainable parameters {counts.trainable_params:,} of "
+        f"{counts.total_params:,} ({100 * counts.trainable_fraction:.2f}%)",
         flush=True,
     )
     before = run.metrics()
@@ -74,28 +69,22 @@ def run_finetune(args, out: Path | None = None) -> dict:
     if not main_rank:
         return {"result": result, "before": before, "after": after, "run": run}
     _print_metrics("after ", after)
-    trainable = {n: p.detach().cpu().contiguous() for n, p in run.model.named_parameters() if p.requires_grad}
-    files.write_safetensors(out / "trainable.safetensors", trainable)
-    if resolve_method(args) in ("qlora", "lora"):
-        _save_adapter(run.model, out / "adapter")
-    metrics = {
-        "before": before,
-        "after": after,
-        "steps": result.steps,
-        "train_time_s": result.total_time_s,
-        "stopped_early": result.stopped_early,
-    }
-    files.write_json(out / "metrics.json", metrics)
-    report.write_logs(out, result.history, result.evals)
-    report.plot_run(out, result.history, result.evals, title=f"({args.task})")
-    strip = {
-        name: {m: v for m, v in d.items() if not m.startswith("_")}
-        for name, d in (("before", before), ("after", after))
-    }
-    report.write_run_report(
-        out, f"lowrank finetune: {args.task}", run_record(args), strip, result.history, result.total_time_s
+    try:
+        _write_outputs(out, args, run, result, before, after, method)
+    except OSError as e:
+        last = result.checkpoints[-1] if result.checkpoints else None
+        kept = f"the final checkpoint {last} is intact" if last else "no checkpoint was written"
+        raise CliError(
+            f"cannot write the run's outputs in {out}: {e.strerror or e}; {kept} "
+            "(free space or fix permissions, then rerun with --resume to write them)"
+        ) from None
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
+    print(
+        f"{result.steps} steps{resumed} in {result.total_time_s:.1f} s of training in all"
+        + (f" ({result.session_time_s:.1f} s in this session)" if result.resumed_from is not None else "")
+        + f"; report: {out / 'report.md'}",
+        flush=True,
     )
-    print(f"{result.steps} steps in {result.total_time_s:.1f} s; report: {out / 'report.md'}", flush=True)
     return {"result": result, "before": before, "after": after, "run": run}
 
 
@@ -116,12 +105,35 @@ def _barrier(args) -> None:
         torch.distributed.barrier()
 
 
-def _save_adapter(model, path: Path) -> None:
-    from lowrank.adapters import save_adapter
+def _write_outputs(out: Path, args, run, result, before: dict, after: dict, method: str) -> None:
+    from lowrank import report
 
-    if path.exists():
-        shutil.rmtree(path)
-    save_adapter(model, path)
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    files.write_safetensors(out / "trainable.safetensors", trainable)
+    if method in ("qlora", "lora"):
+        from lowrank.adapters import save_adapter
+
+        with files.atomic_directory(out / "adapter") as tmp:
+            save_adapter(run.model, tmp)
+    metrics = {
+        "before": before,
+        "after": after,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "train_time_s": result.total_time_s,
+        "stopped_early": result.stopped_early,
+    }
+    files.write_json(out / "metrics.json", metrics)
+    report.write_logs(out, result.history, result.evals)
+    report.plot_run(out, result.history, result.evals, model=args.model, method=method, before=before)
+    report.write_run_report(
+        out,
+        f"lowrank finetune: {args.task}, {args.model} ({method})",
+        run_record(args),
+        {"before": _public(before), "after": _public(after)},
+        result.history,
+        result.total_time_s,
+    )
 
 
 def cmd_finetune(args) -> int:
@@ -133,23 +145,19 @@ def cmd_eval(args) -> int:
     if args.run:
         run = rebuild(Path(args.run), eval=args.data)
     else:
-        if not args.data:
-            raise CliError("eval needs --run DIR, or --model DIR with --data FILE")
         ns = argparse.Namespace(
             **{
                 **vars(args),
                 "eval": args.data,
                 "train": args.data,
                 "method": "full",
-                "train_only": None,
-                "unfreeze_every": 0,
-                "layer_lr_decay": 0.0,
+                "output": None,
             }
         )
-        run = Run(ns)
+        run = Run(ns, evaluate_only=True)
     metrics = run.metrics()
     _print_metrics("eval", metrics)
-    print(json.dumps({k: v for k, v in metrics.items()}, indent=2))
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -157,52 +165,39 @@ def cmd_compare(args) -> int:
     from lowrank import report
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise CliError(f"output directory {out} exists and is not empty; choose another one")
-    sides = []
-    for name, overrides in ((args.name_a, args.a), (args.name_b, args.b)):
-        side = _apply_overrides(args, overrides)
-        sides.append((name, side))
-    for name, side in sides:  # validate both before training either
-        train_config(side)
-        _check_output(out / name, False, side)
+    sides = [(name, apply_overrides(args, o)) for name, o in ((args.name_a, args.a), (args.name_b, args.b))]
+    for name, side in sides:  # both checked before either trains
+        check_output(out / name, False, side)
     runs = [run_finetune(side, out / name) for name, side in sides]
     summary = report.write_comparison(
         out,
         (sides[0][0], sides[1][0]),
         tuple(r["result"].history for r in runs),
         tuple(r["result"].total_time_s for r in runs),
-        tuple({k: v for k, v in r["after"].items() if not k.startswith("_")} for r in runs),
+        tuple(_public(r["after"]) for r in runs),
         tuple(run_record(s) for _, s in sides),
+        model=args.model,
+        methods=tuple(resolve_method(s) for _, s in sides),
     )
-    print(f"time saving r = (T_A - T_B)/T_A = {summary['time_saving_r']:+.3f}; report: {out / 'compare.md'}")
+    t = summary["time_saving"]
+    print(
+        f"time saving r = 1 - median step time B / A = {t['r']:+.3f} "
+        f"(90% interval {t['r_low']:+.3f} .. {t['r_high']:+.3f} over {t['steps']} steps, {t['clock']}); "
+        f"report: {out / 'compare.md'}"
+    )
     return 0
-
-
-def _apply_overrides(args, overrides: str) -> argparse.Namespace:
-    argv = []
-    for item in filter(None, (s.strip() for s in (overrides or "").split(","))):
-        if "=" not in item:
-            raise CliError(f"override {item!r}: expected key=value (e.g. method=full,lr=1e-3)")
-        key, value = item.split("=", 1)
-        argv += [f"--{key.replace('_', '-')}", value] if value != "" else [f"--{key.replace('_', '-')}"]
-    base = {k: v for k, v in vars(args).items() if k not in ("a", "b", "name_a", "name_b", "func", "command")}
-    ns = argparse.Namespace(**base)
-    try:
-        finetune_parser().parse_args(argv, namespace=ns)
-    except SystemExit:
-        raise CliError(f"cannot apply overrides {overrides!r} (see lowrank finetune --help for flag names)") from None
-    return ns
 
 
 def cmd_merge(args) -> int:
     from lowrank.adapters import merge_adapters
 
     run = rebuild(Path(args.run))
+    if getattr(run.model, "lowrank_config", None) is None:
+        raise CliError(
+            f"--run {args.run} trained without adapters (method {resolve_method(run.args)}): nothing to merge"
+        )
     merged = merge_adapters(run.model)
     out = Path(args.output)
-    if out.exists():
-        raise CliError(f"output directory {out} exists; choose another one")
     with files.atomic_directory(out) as tmp:
         merged.save_pretrained(str(tmp))
         run.tokenizer.save_pretrained(str(tmp))
@@ -212,26 +207,32 @@ def cmd_merge(args) -> int:
 
 def cmd_quantize(args) -> int:
     import torch
-    import transformers
+    from safetensors import SafetensorError
 
     from lowrank import nf4
+    from lowrank.cli.loading import _quiet_transformers
+    from lowrank.models import Conv1D, linear_module_names
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    path = embedded_minilm() if args.model in ("default", "minilm") else Path(args.model)
-    if not (path / "config.json").is_file():
-        raise CliError(f"--model {args.model!r}: expected 'default' or a local Hugging Face model directory")
-    model = transformers.AutoModel.from_pretrained(str(path))
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    transformers = _quiet_transformers()
+    path = model_dir("minilm" if args.model in ("default", "minilm") else args.model)
+    if path != model_dir("minilm") and is_quantized_checkpoint(read_model_config(path)):
+        raise CliError(f"--model {path} is already a 4-bit checkpoint; quantize takes a 16/32-bit model")
+    try:
+        model = transformers.AutoModel.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliError(f"cannot load model {str(path)!r}: {first} (a truncated or corrupted checkpoint?)") from None
+    linears = [(n, model.get_submodule(n)) for n in linear_module_names(model)]
     if not linears:
-        raise CliError(f"{path}: the model has no nn.Linear layers to quantize")
+        raise CliError(f"{path}: the model has no linear layers (nn.Linear / Conv1D) to quantize")
     bytes_before = bytes_after = numel = 0
     err_sq = ref_sq = 0.0
     abs_err_sum, max_err = 0.0, 0.0
     t0 = time.perf_counter()
     for _, layer in linears:
         w = layer.weight.detach()
+        if Conv1D and isinstance(layer, Conv1D):  # GPT-2 stores (in, out); quantize (out, in) as prepare_model does
+            w = w.T.contiguous()
         q = nf4.quantize(w, blocksize=args.blocksize, double_quant=not args.no_double_quant, quant_type=args.quant_type)
         diff = nf4.dequantize(q, dtype=torch.float32) - w.float()
         bytes_before += w.numel() * w.element_size()

@@ -8,8 +8,12 @@ with ``flag(...)``), so a new training knob is one field there.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from lowrank.config import TrainConfig
 
@@ -143,6 +147,161 @@ def finetune_parser() -> argparse.ArgumentParser:
     return build_parser()._subparsers._group_actions[0].choices["finetune"]
 
 
+# --------------------------------------------------------------------------------------- checks
+
+
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # kernels/nf4.py BLOCKSIZES (no Triton import here)
+MAX_STEPS = 10_000_000
+FROZEN_RUN_KEYS = ("resume", "progress", "command", "func", "debug", "distributed")
+
+
+def run_record(args) -> dict:
+    """The flags that define a run (written to ``run.json``; compared on ``--resume``)."""
+    return {k: v for k, v in vars(args).items() if k not in FROZEN_RUN_KEYS}
+
+
+def train_config(args) -> TrainConfig:
+    """The run's :class:`TrainConfig`: every field that is also a flag (same name) is taken from ``args``."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["output_dir"] = str(args.output) if getattr(args, "output", None) else None
+    return TrainConfig(**values).validate()
+
+
+def _need(ok: bool, flag: str, value, expected: str) -> None:
+    if not ok:
+        raise CliError(f"{flag} {value!r}: expected {expected}")
+
+
+def check_model_flags(args) -> None:
+    _need(args.max_length is None or args.max_length >= 1, "--max-length", args.max_length, "an integer >= 1")
+    _need(args.num_labels is None or args.num_labels >= 2, "--num-labels", args.num_labels, "an integer >= 2")
+    _need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "an integer >= 1")
+    _need(args.frequent_k >= 1, "--frequent-k", args.frequent_k, "an integer >= 1")
+    if args.model in ("minilm", "tiny-causal") and args.task != (
+        "classification" if args.model == "minilm" else "generation"
+    ):
+        raise CliError(
+            f"--model {args.model} is a {'sentence encoder' if args.model == 'minilm' else 'causal LM'}: "
+            f"use it with --task {'classification' if args.model == 'minilm' else 'generation'}"
+        )
+
+
+def check_finetune_flags(args) -> TrainConfig:
+    """Every flag of ``finetune`` that can be checked without a model; returns the run's TrainConfig."""
+    check_model_flags(args)
+    _need(args.r >= 1, "--r", args.r, "a LoRA rank >= 1")
+    _need(math.isfinite(args.alpha) and args.alpha > 0, "--alpha", args.alpha, "a finite number > 0")
+    _need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "a probability in [0, 1)")
+    _need(args.blocksize in NF4_BLOCKSIZES, "--blocksize", args.blocksize, f"one of {NF4_BLOCKSIZES}")
+    _need(args.unfreeze_every >= 0, "--unfreeze-every", args.unfreeze_every, "an integer >= 0 (0: off)")
+    _need(
+        args.layer_lr_decay == 0 or 0 < args.layer_lr_decay <= 1,
+        "--layer-lr-decay",
+        args.layer_lr_decay,
+        "0 (off) or a factor in (0, 1]",
+    )
+    if args.max_steps is not None:
+        _need(args.max_steps <= MAX_STEPS, "--max-steps", args.max_steps, f"at most {MAX_STEPS:,}")
+    config = train_config(args)
+    if config.max_steps is not None:
+        _need(
+            config.warmup_steps <= config.max_steps,
+            "--warmup-steps",
+            config.warmup_steps,
+            f"at most the run's {config.max_steps} steps",
+        )
+    return config
+
+
+def check_output(out: Path, resume: bool, args=None) -> None:
+    """``--output`` is usable before anything is loaded: a new (or empty) writable directory, or ``--resume``'s run."""
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == out else f"is under the file {parent}"
+                raise CliError(f"--output {out} {where}; expected a directory")
+            break
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
+        raise CliError(f"--output {out}: cannot write in {parent} (permission denied or read-only file system)")
+    if resume:
+        from lowrank import files
+
+        if not (out / "run.json").is_file():
+            raise CliError(f"--resume: {out} holds no run (run.json missing)")
+        saved = files.read_json(out / "run.json", what="run record")
+        now = run_record(args)
+        diff = sorted(
+            k for k in set(saved) | set(now) if k not in ("label_names", "output") and saved.get(k) != now.get(k)
+        )
+        if diff:
+            raise CliError(
+                f"--resume: {out} was written by a run with other settings: "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:6])
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise CliError(f"output directory {out} exists and is not empty; choose another one or pass --resume")
+
+
+def _can_create_in(directory: Path) -> bool:
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".lowrank-probe.tmp-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def apply_overrides(args, overrides: str) -> argparse.Namespace:
+    """``compare``'s ``--a`` / ``--b``: ``key=value,...`` applied to the shared flags with finetune's parser."""
+    argv = []
+    for item in filter(None, (s.strip() for s in (overrides or "").split(","))):
+        if "=" not in item:
+            raise CliError(f"override {item!r}: expected key=value (e.g. method=full,lr=1e-3)")
+        key, value = item.split("=", 1)
+        argv += [f"--{key.replace('_', '-')}", value] if value != "" else [f"--{key.replace('_', '-')}"]
+    base = {k: v for k, v in vars(args).items() if k not in ("a", "b", "name_a", "name_b", "func", "command")}
+    ns = argparse.Namespace(**base)
+    parser = finetune_parser()
+
+    def error(message: str):
+        raise CliError(f"override {overrides!r}: {message}")
+
+    parser.error = error
+    parser.parse_args(argv, namespace=ns)
+    ns.command = "finetune"
+    return ns
+
+
+def check_args(args) -> None:
+    """Everything about the flags that is known before a model loads (no torch import)."""
+    if args.command == "finetune":
+        check_finetune_flags(args)
+        check_output(Path(args.output), args.resume, args)
+    elif args.command == "compare":
+        out = Path(args.output)
+        check_output(out, False)
+        for name in (args.name_a, args.name_b):
+            _need(bool(name) and "/" not in name and name not in (".", ".."), "--name-a/--name-b", name, "a plain name")
+        _need(args.name_a != args.name_b, "--name-b", args.name_b, "a name other than --name-a")
+        for side in (apply_overrides(args, args.a), apply_overrides(args, args.b)):
+            check_finetune_flags(side)
+    elif args.command == "eval":
+        check_model_flags(args)
+        _need(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1")
+        _need(args.seed >= 0, "--seed", args.seed, "an integer >= 0")
+        _need(args.precision in ("auto", "bf16", "fp32"), "--precision", args.precision, "auto, bf16 or fp32")
+        if not args.run and not args.data:
+            raise CliError("eval needs --run DIR, or --model DIR with --data FILE")
+    elif args.command == "merge":
+        out = Path(args.output)
+        if out.exists():
+            raise CliError(f"--output {out} exists; expected a new directory for the merged model")
+        check_output(out, False)
+    elif args.command == "quantize":
+        _need(args.blocksize in NF4_BLOCKSIZES, "--blocksize", args.blocksize, f"one of {NF4_BLOCKSIZES}")
+
+
 # --------------------------------------------------------------------------------------- errors
 
 
@@ -167,9 +326,29 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's input being wrong (flag errors are decided without importing torch)."""
+    from lowrank.config import ConfigError
+
+    return isinstance(error, (CliError, ConfigError)) or isinstance(error, user_errors())
+
+
 def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return f"lowrank: error: {text}"
 
 
-__all__ = ["EXIT_USAGE", "CliError", "build_parser", "finetune_parser", "one_line", "user_errors"]
+__all__ = [
+    "EXIT_USAGE",
+    "CliError",
+    "apply_overrides",
+    "build_parser",
+    "check_args",
+    "check_output",
+    "finetune_parser",
+    "is_user_error",
+    "one_line",
+    "run_record",
+    "train_config",
+    "user_errors",
+]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,30 +109,101 @@ def _field(record: dict, key: str, path, line_no: int, kinds=(str,)):
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_classification_records(records: Sequence[tuple[int, dict]], path) -> None:
+    """Every record has a non-empty ``text`` and a ``label`` that is a string or an integer (file:line otherwise)."""
+    for line_no, record in records:
+        _field(record, "text", path, line_no)
+        _field(record, "label", path, line_no, kinds=(str, int))
+
+
+def _label_kind(value) -> str:
+    return "integer" if _is_int(value) else "string"
+
+
+def check_label_kinds(records: Sequence[tuple[int, dict]], path, kind: str, reference: str) -> None:
+    """All labels of ``records`` are of ``kind`` ("integer" / "string"), the kind the labels of ``reference`` have."""
+    for line_no, record in records:
+        if _label_kind(record["label"]) != kind:
+            raise DataError(
+                f"{path}:{line_no}: label {record['label']!r} is a {_label_kind(record['label'])} but the labels of "
+                f"{reference} are {kind}s; use one kind of label in every file"
+            )
+
+
+_DEFAULT_NAME = re.compile(r"^LABEL_(\d+)$")
+
+
 @dataclass
 class LabelSet:
-    """Class names in head order; ``names[i]`` is class ``i``."""
+    """Class names in head order: ``names[i]`` is class ``i`` (the head's ``id2label``).
+
+    ``source`` says where the names come from ("training data", "model head", "run"); it appears in
+    the error for a label that is not one of them.
+    """
 
     names: list[str]
+    source: str = "run"
 
     @classmethod
-    def from_files(cls, *record_lists: Sequence[tuple[int, dict]]) -> LabelSet:
-        """Integer labels 0..max keep their values; string labels are sorted for a stable order."""
-        raw = [r.get("label") for records in record_lists for _, r in records]
-        if raw and all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
-            return cls([str(i) for i in range(max(raw) + 1)])
-        return cls(sorted({str(v) for v in raw}))
+    def from_training(cls, records: Sequence[tuple[int, dict]], path) -> LabelSet:
+        """Names of a new head from the training labels (checked first with check_classification_records).
+
+        Integer labels 0..max keep their values; string labels are sorted for a stable order. One
+        kind of label only, and at least two classes.
+        """
+        kind = _label_kind(records[0][1]["label"])
+        check_label_kinds(records, path, kind, f"{path} (line {records[0][0]})")
+        raw = [r["label"] for _, r in records]
+        if len(set(raw)) < 2:
+            raise DataError(
+                f"{path}: every training record has the label {raw[0]!r}; a classifier needs at least two classes"
+            )
+        if kind == "integer":
+            if min(raw) < 0:
+                line = next(n for n, r in records if r["label"] < 0)
+                raise DataError(f"{path}:{line}: integer label {min(raw)} is negative; expected class indices >= 0")
+            return cls([str(i) for i in range(max(raw) + 1)], "training data")
+        return cls(sorted(set(raw)), "training data")
+
+    @classmethod
+    def from_config(cls, id2label: dict) -> LabelSet:
+        """Names of a trained head from its ``config.id2label`` (keys may be strings after a JSON round trip)."""
+        table = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(table) != list(range(len(table))):
+            raise DataError(f"the model's id2label {id2label!r} does not number its classes 0..{len(table) - 1}")
+        return cls([table[i] for i in range(len(table))], "model head (config.id2label)")
+
+    def id2label(self, head_size: int) -> dict[int, str]:
+        return {i: self.names[i] if i < len(self.names) else f"LABEL_{i}" for i in range(head_size)}
 
     def index(self, value, path, line_no: int, head_size: int) -> int:
         key = str(value)
-        if key not in self.names:
-            raise DataError(f"{path}:{line_no}: label {value!r} is not one of the known labels {self.names}")
-        idx = self.names.index(key)
+        if key in self.names:
+            idx = self.names.index(key)
+        elif _is_int(value) and all(_DEFAULT_NAME.match(n) for n in self.names) and 0 <= value < len(self.names):
+            idx = value  # a head with transformers' default names LABEL_0.. and integer labels
+        else:
+            raise DataError(
+                f"{path}:{line_no}: label {value!r} is not one of the known labels {self.names} "
+                f"(from the {self.source})"
+            )
         if idx >= head_size:
             raise DataError(
                 f"{path}:{line_no}: label {value!r} is class {idx}, outside the model head's range 0..{head_size - 1}"
             )
         return idx
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int | None, path, line_no: int) -> None:
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise DataError(
+            f"{path}:{line_no}: token id {max(ids)} is outside the model's embedding table ({vocab_size} rows): "
+            "the tokenizer does not belong to this model"
+        )
 
 
 def _check_length(n: int, max_length: int, path, line_no: int, what: str) -> None:
@@ -142,7 +214,9 @@ def _check_length(n: int, max_length: int, path, line_no: int, what: str) -> Non
         )
 
 
-def load_classification(path, tokenizer, max_length: int, labels: LabelSet, head_size: int, records=None) -> list[dict]:
+def load_classification(
+    path, tokenizer, max_length: int, labels: LabelSet, head_size: int, records=None, vocab_size: int | None = None
+) -> list[dict]:
     """Tokenized classification examples; every label must fall inside the head (``head_size``)."""
     records = read_records(path) if records is None else records
     examples = []
@@ -151,6 +225,7 @@ def load_classification(path, tokenizer, max_length: int, labels: LabelSet, head
         label = _field(record, "label", path, line_no, kinds=(str, int))
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         _check_length(len(ids), max_length, path, line_no, "the text")
+        check_token_ids(ids, vocab_size, path, line_no)
         examples.append({"input_ids": list(ids), "labels": labels.index(label, path, line_no, head_size)})
     return examples
 
@@ -170,7 +245,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + boundary
 
 
-def load_generation(path, tokenizer, max_length: int, records=None) -> list[dict]:
+def load_generation(path, tokenizer, max_length: int, records=None, vocab_size: int | None = None) -> list[dict]:
     """Tokenized prompt -> response examples; the loss covers the response and its end token only."""
     records = read_records(path) if records is None else records
     _, end = _boundary_ids(tokenizer)
@@ -181,6 +256,7 @@ def load_generation(path, tokenizer, max_length: int, records=None) -> list[dict
         prompt_ids = encode_prompt(tokenizer, prompt)
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [end]
         _check_length(len(prompt_ids) + len(response_ids), max_length, path, line_no, "prompt + response")
+        check_token_ids(prompt_ids + response_ids, vocab_size, path, line_no)
         examples.append(
             {
                 "input_ids": prompt_ids + response_ids,
@@ -223,6 +299,9 @@ __all__ = [
     "TASKS",
     "DataError",
     "LabelSet",
+    "check_classification_records",
+    "check_label_kinds",
+    "check_token_ids",
     "collate",
     "detect_task",
     "encode_prompt",
