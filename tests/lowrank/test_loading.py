@@ -310,3 +310,34 @@ def test_peak_host_memory_is_model_plus_two_tensors(tmp_path):
     assert figures["model_bytes"] < total / 2  # the linear layers really are 4-bit
     print(f"peak rose {rise / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
     assert rise <= bound, f"peak rose {rise / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB ({figures})"
+
+
+@pytest.mark.gpu
+def test_cuda_load_peak_device_memory_is_model_plus_two_tensors(tmp_path):
+    """device="cuda": each weight is quantized on the GPU as it arrives; peak <= model + 2 x largest tensor."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20MB")
+    with torch.device("meta"):
+        sizes = [t.numel() * 2 for t in transformers.LlamaForCausalLM(config).state_dict().values()]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    peak = torch.cuda.max_memory_allocated() - base
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    assert all(t.device.type == "cuda" for t in tensors.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert peak <= model_bytes + 2 * max(sizes), (peak, model_bytes, max(sizes))
+    ref = prepare_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda(), r=4)
+    ours = prepare_model(model, r=4)
+    ids = tokens().cuda()
+    assert torch.equal(_logits(ours, ids), _logits(ref, ids))
