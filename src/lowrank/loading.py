@@ -1,6 +1,6 @@
 """Streamed loading: ``lowrank.from_pretrained(dir)`` builds a 4-bit model without ever holding the dense one.
 
-The steps (see ``docs/loading.md`` for the memory bounds and why each step is done this way):
+The steps (``docs/big_models.md`` says why each step is done this way, and the memory bounds):
 
 1. ``config.json`` names the architecture (``architectures[0]``, or ``auto_class=``); the model is built
    with every **parameter on the meta device** (buffers such as rotary frequencies stay real: they are
