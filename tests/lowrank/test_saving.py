@@ -66,3 +66,14 @@ def test_loaded_4bit_model_saves_bitsandbytes_format(tmp_path):
             expected_w = bitsandbytes.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
             assert torch.equal(model.get_submodule(name).dequantize(expected_w.dtype), expected_w), name
         assert torch.equal(bnb.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_trainer_checkpoint_of_a_prepared_model_is_refused_by_from_pretrained(tmp_path):
+    """transformers.Trainer saves through save_pretrained(dir, state_dict=...): let through, marked as such."""
+    model = lowrank.prepare_model(tiny_model("llama"), r=4)
+    model.save_pretrained(tmp_path, state_dict=None, is_main_process=True)
+    assert (tmp_path / "model.safetensors").is_file()
+    config = lowrank.files.read_json(tmp_path / "config.json")
+    assert config["quantization_config"]["quant_method"] == "lowrank_prepared"
+    with pytest.raises(lowrank.loading.CheckpointLoadError, match="lowrank_prepared"):
+        lowrank.from_pretrained(tmp_path)
