@@ -30,9 +30,12 @@ LAYER_OF = {
     # the training loop and evaluation
     "lowrank.train": "train",
     "lowrank.evaluate": "train",
+    "lowrank.distributed": "train",
     # models, files, data, optimizer, loss
     "lowrank.models": "models/io",
     "lowrank.adapters": "models/io",
+    "lowrank.loading": "models/io",
+    "lowrank.saving": "models/io",
     "lowrank.adapters.errors": "models/io",
     "lowrank.adapters.merge": "models/io",
     "lowrank.adapters.peft_format": "models/io",
