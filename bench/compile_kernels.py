@@ -701,14 +701,18 @@ def _reason(row: dict) -> str:
     return ", ".join(reasons)
 
 
+#: Constexprs besides the BLOCK_* tile shape that the flagged groups are split by (decode path, dot dtype).
+_GROUP_BY = ("DOT_DTYPE", "W_QUANT", "FAST_DECODE", "FUSE_LOW", "T_IS_K")
+
+
 def flagged_groups(rows: list[dict]) -> list[dict]:
-    """The flagged variants grouped by architecture, kernel, tile shape (the BLOCK_* constexprs), dot dtype,
-    warps, stages and reason, with the register / spill / shared ranges of each group."""
+    """The flagged variants grouped by architecture, kernel, tile shape (the BLOCK_* constexprs), the
+    constexprs in _GROUP_BY, warps, stages and reason, with the register / spill / shared ranges."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if not (row["ok"] and row["flagged"]):
             continue
-        tile = tuple((k, v) for k, v in row["constexprs"].items() if k.startswith("BLOCK") or k.startswith("DOT_DTYPE"))
+        tile = tuple((k, v) for k, v in row["constexprs"].items() if k.startswith("BLOCK_") or k in _GROUP_BY)
         key = (row["arch"], row["kernel"], tile, row["num_warps"], row["num_stages"], _reason(row))
         groups.setdefault(key, []).append(row)
     out = []
