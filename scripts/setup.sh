@@ -2,7 +2,8 @@
 # All set-up for a fresh machine, idempotent: a virtual environment in .venv with torch (the CPU
 # build where there is no NVIDIA GPU), lowrank installed in editable mode with its test extras, and
 # the optional C++ extension built where a compiler exists. Re-runs are quick (a stamp file records
-# what was installed). Used by scripts/main.sh, scripts/test.sh and .ci/run.
+# what was installed). Used by scripts/main.sh, scripts/test.sh and .ci/run. Also .venv-triton36, the GPU
+# machine's triton 3.6 for the compile check, where it installs (scripts/setup_triton36.sh; LOWRANK_TRITON36).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 stamp_want=$(cat pyproject.toml setup.py constraints/ci.txt $(find csrc -type f | sort) | sha256sum | cut -c1-16)
 if [ -f "$VENV/.lowrank-stamp" ] && [ "$(cat "$VENV/.lowrank-stamp")" = "$stamp_want" ]; then
+    bash scripts/setup_triton36.sh
     exit 0
 fi
 
@@ -43,3 +45,4 @@ else
 fi
 
 echo "$stamp_want" > "$VENV/.lowrank-stamp"
+bash scripts/setup_triton36.sh

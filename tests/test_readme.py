@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from helpers import dequantized_copy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -41,3 +42,28 @@ def test_models_block_runs_as_written(tmp_path, monkeypatch):
         want = namespace["model"](input_ids=ids).logits.float()
         got = namespace["again"](input_ids=ids).logits.float()
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_peft_block_runs_as_written(tmp_path, monkeypatch):
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    monkeypatch.chdir(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        before = dequantized_copy(base)(ids).logits  # what the 4-bit base computes
+    namespace = {"model": base, "ids": ids}
+    with torch.no_grad():
+        exec(compile(python_block("api-peft"), "README.md[api-peft]", "exec"), namespace)
+    assert (tmp_path / "out" / "adapters" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "adapters" / "style" / "adapter_model.safetensors").is_file()
+    # disable_adapters ran the 4-bit base alone
+    torch.testing.assert_close(namespace["reference_logits"], before, atol=1e-4, rtol=1e-4)

@@ -20,6 +20,7 @@ _SUBMODULES = ("freeze", "nf4", "nn", "ops", "optim")
 
 #: exported name -> the module that defines it
 _EXPORTS = {
+    "mixed_batch": "lowrank.models",
     # NF4 weights
     "NF4Weight": "lowrank.nf4",
     "quantize": "lowrank.nf4",
@@ -41,14 +42,20 @@ _EXPORTS = {
     "merge_adapters": "lowrank.adapters",
     "save_adapter": "lowrank.adapters",
     "save_quantized": "lowrank.adapters",
+    # streamed loading of big checkpoints straight into 4 bits
+    "from_pretrained": "lowrank.loading",
     # the training loop
     "TrainConfig": "lowrank.train",
     "TrainResult": "lowrank.train",
     "train": "lowrank.train",
+    # moving a PEFT model onto lowrank and back
+    "from_peft": "lowrank.peft_bridge",
+    "to_peft": "lowrank.peft_bridge",
 }
 
 __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_package.py keeps them in step)
     "__version__",
+    "mixed_batch",
     "freeze",
     "nf4",
     "nn",
@@ -72,18 +79,31 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "merge_adapters",
     "save_adapter",
     "save_quantized",
+    "from_pretrained",
     "TrainConfig",
     "TrainResult",
     "train",
+    "from_peft",
+    "to_peft",
 ]
 
 if TYPE_CHECKING:
     from lowrank import freeze, nf4, nn, ops, optim
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
-    from lowrank.models import add_adapter, delete_adapter, disable_adapters, prepare_model, set_adapter, summary
+    from lowrank.loading import from_pretrained
+    from lowrank.models import (
+        add_adapter,
+        delete_adapter,
+        disable_adapters,
+        mixed_batch,
+        prepare_model,
+        set_adapter,
+        summary,
+    )
     from lowrank.nf4 import NF4Weight, dequantize, quantize
     from lowrank.nn import LinearNF4, LoRALinear
     from lowrank.ops import lora_linear, lora_linear_nf4
+    from lowrank.peft_bridge import from_peft, to_peft
     from lowrank.train import TrainConfig, TrainResult, train
 
 

@@ -13,10 +13,13 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lowrank import trackers as _trackers
+
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 TASK_KINDS = ("classification", "generation")
+DISTRIBUTED = ("none", "ddp", "fsdp2")  # data parallel across torchrun processes (lowrank.distributed)
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -61,6 +64,15 @@ class TrainConfig:
     pad_token_id: int = 0
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = flag(True, "no progress bar", flag="--no-progress", action="store_false")
+    report_to: list[str] | tuple[str, ...] | str = flag(
+        (),
+        "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, or none (default)",
+        type=_trackers.parse_report_to,
+        metavar="NAMES",
+    )
+    distributed: str = flag(
+        "none", "data parallel across torchrun processes (batch size is global)", choices=DISTRIBUTED
+    )
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, name: str, expected: str):
@@ -94,7 +106,13 @@ class TrainConfig:
         need(self.save_every == 0 or self.output_dir is not None, "save_every", "0 unless output_dir is set")
         need(not self.resume or self.output_dir is not None, "resume", "False unless output_dir is set")
         need(0 <= self.seed < 2**63, "seed", "an integer in 0 .. 2**63 - 1")
+        need(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}")
         need(isinstance(self.device, str) and bool(_DEVICE.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
+        try:  # a comma string is accepted and normalized; a tracker that is not installed fails here
+            self.report_to = _trackers.parse_report_to(self.report_to)
+            _trackers.check_available(self.report_to)
+        except _trackers.TrackerError as err:
+            raise ConfigError(str(err)) from None
         return self
 
 
@@ -107,6 +125,7 @@ def config_from_dict(values: dict) -> TrainConfig:
 
 
 __all__ = [
+    "DISTRIBUTED",
     "OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lowrank import freeze as _freeze
-from lowrank.nn import LinearNF4, LoRALinear
+from lowrank import saving as _saving
+from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 from lowrank.nn.lora import DECOMPOSING_INITS, INITS
 
 try:  # transformers is a runtime dependency, Conv1D only matters for GPT-2-style models
@@ -127,7 +128,7 @@ def summary(model: nn.Module) -> Summary:
         total_params=total,
         bytes_before=getattr(model, "lowrank_bytes_before", None),
         bytes_after=_bytes(model),
-        adapted_modules=sum(isinstance(m, LoRALinear) for m in model.modules()),
+        adapted_modules=sum(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules()),
         quantized_modules=len(quantized),
     )
 
@@ -265,8 +266,9 @@ def resolve_targets(
     ):
         raise TargetModulesError(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
     heads = output_head_names(model)
-    names = [n for n in [*linear_module_names(model), *extra_names] if n not in excluded]
-    if not names:
+    linear = [n for n in linear_module_names(model) if n not in excluded]
+    names = [*linear, *(n for n in extra_names if n not in excluded)]
+    if not linear and (target_modules == "all-linear" or not names):
         raise TargetModulesError(f"{type(model).__name__} has no linear layers (nn.Linear / Conv1D) to adapt")
     if target_modules == "all-linear":
         chosen = [n for n in names if n not in heads and n not in extra_names]
@@ -449,6 +451,7 @@ def prepare_model(
         saved += hits
     saved_prefixes = tuple(saved)
     in_saved = lambda n: any(n == s or n.startswith(s + ".") for s in saved_prefixes)  # noqa: E731
+    embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding and not in_saved(n)]
     targets = resolve_targets(
         model,
         target_modules,
@@ -456,8 +459,15 @@ def prepare_model(
         exclude=[n for n in all_linear if in_saved(n)],
         exclude_modules=exclude_modules,
         layers_pattern=layers_pattern,
+        extra_names=embeddings,
     )
     target_set = set(targets)
+    embedding_targets = [n for n in targets if n in embeddings]
+    if embedding_targets and (use_dora or init not in INITS[:2]):
+        raise ValueError(
+            f"embedding targets {embedding_targets} take plain LoRA only: use_dora={use_dora!r}, init={init!r} "
+            "are for linear layers (drop the embeddings from target_modules)"
+        )
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -511,6 +521,10 @@ def prepare_model(
         if new is not module:
             new._lowrank_from_conv1d = from_conv1d or getattr(module, "_lowrank_from_conv1d", False)
             _set_module(model, name, new)  # the dense layer is released here, one layer at a time
+    for name in embedding_targets:
+        module = model.get_submodule(name)
+        r_e, alpha_e = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
+        _set_module(model, name, LoRAEmbedding(module, r_e, alpha_e, use_rslora, init, adapter_name=adapter_name))
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     mark_bias_trainable(model, bias)
@@ -548,6 +562,7 @@ def prepare_model(
     model.lowrank_active_adapters = [adapter_name]
     model.lowrank_bytes_before = bytes_before
     model.lowrank_summary = summary(model)
+    _saving.guard_save_pretrained(model)  # save_pretrained would write a checkpoint transformers misloads
     if verbose:
         print(model.lowrank_summary)
     return model
@@ -559,6 +574,11 @@ def prepare_model(
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` of ``model`` by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    """Every LoRA layer (linear and embedding) of ``model`` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoRASettings]:
@@ -633,6 +653,8 @@ def add_adapter(
     )
     for target in targets:
         module = model.get_submodule(target)
+        if isinstance(module, LoRAEmbedding):
+            raise ValueError(f"{target} is a LoRA embedding, which holds one adapter; leave it out of target_modules")
         r_t, alpha_t = pattern_value(rank_pattern, target, r), pattern_value(alpha_pattern, target, alpha)
         if isinstance(module, LoRALinear):
             adapter = module.add_adapter(name, r_t, alpha_t, dropout, use_rslora, init)
@@ -682,7 +704,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
         raise ValueError("set_adapter needs at least one adapter name (use disable_adapters to run the base)")
     for name in wanted:
         _check_adapter_name(model, name)
-    for module in lora_modules(model).values():
+    for module in adapter_layers(model).values():
         module.set_active_adapters([n for n in wanted if n in module.adapter_names])
     model.lowrank_active_adapters = wanted
     return model
@@ -694,10 +716,10 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     configs = adapter_configs(model)
     if len(configs) == 1:
         raise ValueError(f"adapter {name!r} is the model's only adapter; merge_adapters or reload the base instead")
-    for module_name, module in lora_modules(model).items():
+    for module_name, module in adapter_layers(model).items():
         if name not in module.adapter_names:
             continue
-        if module.merged:
+        if getattr(module, "merged", False):
             raise RuntimeError(f"{module_name} is merged; unmerge it before deleting adapter {name!r}")
         if module.adapter_names == [name]:
             base = module.base_layer
@@ -723,7 +745,7 @@ class disable_adapters:  # noqa: N801 (a context manager used like a function, a
         self._saved: list[tuple[LoRALinear, bool]] = []
 
     def __enter__(self) -> nn.Module:
-        self._saved = [(m, m.adapters_enabled) for m in lora_modules(self.model).values()]
+        self._saved = [(m, m.adapters_enabled) for m in adapter_layers(self.model).values()]
         for module, _ in self._saved:
             module.adapters_enabled = False
         return self.model
@@ -732,3 +754,35 @@ class disable_adapters:  # noqa: N801 (a context manager used like a function, a
         for module, enabled in self._saved:
             module.adapters_enabled = enabled
         self._saved = []
+
+
+#: the name that means "no adapter" for an example of a mixed batch (PEFT's ``"__base__"``)
+BASE_ADAPTER = "__base__"
+
+
+class mixed_batch:  # noqa: N801 (a context manager used like a function)
+    """``with lowrank.mixed_batch(model, ["a", "b", "__base__", ...]):`` runs each example of the batch (the
+    first dimension of the input) through its own adapter -- PEFT's ``adapter_names=`` inference argument.
+    Every LoRA linear layer then runs the base once for the whole batch and the low-rank terms as one gathered
+    batched matmul (:func:`lowrank.ops.lora_multi.lora_linear_multi_adapter`); ``"__base__"`` (or an adapter a
+    layer does not carry) runs the base alone. Plain LoRA adapters only (not DoRA)."""
+
+    def __init__(self, model: nn.Module, adapter_names: Sequence[str]):
+        configs = adapter_configs(model)
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per example, got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in configs})
+        if unknown:
+            raise ValueError(
+                f"adapter_names {unknown} do not exist; the model has adapters {list(configs)} (and {BASE_ADAPTER!r})"
+            )
+        self.model, self.names = model, list(adapter_names)
+
+    def __enter__(self) -> nn.Module:
+        for module in adapter_layers(self.model).values():
+            module.batch_adapter_names = self.names
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for module in adapter_layers(self.model).values():
+            module.batch_adapter_names = None

@@ -30,13 +30,17 @@ LAYER_OF = {
     # the training loop and evaluation
     "lowrank.train": "train",
     "lowrank.evaluate": "train",
+    "lowrank.distributed": "train",
     # models, files, data, optimizer, loss
     "lowrank.models": "models/io",
     "lowrank.adapters": "models/io",
+    "lowrank.loading": "models/io",
+    "lowrank.saving": "models/io",
     "lowrank.adapters.errors": "models/io",
     "lowrank.adapters.merge": "models/io",
     "lowrank.adapters.peft_format": "models/io",
     "lowrank.adapters.quantized": "models/io",
+    "lowrank.peft_bridge": "models/io",
     "lowrank.freeze": "models/io",
     "lowrank.optim": "models/io",
     "lowrank.loss": "models/io",
@@ -65,6 +69,7 @@ LAYER_OF = {
     "lowrank.files": "format",
     "lowrank.config": "format",
     "lowrank.nf4_format": "format",
+    "lowrank.trackers": "format",  # stdlib only at import (each tracker is imported when asked for); config uses it
 }
 
 #: cycles known to exist (none: a new cycle fails the test; a listed one that disappears must be deleted here)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lowrank import models as _models
 from lowrank.adapters.errors import AdapterError
-from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 
 
 def _dense_module(weight_out_in: torch.Tensor, bias: torch.Tensor | None, as_conv1d: bool) -> nn.Module:
@@ -42,7 +42,7 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None, *, safe_m
     """
     if safe_merge:
         for name, module in model.named_modules():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, (LoRALinear, LoRAEmbedding)):
                 merged = module.merged_dense(torch.float32)
                 if not torch.isfinite(merged).all():
                     bad = int((~torch.isfinite(merged)).sum())
@@ -56,6 +56,12 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None, *, safe_m
             out_dtype = dtype or (base.weight_dtype if isinstance(base, LinearNF4) else base.weight.dtype)
             weight = module.merged_dense(out_dtype)
             bias = base.bias
+        elif isinstance(module, LoRAEmbedding):
+            base = module.base_layer
+            with torch.no_grad():
+                base.weight.copy_(module.merged_dense(base.weight.dtype))
+            _models._set_module(model, name, base)
+            continue
         elif isinstance(module, LinearNF4) and not name.endswith(".base_layer"):
             out_dtype = dtype or module.weight_dtype
             weight = module.dequantize(out_dtype)
@@ -66,7 +72,13 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None, *, safe_m
         _models._set_module(model, name, dense)
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
-    for attr in ("lowrank_config", "lowrank_bytes_before", "lowrank_summary"):
+    for attr in (
+        "lowrank_config",
+        "lowrank_bytes_before",
+        "lowrank_summary",
+        "lowrank_adapters",
+        "lowrank_active_adapters",
+    ):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

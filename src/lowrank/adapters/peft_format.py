@@ -23,13 +23,15 @@ from lowrank.adapters.errors import (
     read_safetensors,
     unshared,
 )
-from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 DEFAULT_ADAPTER = "default"
+#: adapter tensors PEFT writes without a ``.weight`` suffix
+_PLAIN_KEYS = ("lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 #: PEFT LoraConfig fields lowrank cannot honour, with the value that means "not used"
 _UNSUPPORTED = {
     "lora_bias": False,
@@ -54,7 +56,7 @@ _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora"
 
 
 def _settings(model: nn.Module, adapter_name: str | None = None) -> _models.LoRASettings:
-    if getattr(model, "lowrank_config", None) is None or not _models.lora_modules(model):
+    if getattr(model, "lowrank_config", None) is None or not _models.adapter_layers(model):
         raise AdapterError("the model carries no LoRA adapters; call lowrank.prepare_model (or load_adapter) first")
     configs = _models.adapter_configs(model)
     if adapter_name is None:
@@ -64,8 +66,18 @@ def _settings(model: nn.Module, adapter_name: str | None = None) -> _models.LoRA
     return configs[adapter_name]
 
 
-def _adapter_modules(model: nn.Module, adapter_name: str) -> dict[str, LoRALinear]:
-    return {n: m for n, m in _models.lora_modules(model).items() if adapter_name in m.adapter_names}
+def _adapter_modules(model: nn.Module, adapter_name: str) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {n: m for n, m in _models.adapter_layers(model).items() if adapter_name in m.adapter_names}
+
+
+def _tensor_names(module) -> dict[str, str]:
+    """attribute -> the key suffix PEFT writes for it."""
+    if isinstance(module, LoRAEmbedding):
+        return {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
+    names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    if module.use_dora:
+        names["lora_magnitude_vector"] = "lora_magnitude_vector"
+    return names
 
 
 def adapter_config_dict(model: nn.Module, adapter_name: str | None = None) -> dict:
@@ -135,10 +147,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     tensors = {}
     for name, module in _adapter_modules(model, config.adapter_name).items():
         holder = module.adapter(config.adapter_name)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = holder.lora_A.detach()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = holder.lora_B.detach()
-        if holder is module and module.use_dora:
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach()
+        names = _tensor_names(module) if holder is module else {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        for attr, suffix in names.items():
+            tensors[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(holder, attr).detach()
     for name in config.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().clone()
@@ -147,30 +158,84 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     return tensors
 
 
-def _write_adapter(model: nn.Module, directory: str, adapter_name: str) -> None:
+def _converted_to_lora(model: nn.Module, adapter_name: str, config: dict, tensors: dict) -> tuple[dict, dict]:
+    """PEFT's ``path_initial_model_for_weight_conversion``: a trained PiSSA/OLoRA adapter (A, B) with its
+    initial split (A0, B0) becomes a rank-2r LoRA of the ORIGINAL weight, ``A' = [A; A0]``, ``B' = [B, -B0]``,
+    alpha doubled (``sqrt(2)``-fold with rsLoRA) so the scale is unchanged: ``W_res + s·B·A = W + s'·B'·A'``."""
+    settings = _settings(model, adapter_name)
+    if settings.init not in ("pissa", "olora"):
+        raise AdapterError(
+            f"convert_to_lora=True converts PiSSA/OLoRA adapters; adapter {adapter_name!r} has init={settings.init!r}"
+            + (
+                " (a LoftQ adapter belongs to its quantized base: write that with save_quantized)"
+                if settings.init == "loftq"
+                else ""
+            )
+        )
+    growth = 2**0.5 if settings.use_rslora else 2.0
+    ranks, alphas = {}, {}
+    for name, module in _adapter_modules(model, settings.adapter_name).items():
+        if getattr(module, "lora_A_initial", None) is None:
+            raise AdapterError(
+                f"{name} has no initial PiSSA/OLoRA split to convert against (was it loaded from a file?)"
+            )
+        A = torch.cat([module.lora_A.detach(), module.lora_A_initial.to(module.lora_A.dtype)], 0)
+        B = torch.cat([module.lora_B.detach(), -module.lora_B_initial.to(module.lora_B.dtype)], 1)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
+        ranks[re.escape(name)], alphas[re.escape(name)] = 2 * module.r, module.alpha * growth
+    config = dict(config, r=2 * settings.r, lora_alpha=settings.alpha * growth, init_lora_weights=True)
+    if settings.rank_pattern or settings.alpha_pattern:
+        config.update(rank_pattern=ranks, alpha_pattern=alphas)
+    return config, tensors
+
+
+def _write_adapter(model: nn.Module, directory: str, adapter_name: str, convert_to_lora: bool = False) -> None:
     config = adapter_config_dict(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
+    meta = _metadata(_settings(model, adapter_name))
+    if convert_to_lora and _settings(model, adapter_name).init in ("pissa", "olora", "loftq"):
+        config, tensors = _converted_to_lora(model, adapter_name, config, tensors)
+        meta = {"lowrank": "adapter"}
     os.makedirs(directory, exist_ok=True)
     # weights first: a directory with a config always has complete weights next to it
-    meta = _metadata(_settings(model, adapter_name))
     files.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), unshared(tensors), meta)
     files.write_json(os.path.join(directory, ADAPTER_CONFIG), dict(sorted(config.items())))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    convert_to_lora: bool = False,
+) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by ``PeftModel.from_pretrained``.
 
     PEFT's multi-adapter layout: the adapter named ``"default"`` goes to ``directory`` itself, any other
     adapter to ``directory/<name>/``. ``adapter_name=None`` writes every adapter of the model; a name
     writes that one only.
+
+    A PiSSA/OLoRA adapter is written as PEFT writes it (``init_lora_weights="pissa"``: it reloads onto the
+    original model by redoing the split). ``convert_to_lora=True`` writes it instead as a plain rank-2r LoRA
+    of the original weight (PEFT's ``path_initial_model_for_weight_conversion``), which loads anywhere a
+    LoRA does and combines with other adapters.
     """
     directory = os.fspath(directory)
     _settings(model)
     names = (
         list(_models.adapter_configs(model)) if adapter_name is None else [_settings(model, adapter_name).adapter_name]
     )
+    if convert_to_lora and not any(_settings(model, n).init in ("pissa", "olora") for n in names):
+        raise AdapterError(f"convert_to_lora=True converts PiSSA/OLoRA adapters; {names} have none")
     for name in names:
-        _write_adapter(model, directory if name == DEFAULT_ADAPTER else os.path.join(directory, name), name)
+        path = directory if name == DEFAULT_ADAPTER else os.path.join(directory, name)
+        _write_adapter(model, path, name, convert_to_lora)
+
+
+def _describe(module) -> str:
+    if isinstance(module, LoRAEmbedding):
+        return f"num_embeddings={module.num_embeddings}, embedding_dim={module.embedding_dim}"
+    return f"in={module.in_features}, out={module.out_features}"
 
 
 def _is_number(value) -> bool:
@@ -356,8 +421,9 @@ def load_adapter(
         hit = _LORA_KEY.match(inner)
         if hit and hit.group("module") in modules:
             found.setdefault(hit.group("module"), {})[hit.group("which")] = value
-        elif inner.endswith(".lora_magnitude_vector") and inner.removesuffix(".lora_magnitude_vector") in modules:
-            found.setdefault(inner.removesuffix(".lora_magnitude_vector"), {})["lora_magnitude_vector"] = value
+        elif inner.rpartition(".")[2] in _PLAIN_KEYS and inner.rpartition(".")[0] in modules:
+            owner, _, attr = inner.rpartition(".")
+            found.setdefault(owner, {})[attr] = value
         elif any(inner.startswith(s + ".") for s in config.modules_to_save):
             extra[inner] = value
         elif inner.endswith(".bias") and inner in params:
@@ -372,8 +438,7 @@ def load_adapter(
             f"adapter keys match no LoRA module of this model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
             f"(expected keys like {PEFT_PREFIX}{next(iter(modules))}.lora_A.weight)"
         )
-    lora_keys, dora_keys = ("lora_A", "lora_B"), ("lora_A", "lora_B", "lora_magnitude_vector")
-    keys = {n: dora_keys if m.use_dora and m.adapter_name == name else lora_keys for n, m in modules.items()}
+    keys = {n: list(_tensor_names(m)) if m.adapter_name == name else ["lora_A", "lora_B"] for n, m in modules.items()}
     missing = [f"{n}.{w}" for n in modules for w in keys[n] if w not in found.get(n, {})]
     if missing:
         raise AdapterShapeError(f"the adapter lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -381,14 +446,17 @@ def load_adapter(
         module = modules[module_name]
         holder = module.adapter(name)
         for which, value in pair.items():
-            if which == "lora_magnitude_vector" and not (module.use_dora and holder is module):
-                raise AdapterShapeError(f"{module_name}: the adapter has a DoRA magnitude but the layer is not DoRA")
+            if which not in keys[module_name]:
+                raise AdapterShapeError(
+                    f"{module_name}: the adapter has {which!r} but the layer ({type(module).__name__}, "
+                    f"use_dora={module.use_dora}) takes {keys[module_name]}"
+                )
             target = getattr(holder, which)
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterShapeError(
                     f"{module_name}.{which}: adapter tensor has shape {tuple(value.shape)}, "
                     f"the model needs {tuple(target.shape)} "
-                    f"(base layer in={module.in_features}, out={module.out_features}, r={holder.r})"
+                    f"(base layer {_describe(module)}, r={holder.r})"
                 )
     for key, value in biases.items():
         if tuple(value.shape) != tuple(params[key].shape):
@@ -397,10 +465,10 @@ def load_adapter(
             )
     for module_name, value in base_weights.items():
         base = modules[module_name].base_layer
-        if not isinstance(base, nn.Linear) or tuple(value.shape) != tuple(base.weight.shape):
+        if not isinstance(base, (nn.Linear, nn.Embedding)) or tuple(value.shape) != tuple(base.weight.shape):
             raise AdapterShapeError(
                 f"{module_name}.base_layer.weight: the adapter stores a {tuple(value.shape)} base weight but the "
-                f"model's base is {type(base).__name__} {(base.out_features, base.in_features)}"
+                f"model's base is {type(base).__name__} {tuple(base.weight.shape)}"
             )
     with torch.no_grad():
         for module_name, pair in found.items():

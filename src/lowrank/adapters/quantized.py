@@ -17,7 +17,7 @@ from lowrank import models as _models
 from lowrank.adapters.errors import QuantizedCheckpointError, read_json_object, read_safetensors, unshared
 from lowrank.dtypes import DTYPE_NAMES, DTYPES_BY_NAME
 from lowrank.nf4 import QuantStateError
-from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn import LinearNF4
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -25,12 +25,12 @@ MODEL_WEIGHTS = "model.safetensors"
 
 def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without adapters, with LoRALinear bases under their module's own name."""
-    lora_names = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    lora_names = set(_models.adapter_layers(model))
     sd = {}
     for key, value in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if leaf in ("lora_A", "lora_B") and owner in lora_names:
-            continue
+        owner = next((n for n in lora_names if key.startswith(n + ".")), None)
+        if owner is not None and not key.startswith(owner + ".base_layer."):
+            continue  # adapter tensors (lora_*, extra adapters, DoRA magnitudes) are not part of the base
         sd[key.replace(".base_layer.", ".")] = value
     # tied weights (GPT-2's lm_head = wte) are stored once, as transformers does
     unique = {n for n, _ in model.named_parameters()}

@@ -67,9 +67,24 @@ def add_train_config_flags(group) -> None:
         if isinstance(default, bool):
             kwargs["action"] = spec.pop("action", "store_false" if default else "store_true")
         else:
-            kwargs["type"] = spec.pop("type", type(default))
+            kwargs["type"] = _keep_message(spec.pop("type", type(default)))
         kwargs.update(spec)
         group.add_argument(name, **kwargs)
+
+
+def _keep_message(convert):
+    """argparse shows a type function's ValueError as "invalid <name> value"; keep the function's own message."""
+    if convert in (int, float, str):
+        return convert
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def _add_finetune_flags(p) -> None:
@@ -152,7 +167,15 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # kernels/nf4.py BLOCKSIZES (no Triton import here)
 MAX_STEPS = 10_000_000
-FROZEN_RUN_KEYS = ("resume", "progress", "command", "func", "debug")
+FROZEN_RUN_KEYS = (
+    "resume",
+    "progress",
+    "command",
+    "func",
+    "debug",
+    "report_to",
+    "distributed",
+)  # report_to may change on --resume
 
 
 def run_record(args) -> dict:
@@ -320,7 +343,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FileFormatError,
         FileNotFoundError,
     ]
-    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim"):
+    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim", "lowrank.distributed"):
         values = vars(sys.modules.get(module) or __import__(module, fromlist=["_"])).values()
         errors += [e for e in values if isinstance(e, type) and issubclass(e, ValueError) and e is not ValueError]
     return tuple(errors)

@@ -1,6 +1,6 @@
 """Modules: quantized and LoRA linear layers."""
 
 from lowrank.nn.linear_nf4 import LinearNF4
-from lowrank.nn.lora import LoRAFusedProjections, LoRALinear
+from lowrank.nn.lora import LoRAEmbedding, LoRAFusedProjections, LoRALinear
 
-__all__ = ["LinearNF4", "LoRAFusedProjections", "LoRALinear"]
+__all__ = ["LinearNF4", "LoRAEmbedding", "LoRAFusedProjections", "LoRALinear"]

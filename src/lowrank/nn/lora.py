@@ -186,6 +186,8 @@ class LoRALinear(nn.Module):
         self.extra_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = [adapter_name]
         self.adapters_enabled = True
+        #: per-example adapter names of the batch being run (set by ``lowrank.mixed_batch``), or None
+        self.batch_adapter_names: list[str] | None = None
         self.merged = False
         self._unmerged_nf4: nf4.NF4Weight | None = None
         self.reset_lora_parameters(init)
@@ -245,7 +247,14 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
+        layer._keep_initial_adapter()
         return layer
+
+    def _keep_initial_adapter(self) -> None:
+        """Keep the adapter a decomposing init produced (not saved in state_dict): ``save_adapter(...,
+        convert_to_lora=True)`` turns a trained PiSSA/OLoRA adapter into a plain LoRA of the original weight."""
+        self.register_buffer("lora_A_initial", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("lora_B_initial", self.lora_B.detach().clone(), persistent=False)
 
     # -- views ----------------------------------------------------------------------------------------
 
@@ -365,6 +374,7 @@ class LoRALinear(nn.Module):
         A, B, _ = low_rank_init(weight, self.r, self.scale, init)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
+        self._keep_initial_adapter()
         # The base keeps what the adapter does not represent (computed from the adapter as stored).
         residual = weight - self.delta_weight([self.adapter_name])
         self._set_base_dense(residual)
@@ -510,8 +520,38 @@ class LoRALinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
 
+    def _mixed_batch_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Each example (x's first dim) through its own adapter, in one batched call
+        (:func:`lowrank.ops.lora_multi.lora_linear_multi_adapter`); names this layer lacks run the base only."""
+        if x.dim() != 3 or x.shape[0] != len(names):
+            raise ValueError(
+                f"a mixed batch needs x of shape (batch, seq, in) with batch = {len(names)} adapter names, "
+                f"got {tuple(x.shape)}"
+            )
+        used = [n for n in dict.fromkeys(names) if n in self.adapter_names]
+        if self.use_dora and self.adapter_name in used:
+            raise ValueError(f"adapter {self.adapter_name!r} is a DoRA adapter: mixed batches take plain LoRA only")
+        base = self.base_layer
+        x_c = x if not self.is_quantized or base.compute_dtype is None else x.to(base.compute_dtype)
+        w = base.weight_nf4 if self.is_quantized else base.weight
+        if not used:
+            return self.base_layer(x)
+        holders = [self.adapter(n) for n in used]
+        r_max = max(h.r for h in holders)
+        # ranks may differ: zero rows of A / columns of B add nothing
+        A_stack = torch.stack([nn.functional.pad(h.lora_A.float(), (0, 0, 0, r_max - h.r)) for h in holders])
+        B_stack = torch.stack([nn.functional.pad(h.lora_B.float(), (0, r_max - h.r)) for h in holders])
+        scales = [h.scale for h in holders]
+        ids = torch.tensor([used.index(n) if n in used else -1 for n in names], device=x.device)
+        y = lora_multi.lora_linear_multi_adapter(x_c, w, A_stack, B_stack, scales, ids, base.bias, self.backend)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.adapters_enabled or not self.active_adapters:
+        if self.merged or not self.adapters_enabled:
+            return self.base_layer(x)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, self.batch_adapter_names)
+        if not self.active_adapters:
             return self.base_layer(x)
         names = self.active_adapters
         if self.use_dora and self.adapter_name in names:  # the DoRA adapter scales the base: it goes first
@@ -567,6 +607,7 @@ class LoRAFusedProjections(nn.Module):
         if any(
             layer.merged
             or layer.use_dora
+            or layer.batch_adapter_names is not None
             or not layer.adapters_enabled
             or layer.active_adapters != [layer.adapter_name]
             for layer in self.layers
@@ -581,3 +622,108 @@ class LoRAFusedProjections(nn.Module):
         x_c = x if self.compute_dtype is None else x.to(self.compute_dtype)
         outputs = lora_multi.lora_linear_multi(x_c, projections, p, self.layers[0].backend)
         return tuple(y.to(x.dtype) for y in outputs)
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a trainable low-rank update, PEFT's layout and semantics:
+    ``y = base(ids) + scale · embed(ids, Aᵀ) · Bᵀ`` with ``lora_embedding_A`` (r, num_embeddings) and
+    ``lora_embedding_B`` (embedding_dim, r); init A = 0, B ~ N(0, 1) (PEFT's ``init_lora_weights=True``;
+    ``"gaussian"`` the same). One adapter per layer; no dropout (PEFT applies none to embeddings).
+    """
+
+    def __init__(
+        self,
+        base: nn.Embedding,
+        r: int,
+        alpha: float,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+        *,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Embedding) or hasattr(base, "embed_scale"):
+            raise TypeError(f"base must be a plain nn.Embedding, got {type(base).__name__}")
+        _check_rank_alpha_dropout(r, alpha, 0.0)
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"an embedding adapter's init must be 'kaiming' or 'gaussian', got {init!r}")
+        if adapter_dtype not in _FLOATS:
+            raise TypeError(f"adapter_dtype must be float32/float16/bfloat16, got {adapter_dtype}")
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.r, self.alpha, self.use_rslora, self.dropout = r, alpha, use_rslora, 0.0
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=adapter_dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, dtype=adapter_dtype, device=device))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_embedding_B)
+        self.adapter_name = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
+        self.adapters_enabled = True
+        self.use_dora = False
+        self.batch_adapter_names: list[str] | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [self.adapter_name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def adapter(self, name: str) -> LoRAEmbedding:
+        if name != self.adapter_name:
+            raise KeyError(f"adapter {name!r} is not on this layer; it has {self.adapter_names}")
+        return self
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        if self.adapter_name not in self.active_adapters:
+            return {}
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        unknown = [n for n in names if n != self.adapter_name]
+        if unknown:
+            raise KeyError(f"adapter {unknown[0]!r} is not on this layer; it has {self.adapter_names}")
+        self.active_adapters = list(names)
+        for p in (self.lora_embedding_A, self.lora_embedding_B):
+            p.requires_grad_(self.adapter_name in names)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale·(B·A)ᵀ`` in fp32, shape (num_embeddings, embedding_dim)."""
+        return self.scale * (self.lora_embedding_B.detach().float() @ self.lora_embedding_A.detach().float()).t()
+
+    def merged_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        base = self.base_layer.weight.detach().float()
+        if self.adapter_name in self.active_adapters:
+            base = base + self.delta_weight()
+        return base.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, adapter={self.adapter_name!r}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        names = self.batch_adapter_names
+        if not self.adapters_enabled or (names is None and self.adapter_name not in self.active_adapters):
+            return y
+        base = self.base_layer
+        after_a = nn.functional.embedding(
+            ids,
+            self.lora_embedding_A.t(),
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        delta = (after_a @ self.lora_embedding_B.t()) * self.scale
+        if names is not None:  # a mixed batch: only the examples that name this adapter get it
+            if ids.shape[0] != len(names):
+                raise ValueError(f"a mixed batch of {len(names)} adapter names got ids of shape {tuple(ids.shape)}")
+            keep = torch.tensor([n == self.adapter_name for n in names], device=ids.device, dtype=delta.dtype)
+            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+        return y + delta.to(y.dtype)

@@ -2,13 +2,14 @@
 bases; smaller starting error than plain QLoRA on NF4; exact reloads."""
 
 import copy
+import json
 
 import pytest
 import torch
-from peft_oracle import logits, peft_load, peft_model, randomize, tiny_llama
+from peft_oracle import dequantized_copy, logits, peft_load, peft_model, randomize, tiny_llama
 
 from lowrank import nf4
-from lowrank.adapters import load_adapter, load_quantized, save_adapter, save_quantized
+from lowrank.adapters import AdapterError, load_adapter, load_quantized, save_adapter, save_quantized
 from lowrank.models import prepare_model
 from lowrank.nn import LinearNF4, LoRALinear
 
@@ -61,9 +62,9 @@ def start_error(layer: LoRALinear, weight: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(weight - approx))
 
 
-def test_pissa_and_loftq_start_below_plain_qlora_on_nf4():
-    weight = low_rank_plus_noise()
-    linear = torch.nn.Linear(64, 96, bias=False)
+def test_pissa_and_loftq_start_below_plain_qlora_on_nf4(device):
+    weight = low_rank_plus_noise().to(device)
+    linear = torch.nn.Linear(64, 96, bias=False, device=device)
     with torch.no_grad():
         linear.weight.copy_(weight)
     plain = LoRALinear(LinearNF4.from_linear(linear), 8, 16)
@@ -110,3 +111,36 @@ def test_decomposing_init_errors(tmp_path):
     save_quantized(quantized, tmp_path)
     with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj is already 4-bit"):
         prepare_model(load_quantized(tmp_path), init="pissa")
+
+
+@pytest.mark.parametrize(("quantize", "use_rslora"), [(None, False), (None, True), ("nf4", False)])
+def test_pissa_converted_to_a_plain_lora_of_the_original_weight(tmp_path, quantize, use_rslora):
+    base = with_low_rank_weights(tiny_llama())
+    model = prepare_model(
+        copy.deepcopy(base),
+        r=4,
+        alpha=8,
+        target_modules=TARGETS,
+        init="pissa",
+        quantize=quantize,
+        use_rslora=use_rslora,
+        rank_pattern={"up_proj": 2},
+    )
+    randomize([p for n, p in model.named_parameters() if "lora_" in n], seed=3, std=0.05)  # "trained"
+    save_adapter(model, tmp_path, convert_to_lora=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 8
+    original = base
+    if quantize is not None:  # what the 4-bit model's "original" weights are: dequant(Q_residual) + s·B0·A0
+        original = dequantized_copy(base)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, LoRALinear):
+                    initial = module.scale * (module.lora_B_initial @ module.lora_A_initial)
+                    dense = module.base_layer.dequantize(torch.float32) + initial
+                    original.get_submodule(name).weight.copy_(dense)
+    theirs = peft_load(original, tmp_path)  # a plain LoRA on the original weights, no PiSSA split
+    assert theirs.base_model.model.model.layers[0].mlp.up_proj.r["default"] == 4
+    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-4, rtol=1e-4)
+    with pytest.raises(AdapterError, match="convert_to_lora=True converts PiSSA/OLoRA adapters"):
+        save_adapter(prepare_model(tiny_llama(), r=2, alpha=2), tmp_path / "plain", convert_to_lora=True)

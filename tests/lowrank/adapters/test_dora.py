@@ -83,6 +83,7 @@ def peft_dora_layer(weight, bias, A, B, magnitude, alpha, dtype):
 
 
 def run(module, x, dy):
+    """Output, dx and the adapter gradients, on the CPU."""
     x = x.clone().requires_grad_(True)
     y = module(x)
     y.backward(dy)
@@ -90,8 +91,8 @@ def run(module, x, dy):
     grads = {}
     for name, p in params.items():
         key = next(k for k in ("lora_A", "lora_B", "lora_magnitude_vector") if k in name)
-        grads[key] = p.grad
-    return y, x.grad, grads
+        grads[key] = p.grad.cpu()
+    return y.detach().cpu(), x.grad.cpu(), grads
 
 
 @pytest.mark.parametrize(
@@ -105,25 +106,28 @@ def run(module, x, dy):
         ("ext", torch.bfloat16, True),
     ],
 )
-def test_dora_layer_tolerance_rule_per_backend(backend, dtype, quantized):
+def test_dora_layer_tolerance_rule_per_backend(backend, dtype, quantized, device):
     if backend == "ext":
         from lowrank import _ext
 
         if _ext.load() is None:
             pytest.skip(f"the C++ extension is not built: {_ext.load_error()}")
+        if device.type == "cuda" and not _ext.cuda_kernels_built():
+            pytest.skip("the C++ extension has no CUDA kernels")
     gen = torch.Generator().manual_seed(0)
     K, N, r, M = 64, 48, 4, 8
     w = torch.randn(N, K, generator=gen) * K**-0.5
     bias = torch.randn(N, generator=gen) * 0.1
     if quantized:
-        base = LinearNF4(nf4.quantize(w.to(dtype)), bias.to(dtype), compute_dtype=dtype)
-        dense = nf4.dequantize(base.weight_nf4, torch.float32)
+        base = LinearNF4(nf4.quantize(w.to(dtype).to(device)), bias.to(dtype).to(device), compute_dtype=dtype)
+        dense = nf4.dequantize(base.weight_nf4, torch.float32).cpu()
     else:
         base = torch.nn.Linear(K, N).to(dtype)
         with torch.no_grad():
             base.weight.copy_(w)
             base.bias.copy_(bias)
-        dense = base.weight.detach().float()
+        base = base.to(device)
+        dense = base.weight.detach().float().cpu()
     layer = LoRALinear(base, r, 8.0, use_dora=True, backend=backend)
     with torch.no_grad():
         layer.lora_A.copy_(torch.randn(r, K, generator=gen) * K**-0.5)
@@ -131,9 +135,11 @@ def test_dora_layer_tolerance_rule_per_backend(backend, dtype, quantized):
         layer.lora_magnitude_vector.copy_(torch.rand(N, generator=gen) + 0.5)
     x = torch.randn(M, K, generator=gen).to(dtype)
     dy = torch.randn(M, N, generator=gen).to(dtype)
-    args = (dense, base.bias.detach().float(), layer.lora_A.detach(), layer.lora_B.detach())
-    reference = peft_dora_layer(*args, layer.lora_magnitude_vector.detach(), 8.0, torch.float64)
-    low = peft_dora_layer(*args, layer.lora_magnitude_vector.detach(), 8.0, dtype)
+    args = (dense, base.bias.detach().float().cpu(), layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu())
+    magnitude = layer.lora_magnitude_vector.detach().cpu()
+    reference = peft_dora_layer(*args, magnitude, 8.0, torch.float64).to(device)
+    low = peft_dora_layer(*args, magnitude, 8.0, dtype).to(device)
+    x, dy = x.to(device), dy.to(device)
     ref_y, ref_dx, ref_g = run(reference, x.double(), dy.double())
     low_y, low_dx, low_g = run(low, x, dy)
     y, dx, g = run(layer, x, dy)
@@ -149,3 +155,19 @@ def test_dora_bad_combinations():
     layer = prepare_model(tiny_llama(), r=2, alpha=4, use_dora=True).model.layers[0].self_attn.q_proj
     with pytest.raises(NotImplementedError, match="merge\\(\\) in place is not available for a DoRA layer"):
         layer.merge()
+
+
+def test_dora_with_dropout_in_training_matches_peft(tmp_path):
+    base = tiny_llama()
+    theirs = peft_model(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, lora_dropout=0.3)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path).train()
+    theirs.train()
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)  # both draw one dropout mask of the same shape per layer, in the same order
+    mine = ours(ids).logits
+    torch.manual_seed(7)
+    reference = theirs(ids).logits
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+    ours.eval()
+    assert (ours(ids).logits - mine).abs().max() > 1e-4  # dropout really acted in training mode

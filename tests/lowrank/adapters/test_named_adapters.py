@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from peft_oracle import logits, peft_load, peft_model, randomize, tiny_llama, tokens
+from peft_oracle import dequantized_copy, logits, peft_load, peft_model, randomize, tiny_llama, tokens
 
 import lowrank
 from lowrank.adapters import AdapterError, load_adapter, merge_adapters, save_adapter
@@ -164,3 +164,32 @@ def test_bad_adapter_names(peft_dir):
         AdapterError, match=r"up_proj.lora_B: adapter tensor has shape \(96, 2\), the model needs \(80, 2\)"
     ):
         load_adapter(other, peft_dir / "other", adapter_name="other")
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_mixed_batch_matches_peft_adapter_names(peft_dir, quantize):
+    theirs = peft_load(dequantized_copy(tiny_llama()) if quantize else tiny_llama(), peft_dir)
+    theirs.load_adapter(os.path.join(peft_dir, "other"), adapter_name="other")
+    ours = load_adapter(tiny_llama(), peft_dir, quantize=quantize)
+    load_adapter(ours, os.path.join(peft_dir, "other"), adapter_name="other")
+    names = ["other", "__base__", "default", "other"]
+    ids = tokens(batch=4)
+    with torch.no_grad():
+        expected = theirs(ids, adapter_names=names).logits
+    with lowrank.mixed_batch(ours, names):
+        got = logits(ours, ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # each row equals running that adapter alone
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with lowrank.disable_adapters(ours):
+                alone = logits(ours, ids[row : row + 1])
+        else:
+            lowrank.set_adapter(ours, name)
+            alone = logits(ours, ids[row : row + 1])
+        torch.testing.assert_close(got[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert all(m.batch_adapter_names is None for m in lowrank.models.adapter_layers(ours).values())
+    with pytest.raises(ValueError, match=r"adapter_names \['nope'\] do not exist"):
+        lowrank.mixed_batch(ours, ["nope", "default"])
+    with lowrank.mixed_batch(ours, ["default"]), pytest.raises(ValueError, match="batch = 1 adapter names"):
+        logits(ours, ids)

@@ -16,9 +16,9 @@ from peft_oracle import (
     trainable,
 )
 
-from lowrank.adapters import AdapterConfigError, load_adapter, save_adapter
+from lowrank.adapters import AdapterConfigError, load_adapter, merge_adapters, save_adapter
 from lowrank.models import TargetModulesError, prepare_model
-from lowrank.nn import LoRALinear
+from lowrank.nn import LoRAEmbedding, LoRALinear
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
@@ -43,6 +43,7 @@ CASES = {
     ),
     "lm_head": (tiny_llama, dict(target_modules=["q_proj", "lm_head"])),
     "r_above_min": (tiny_llama, dict(target_modules=["k_proj", "v_proj"], r=40)),  # k/v are 64 -> 32
+    "embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"], rank_pattern={"embed_tokens": 3})),
     "rslora_patterns": (tiny_llama, dict(target_modules=["q_proj"], use_rslora=True, rank_pattern={"q_proj": 9})),
 }
 
@@ -92,6 +93,11 @@ def test_option_matches_peft_outputs_gradients_and_files(tmp_path, case):
     assert config["bias"] == options.get("bias", "none")
     back = peft_load(base, tmp_path / "ours")
     torch.testing.assert_close(logits(back), logits(ours), atol=1e-5, rtol=1e-5)
+    # and merging gives a plain model with the same outputs
+    expected = logits(ours)
+    merged = merge_adapters(ours)
+    assert not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in merged.modules())
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_options_on_a_4bit_base_load_peft_adapters(tmp_path):
@@ -164,3 +170,15 @@ def test_unsupported_peft_fields_are_refused_by_name(tmp_path, field, value):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterConfigError, match=field):
         load_adapter(tiny_llama(), tmp_path)
+
+
+def test_embedding_adapter_layout_and_errors():
+    model = prepare_model(tiny_llama(), r=4, alpha=8, quantize=None, target_modules=["embed_tokens"])
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding)
+    assert layer.lora_embedding_A.shape == (4, 96) and layer.lora_embedding_B.shape == (64, 4)
+    assert torch.count_nonzero(layer.lora_embedding_A) == 0  # PEFT's init: A = 0, B ~ N(0, 1)
+    with pytest.raises(ValueError, match=r"embedding targets \['model.embed_tokens'\] take plain LoRA only"):
+        prepare_model(tiny_llama(), target_modules=["embed_tokens"], use_dora=True)
+    with pytest.raises(TypeError, match="plain nn.Embedding"):
+        LoRAEmbedding(torch.nn.Linear(2, 2), 2, 2)
