@@ -56,9 +56,11 @@ LAYER_OF = {
     "lowrank.ops.lora": "ops",
     "lowrank.ops.lora_multi": "ops",
     "lowrank.ops.nf4": "ops",
+    "lowrank.ops.spec": "ops",
     "lowrank.nf4": "ops",
     # Triton kernels and the C++ extension's loader
     "lowrank.kernels": "kernels/ext",
+    "lowrank.kernels.dropout": "kernels/ext",
     "lowrank.kernels.lora_matmul": "kernels/ext",
     "lowrank.kernels.nf4": "kernels/ext",
     "lowrank._ext": "kernels/ext",
