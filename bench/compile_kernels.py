@@ -297,7 +297,7 @@ class LoraCase:
     K: int = BASE_K
     adapters: str = "x"  # A and B dtype: "x" (= x's dtype) or fp32/fp16/bf16
     bias: str = "none"  # forward only: none or a dtype
-    x_lora: bool = False  # a separate LoRA input (dropout)
+    dropout: bool = False  # LoRA dropout (the keep-mask generated in the kernels)
     need: str = "dx,dA,dB"  # backward only
 
     def label(self) -> str:
@@ -312,8 +312,8 @@ class LoraCase:
             parts.append(f"AB={self.adapters}")
         if self.bias != "none":
             parts.append(f"bias={self.bias}")
-        if self.x_lora:
-            parts.append("x_lora")
+        if self.dropout:
+            parts.append("dropout")
         if self.direction == "backward" and self.need != "dx,dA,dB":
             parts.append(f"need={self.need}")
         return " ".join(parts)
@@ -323,6 +323,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _run_lora_case(lora, nf4, case: LoraCase) -> None:
+    import lowrank.kernels.dropout as lora_dropout
+
     x_dtype = _DTYPES[case.x]
     ab_dtype = x_dtype if case.adapters == "x" else _DTYPES[case.adapters]
     N, K, M, r = BASE_N, case.K, case.M, case.r
@@ -330,16 +332,16 @@ def _run_lora_case(lora, nf4, case: LoraCase) -> None:
     x = torch.empty((M, K), dtype=x_dtype, device=META)
     A = torch.empty((r, K), dtype=ab_dtype, device=META)
     B = torch.empty((N, r), dtype=ab_dtype, device=META)
-    x_lora = torch.empty_like(x) if case.x_lora else None
+    dropout = lora_dropout.Dropout.of(0.1, 1234) if case.dropout else None
     if case.direction == "forward":
         bias = None if case.bias == "none" else torch.empty(N, dtype=_DTYPES[case.bias], device=META)
-        lora.lora_forward(x, weight, A, B, 2.0, bias, x_lora, path=case.path)
+        lora.lora_forward(x, weight, A, B, 2.0, bias, dropout, path=case.path)
     else:
         dy = torch.empty((M, N), dtype=x_dtype, device=META)
         xa = torch.empty((M, r), dtype=torch.float32, device=META)
         need = case.need.split(",")
         lora.lora_backward(
-            dy, x, weight, A, B, 2.0, xa, x_lora, "dx" in need, "dA" in need, "dB" in need, path=case.path
+            dy, x, weight, A, B, 2.0, xa, dropout, "dx" in need, "dA" in need, "dB" in need, path=case.path
         )
 
 
@@ -379,7 +381,7 @@ def lora_cases(lora, nf4, quick: bool, widest_tile: int | None = None) -> list[L
     variants += [{"nested": _dt(d)} for d in nf4.NESTED_DTYPES]
     variants += [{"adapters": _dt(d)} for d in nf4.FLOAT_DTYPES]
     variants += [{"weight": w} for w in ("fp32", "fp16", *(f"{q}{s}" for q in nf4.QUANT_TYPES for s in ("", "+dq")))]
-    variants += [{"x_lora": True}]
+    variants += [{"dropout": True}]
     secondary = [LoraCase(*g, **v) for g, v in itertools.product(grid, variants)]
     secondary += [
         LoraCase("forward", p, m, r, bias=_dt(b))
@@ -405,12 +407,25 @@ def _nf4_calls(quick: bool):
 
 
 def _lora_calls(cases):
+    import lowrank.kernels.dropout as dropout
     import lowrank.kernels.lora_matmul as lora
     import lowrank.kernels.nf4 as nf4
 
-    with _allow_meta_device(lora):
+    with _allow_meta_device(lora), _allow_meta_device(dropout):
         for case in cases:
             yield case.label(), (lambda c=case: _run_lora_case(lora, nf4, c))
+
+
+def _dropout_calls():
+    """The stand-alone dropout launchers (mask and in-place apply) in every input dtype."""
+    import lowrank.kernels.dropout as dropout
+
+    keep = dropout.Dropout.of(0.1, 1234)
+    with _allow_meta_device(dropout):
+        yield "dropout_mask", lambda: dropout.dropout_mask(64, 96, keep, device=META)
+        for name, dtype in _DTYPES.items():
+            t = torch.empty((64, 96), dtype=dtype, device=META)
+            yield f"apply_dropout_({name})", lambda t=t: dropout.apply_dropout_(t, keep)
 
 
 def _record(calls, launches: list[Launch]) -> None:
@@ -460,6 +475,7 @@ def record_launches(quick: bool = False) -> list[Launch]:
 
     launches: list[Launch] = []
     _record(_nf4_calls(quick), launches)
+    _record(_dropout_calls(), launches)
     core: list[Launch] = []
     _record(_lora_calls(lora_cases(lora, nf4, quick)), core)
     launches += core

@@ -202,13 +202,17 @@ def _check_extent(rows: int, cols: int, row_offset: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    # A jit function reads a module global only when it is a tl.constexpr (the interpreter reads any global,
+    # the GPU compiler refuses the plain ints: caught by the sm_90 compile sweep, bench/compile_kernels.py).
+    _FMIX_C1 = tl.constexpr(FMIX_C1)
+    _FMIX_C2 = tl.constexpr(FMIX_C2)
 
     @triton.jit
     def _fmix32(h):
         h ^= h >> 16
-        h *= tl.full((), FMIX_C1, tl.uint32)
+        h *= tl.full((), _FMIX_C1, tl.uint32)
         h ^= h >> 13
-        h *= tl.full((), FMIX_C2, tl.uint32)
+        h *= tl.full((), _FMIX_C2, tl.uint32)
         h ^= h >> 16
         return h
 
@@ -248,12 +252,16 @@ if HAS_TRITON:
             tl.store(t_ptr + offs, tl.where(keep, v, tl.zeros_like(v)), mask=ok)
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type not in ("cuda", "cpu"):  # CPU tensors run in the interpreter (lowrank.ops.dispatch checks)
+        raise RuntimeError(f"the dropout kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
+
+
 def _launch(t: torch.Tensor | None, mask: torch.Tensor | None, rows, cols, row_offset, dropout: Dropout) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the dropout Triton kernels need triton, which is not installed")
     ref = t if t is not None else mask
-    if ref.device.type not in ("cuda", "cpu"):  # CPU tensors run in the interpreter (lowrank.ops.dispatch checks)
-        raise RuntimeError(f"the dropout kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {ref.device}")
+    _check_device(ref.device)
     if rows * cols == 0:
         return
     block = 1024
