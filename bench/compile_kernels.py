@@ -8,7 +8,7 @@ Run from the repository root, in an environment WITHOUT ``TRITON_INTERPRET=1``::
 
 How the variants are found (nothing is copied from the launchers):
 
-1. Every launcher of ``lowrank.kernels.nf4``, ``.dropout`` and ``.lora_matmul`` is called on meta tensors
+1. Every launcher of ``lowrank.kernels.nf4`` and ``lowrank.kernels.lora_matmul`` is called on meta tensors
    (no memory, no device) over inputs that span its configuration space; the inputs are read from the
    kernel modules' own constants (``BLOCKSIZES``, ``QUANT_TYPES``, ``FLOAT_DTYPES``, ``NESTED_DTYPES``,
    ``FORWARD_PATHS``, ``BACKWARD_PATHS``, ``SMALL_M_MAX``, ``TILED_M_MAX``, ``SMALL_BLOCK_M_MAX``,
@@ -297,7 +297,7 @@ class LoraCase:
     K: int = BASE_K
     adapters: str = "x"  # A and B dtype: "x" (= x's dtype) or fp32/fp16/bf16
     bias: str = "none"  # forward only: none or a dtype
-    dropout: bool = False  # dropout of the LoRA input (the counter-based mask inside the kernels)
+    dropout: bool = False  # LoRA dropout (the keep-mask generated in the kernels)
     need: str = "dx,dA,dB"  # backward only
 
     def label(self) -> str:
@@ -323,7 +323,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _run_lora_case(lora, nf4, case: LoraCase) -> None:
-    from lowrank.kernels.dropout import Dropout
+    import lowrank.kernels.dropout as lora_dropout
 
     x_dtype = _DTYPES[case.x]
     ab_dtype = x_dtype if case.adapters == "x" else _DTYPES[case.adapters]
@@ -332,7 +332,7 @@ def _run_lora_case(lora, nf4, case: LoraCase) -> None:
     x = torch.empty((M, K), dtype=x_dtype, device=META)
     A = torch.empty((r, K), dtype=ab_dtype, device=META)
     B = torch.empty((N, r), dtype=ab_dtype, device=META)
-    dropout = Dropout(0.1, 1) if case.dropout else None
+    dropout = lora_dropout.Dropout.of(0.1, 1234) if case.dropout else None
     if case.direction == "forward":
         bias = None if case.bias == "none" else torch.empty(N, dtype=_DTYPES[case.bias], device=META)
         lora.lora_forward(x, weight, A, B, 2.0, bias, dropout, path=case.path)
@@ -355,7 +355,7 @@ def lora_cases(lora, nf4, quick: bool, widest_tile: int | None = None) -> list[L
     with every direction x path x M x r of the core at the default input dtype (bf16) and weight (NF4 + DQ):
     the block sizes up to the widest tile the launchers pick (``widest_tile``: they change DECODE_SUB, the
     decode's structure), ragged K (the general decode path), nested dtypes, adapter dtypes, bias dtypes,
-    dropout of the LoRA input, partial backward outputs, dense fp32/fp16 weights, FP4 (+DQ). The larger block
+    a separate LoRA input, partial backward outputs, dense fp32/fp16 weights, FP4 (+DQ). The larger block
     sizes (same structure, another divisor) are crossed with one (M, r) per direction and path, aligned and
     ragged. Identical specializations are compiled once, so the dedup decides the final count.
     """
@@ -368,9 +368,7 @@ def lora_cases(lora, nf4, quick: bool, widest_tile: int | None = None) -> list[L
     directions = [("forward", p) for p in lora.FORWARD_PATHS] + [("backward", p) for p in lora.BACKWARD_PATHS]
     if quick:
         return [LoraCase("forward", "fused_small_m", 16, 16), LoraCase("forward", "fused_tiled", 128, 16)] + [
-            LoraCase("backward", "fused", 16, 16),
-            LoraCase("forward", "fused_small_m", 16, 16, dropout=True),  # the in-kernel mask (DROPOUT)
-            LoraCase("backward", "fused", 16, 16, dropout=True),
+            LoraCase("backward", "fused", 16, 16)
         ]
     xs = [_dt(d) for d in nf4.FLOAT_DTYPES]
     grid = [(d, p, m, r) for (d, p), m, r in itertools.product(directions, ms, rs)]
@@ -408,28 +406,26 @@ def _nf4_calls(quick: bool):
     yield from _nf4_cases(nf4, quick)
 
 
-def _dropout_calls(quick: bool):
-    """The standalone dropout launchers: the keep-mask, and the in-place zeroing on every float dtype
-    (the dequant dX path applies it to x.dtype tensors)."""
-    import lowrank.kernels.dropout as dropout
-    import lowrank.kernels.nf4 as nf4
-
-    drop = dropout.Dropout(0.1, 1)
-    dtypes = nf4.FLOAT_DTYPES[:1] if quick else nf4.FLOAT_DTYPES
-    with _allow_meta_device(dropout):
-        yield "dropout_mask", lambda: dropout.dropout_mask(BASE_N, BASE_K, drop, 0, device=META)
-        for dtype in dtypes:
-            t = torch.empty((BASE_N, BASE_K), dtype=dtype, device=META)
-            yield f"apply_dropout_({_dt(dtype)})", lambda t=t: dropout.apply_dropout_(t, drop)
-
-
 def _lora_calls(cases):
+    import lowrank.kernels.dropout as dropout
     import lowrank.kernels.lora_matmul as lora
     import lowrank.kernels.nf4 as nf4
 
-    with _allow_meta_device(lora):
+    with _allow_meta_device(lora), _allow_meta_device(dropout):
         for case in cases:
             yield case.label(), (lambda c=case: _run_lora_case(lora, nf4, c))
+
+
+def _dropout_calls():
+    """The stand-alone dropout launchers (mask and in-place apply) in every input dtype."""
+    import lowrank.kernels.dropout as dropout
+
+    keep = dropout.Dropout.of(0.1, 1234)
+    with _allow_meta_device(dropout):
+        yield "dropout_mask", lambda: dropout.dropout_mask(64, 96, keep, device=META)
+        for name, dtype in _DTYPES.items():
+            t = torch.empty((64, 96), dtype=dtype, device=META)
+            yield f"apply_dropout_({name})", lambda t=t: dropout.apply_dropout_(t, keep)
 
 
 def _record(calls, launches: list[Launch]) -> None:
@@ -479,7 +475,7 @@ def record_launches(quick: bool = False) -> list[Launch]:
 
     launches: list[Launch] = []
     _record(_nf4_calls(quick), launches)
-    _record(_dropout_calls(quick), launches)
+    _record(_dropout_calls(), launches)
     core: list[Launch] = []
     _record(_lora_calls(lora_cases(lora, nf4, quick)), core)
     launches += core

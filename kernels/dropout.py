@@ -202,8 +202,8 @@ def _check_extent(rows: int, cols: int, row_offset: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-    # A jit function reads a module global only when it is a tl.constexpr (the interpreter reads any
-    # global, the GPU compiler refuses the plain ints).
+    # A jit function reads a module global only when it is a tl.constexpr (the interpreter reads any global,
+    # the GPU compiler refuses the plain ints: caught by the sm_90 compile sweep, bench/compile_kernels.py).
     _FMIX_C1 = tl.constexpr(FMIX_C1)
     _FMIX_C2 = tl.constexpr(FMIX_C2)
 
@@ -253,13 +253,13 @@ if HAS_TRITON:
 
 
 def _check_device(device: torch.device) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("the dropout Triton kernels need triton, which is not installed")
     if device.type not in ("cuda", "cpu"):  # CPU tensors run in the interpreter (lowrank.ops.dispatch checks)
         raise RuntimeError(f"the dropout kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
 
 
 def _launch(t: torch.Tensor | None, mask: torch.Tensor | None, rows, cols, row_offset, dropout: Dropout) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the dropout Triton kernels need triton, which is not installed")
     ref = t if t is not None else mask
     _check_device(ref.device)
     if rows * cols == 0:
