@@ -18,9 +18,8 @@ The forward main GEMM and dX are the same pattern, ``out[m, c] = Σ_t in[m, t] �
 s · Σ_j (Σ_t lin[m, t] · P[t, j]) · Q[j, c]``: forward t = k, c = n, P = Aᵀ, Q = Bᵀ; dX t = n, c = k,
 P = B, Q = A. One kernel (``_lora_matmul_kernel``) serves both through strides. The low-rank
 "shrink" ``lin · P`` is either accumulated in the same t loop (one kernel; every column tile
-"shrink" ``lin · P`` is either accumulated in the same t loop (one kernel; every column tile
-recomputes it, cheap while few programs share a row tile) or precomputed once by the split shrink of
-``lora_reduce.py``, which also holds the adapter-gradient reductions dA and dB, and read in the epilogue.
+recomputes it, cheap while few programs share a row tile) or precomputed once by the split shrink
+(``lora_reduce.py``, also the home of the dA / dB reductions) and read in the epilogue.
 
 Weight layout: dense W is read through its strides. 4-bit W is bitsandbytes' layout (see ``nf4.py``):
 the row-major flattened W cut into ``blocksize`` runs (a run may span two rows when K is not a multiple
