@@ -50,6 +50,7 @@ from lowrank.kernels import nf4 as K
 
 import lowrank.nf4
 import lowrank.ops
+from lowrank.ops import dispatch
 
 ALPHA_PER_RANK = 2  # alpha = 2r, the common QLoRA setting: s = 2
 FORWARD_PATHS = ("fused_small_m", "fused_tiled", "dequant_matmul")
@@ -249,13 +250,14 @@ def _forward(provider: str, p: Problem):
         x, p.qw.packed, p.qw.absmax, p.qw.nested_absmax, p.qw.nested_offset, *p.qw.shape, A, B, s
     )
     if provider.startswith("triton"):
-        path = provider.partition(":")[2] or None
-        chosen = path or LM.choose_forward_path(x.shape[0], p.w_dense.shape[0], x.shape[1], x.device)
+        path = provider.partition(":")[2] or dispatch.choose_forward_path(
+            x.shape[0], p.w_dense.shape[0], x.shape[1], x.device
+        )
 
         def fn():
             return LM.lora_forward(x, p.qw, A, B, s, path=path)[0]
 
-        return fn, {"path": chosen, "max_rel_err_vs_torch": _max_rel_err(fn(), reference)}
+        return fn, {"path": path, "max_rel_err_vs_torch": _max_rel_err(fn(), reference)}
     if provider == "peft_bnb":
         layer, _ = _peft_layer(p)
         fn = _no_grad(lambda: layer(x))
@@ -289,12 +291,13 @@ def _backward(provider: str, p: Problem):
         return (lambda: p.dy @ p.w_dense), {}
     reference = _reference_grads(p)
     if provider == "triton":
-        _, xa = LM.lora_forward(p.x, p.qw, p.A, p.B, p.scale)
+        paths = _triton_paths(p)
+        _, xa = LM.lora_forward(p.x, p.qw, p.A, p.B, p.scale, path=paths["path"])
 
         def fn():
-            return LM.lora_backward(p.dy, p.x, p.qw, p.A, p.B, p.scale, xa)
+            return LM.lora_backward(p.dy, p.x, p.qw, p.A, p.B, p.scale, xa, path=paths["backward_path"])
 
-        return fn, {**_grad_errors(fn(), reference), **_triton_paths(p)}
+        return fn, {**_grad_errors(fn(), reference), **paths}
     forward, inputs = _graph(provider, p)
     y = forward()
 
@@ -305,11 +308,11 @@ def _backward(provider: str, p: Problem):
 
 
 def _triton_paths(p: Problem) -> dict:
-    """The forward and backward paths lowrank.kernels.lora_matmul chooses for this problem."""
+    """The forward and backward paths the dispatch point (lowrank.ops.dispatch) chooses for this problem."""
     (m, k), n, r = p.x.shape, p.w_dense.shape[0], p.A.shape[0]
     return {
-        "path": LM.choose_forward_path(m, n, k, p.x.device),
-        "backward_path": LM.choose_backward_path(m, n, k, r, p.x.device),
+        "path": dispatch.choose_forward_path(m, n, k, p.x.device),
+        "backward_path": dispatch.choose_backward_path(m, n, k, r, p.x.device),
     }
 
 

@@ -8,11 +8,13 @@ Run from the repository root, in an environment WITHOUT ``TRITON_INTERPRET=1``::
 
 How the variants are found (nothing is copied from the launchers):
 
-1. Every launcher of ``lowrank.kernels.nf4`` and ``lowrank.kernels.lora_matmul`` is called on meta tensors
-   (no memory, no device) over inputs that span its configuration space; the inputs are read from the
-   kernel modules' own constants (``BLOCKSIZES``, ``QUANT_TYPES``, ``FLOAT_DTYPES``, ``NESTED_DTYPES``,
-   ``FORWARD_PATHS``, ``BACKWARD_PATHS``, ``SMALL_M_MAX``, ``TILED_M_MAX``, ``SMALL_BLOCK_M_MAX``,
-   ``FUSED_RANK_MAX``, ``FUSED_BACKWARD_M_MAX``) so that a changed threshold moves the sweep with it.
+1. Every launcher of ``lowrank.kernels.nf4`` and ``lowrank.kernels.lora_matmul`` (which launches the
+   reductions of ``lora_reduce``) is called on meta tensors (no memory, no device) over inputs that span
+   its configuration space; the inputs are read from the kernel modules' own constants (``BLOCKSIZES``,
+   ``QUANT_TYPES``, ``FLOAT_DTYPES``, ``NESTED_DTYPES``, ``FORWARD_PATHS``, ``BACKWARD_PATHS``,
+   ``FUSED_DX_SMALL_M_MAX``, ``SMALL_BLOCK_M_MAX``, ``FUSED_RANK_MAX``) and from the path thresholds of
+   ``lowrank.ops.dispatch`` (``SMALL_M_MAX``, ``TILED_M_MAX``, ``FUSED_BACKWARD_M_MAX``) so that a changed
+   threshold moves the sweep with it.
 2. ``JITFunction.run`` is replaced for the duration of the recording: each ``kernel[grid](...)`` launch is
    recorded (kernel, arguments, launch options) instead of run. An ``@triton.autotune`` kernel records one
    launch per candidate config (``Autotuner.configs``), so autotune candidates are compiled too.
@@ -359,8 +361,11 @@ def lora_cases(lora, nf4, quick: bool, widest_tile: int | None = None) -> list[L
     sizes (same structure, another divisor) are crossed with one (M, r) per direction and path, aligned and
     ragged. Identical specializations are compiled once, so the dedup decides the final count.
     """
+    from lowrank.ops import dispatch as policy  # the path thresholds live with the dispatch point
+
     ms = {1, 3, 2048}
-    for t in (lora.SMALL_M_MAX, lora.TILED_M_MAX, lora.FUSED_BACKWARD_M_MAX, lora.SMALL_BLOCK_M_MAX):
+    thresholds = (policy.SMALL_M_MAX, policy.TILED_M_MAX, policy.FUSED_BACKWARD_M_MAX)
+    for t in (*thresholds, lora.FUSED_DX_SMALL_M_MAX, lora.SMALL_BLOCK_M_MAX):
         ms.update({t, t + 1})
     ms.update(1 << k for k in range(4, 12) if (1 << k) <= lora.SMALL_BLOCK_M_MAX)
     ms = sorted(ms)
@@ -392,7 +397,7 @@ def lora_cases(lora, nf4, quick: bool, widest_tile: int | None = None) -> list[L
         LoraCase("backward", p, m, r, need=n) for p, m, r, n in itertools.product(lora.BACKWARD_PATHS, ms, rs, needs)
     ]
     one_each = [
-        (d, p, lora.SMALL_M_MAX if "small" in p or p == "fused" else lora.TILED_M_MAX, 16) for d, p in directions
+        (d, p, policy.SMALL_M_MAX if "small" in p or p == "fused" else policy.TILED_M_MAX, 16) for d, p in directions
     ]
     secondary += [
         LoraCase(*g, blocksize=b, K=k) for g, b, k in itertools.product(one_each, large_bs, (BASE_K, RAGGED_K))
@@ -408,10 +413,11 @@ def _nf4_calls(quick: bool):
 
 def _lora_calls(cases):
     import lowrank.kernels.dropout as dropout
+    import lowrank.kernels.lora_checks as lora_checks
     import lowrank.kernels.lora_matmul as lora
     import lowrank.kernels.nf4 as nf4
 
-    with _allow_meta_device(lora), _allow_meta_device(dropout):
+    with _allow_meta_device(lora_checks), _allow_meta_device(dropout):
         for case in cases:
             yield case.label(), (lambda c=case: _run_lora_case(lora, nf4, c))
 

@@ -19,6 +19,22 @@ from lowrank.kernels import lora_matmul as L
 from lowrank.kernels import nf4 as K
 
 from lowrank.nf4 import NF4Weight
+from lowrank.ops import dispatch
+
+
+def forward(x, weight, A, B, scale, bias=None, dropout=None, *, path=None):
+    """``L.lora_forward`` on ``path``, or (None) on the path the dispatch point chooses for the ops layer."""
+    if path is None:
+        path = dispatch.choose_forward_path(x.shape[0], B.shape[0], x.shape[1], x.device)
+    return L.lora_forward(x, weight, A, B, scale, bias, dropout, path=path)
+
+
+def backward(dy, x, weight, A, B, scale, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True, *, path=None):
+    """``L.lora_backward`` on ``path``, or (None) on the path the dispatch point chooses for the ops layer."""
+    if path is None:
+        path = dispatch.choose_backward_path(x.shape[0], B.shape[0], x.shape[1], B.shape[1], x.device)
+    return L.lora_backward(dy, x, weight, A, B, scale, xa, dropout, need_dx, need_dA, need_dB, path=path)
+
 
 pytestmark = pytest.mark.interpreter
 
@@ -93,7 +109,7 @@ def backward_in(dtype_compute, dy, x, w, A, B, s, dropout):
 def check_forward(M, dtype, kind, device, bias, dropout, path=None, k=KDIM, n=N, blocksize=64):
     weight, dense = make_weight(kind, n, k, device, blocksize)
     x, A, B, b, dropout = make_operands(M, dtype, device, bias, dropout, k=k, n=n)
-    y, xa = L.lora_forward(x, weight, A, B, RSLORA_SCALE, b, dropout, path=path)
+    y, xa = forward(x, weight, A, B, RSLORA_SCALE, b, dropout, path=path)
     assert y.dtype == dtype and y.shape == (M, n) and xa.dtype == torch.float32 and xa.shape == (M, RANK)
     y64, xa64 = forward_in(torch.float64, x, dense, A, B, RSLORA_SCALE, b, dropout)
     y_t, xa_t = forward_in(dtype, x, dense, A, B, RSLORA_SCALE, b, dropout)
@@ -105,9 +121,9 @@ def check_forward(M, dtype, kind, device, bias, dropout, path=None, k=KDIM, n=N,
 def check_backward(M, dtype, kind, device, dropout, k=KDIM, n=N, blocksize=64, path=None):
     weight, dense = make_weight(kind, n, k, device, blocksize)
     x, A, B, _, dropout = make_operands(M, dtype, device, False, dropout, k=k, n=n)
-    _, xa = L.lora_forward(x, weight, A, B, RSLORA_SCALE, None, dropout)
+    _, xa = forward(x, weight, A, B, RSLORA_SCALE, None, dropout)
     dy = torch.randn(M, n, generator=torch.Generator().manual_seed(7)).to(dtype).to(device)
-    dx, dA, dB = L.lora_backward(dy, x, weight, A, B, RSLORA_SCALE, xa, dropout, path=path)
+    dx, dA, dB = backward(dy, x, weight, A, B, RSLORA_SCALE, xa, dropout, path=path)
     assert (dx.dtype, dA.dtype, dB.dtype) == (dtype, A.dtype, B.dtype)
     ref = backward_in(torch.float64, dy, x, dense, A, B, RSLORA_SCALE, dropout)
     same = backward_in(dtype, dy, x, dense, A, B, RSLORA_SCALE, dropout)
@@ -169,29 +185,23 @@ def _record_calls(monkeypatch, calls):
         ("fused", 3, "fused"),
         ("dequant", 3, "dequant"),
         (None, 3, "fused"),
-        (None, L.FUSED_BACKWARD_M_MAX + 1, "dequant"),
-        ("dequant", L.FUSED_BACKWARD_M_MAX + 1, "dequant"),
+        (None, dispatch.FUSED_BACKWARD_M_MAX + 1, "dequant"),
+        ("dequant", dispatch.FUSED_BACKWARD_M_MAX + 1, "dequant"),
     ],
 )
 def test_backward_path_selects_the_kernel(path, M, expected, device, monkeypatch):
-    # The launchers never read the environment: `path=` forces, else choose_backward_path decides by M
-    # (LOWRANK_LORA_BACKWARD_PATH is read by lowrank.ops.dispatch; tests/lowrank/ops/test_lora.py).
+    # The launchers never read the environment and never choose: `path=` names the kernel (None: the path
+    # lowrank.ops.dispatch.choose_backward_path gives by M; LOWRANK_LORA_BACKWARD_PATH is read by the ops
+    # layer, tests/lowrank/ops/test_lora.py).
     weight, _ = make_weight("nf4_dq", N, KDIM, device)
     x, A, B, _, _ = make_operands(M, torch.float16, device, False, False)
-    _, xa = L.lora_forward(x, weight, A, B, 2.0)
+    _, xa = forward(x, weight, A, B, 2.0)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(torch.float16).to(device)
     monkeypatch.setenv("LOWRANK_LORA_BACKWARD_PATH", "fused" if expected == "dequant" else "dequant")  # ignored
     calls = []
     _record_calls(monkeypatch, calls)
-    L.lora_backward(dy, x, weight, A, B, 2.0, xa, path=path)
+    backward(dy, x, weight, A, B, 2.0, xa, path=path)
     assert calls == [expected]
-
-
-def test_choose_backward_path_threshold():
-    assert L.choose_backward_path(1, 4096, 4096, 16, "cuda") == "fused"
-    assert L.choose_backward_path(L.FUSED_BACKWARD_M_MAX, 4096, 4096, 16, "cuda") == "fused"
-    assert L.choose_backward_path(L.FUSED_BACKWARD_M_MAX + 1, 4096, 4096, 16, "cuda") == "dequant"
-    assert L.choose_backward_path(8192, 4096, 4096, 16, "cuda") == "dequant"
 
 
 @pytest.mark.parametrize("path", L.FORWARD_PATHS)
@@ -213,12 +223,12 @@ def test_large_rank_is_chunked(device):
     n, k, r = 80, 96, 72
     weight, dense = make_weight("nf4_dq", n, k, device)
     x, A, B, b, _ = make_operands(3, torch.float32, device, True, False, k=k, n=n, r=r)
-    y, xa = L.lora_forward(x, weight, A, B, 0.5, b)
+    y, xa = forward(x, weight, A, B, 0.5, b)
     y64, _ = forward_in(torch.float64, x, dense, A, B, 0.5, b, None)
     y32, _ = forward_in(torch.float32, x, dense, A, B, 0.5, b, None)
     assert_close_by_rule(y, y32, y64, torch.float32, "y with r=72")
     dy = torch.randn(3, n, generator=torch.Generator().manual_seed(3)).to(device)
-    grads = L.lora_backward(dy, x, weight, A, B, 0.5, xa)
+    grads = backward(dy, x, weight, A, B, 0.5, xa)
     for name, g, t, r64 in zip(
         ("dx", "dA", "dB"),
         grads,
@@ -266,7 +276,7 @@ def test_split_reductions(path, device):
 def test_half_precision_nested_constants(nested_dtype, device):
     weight, dense = make_weight("nf4_dq", N, KDIM, device, nested_dtype=nested_dtype)
     x, A, B, b, _ = make_operands(3, torch.float32, device, True, False)
-    y, _ = L.lora_forward(x, weight, A, B, 2.0, b)
+    y, _ = forward(x, weight, A, B, 2.0, b)
     y64, _ = forward_in(torch.float64, x, dense, A, B, 2.0, b, None)
     y32, _ = forward_in(torch.float32, x, dense, A, B, 2.0, b, None)
     assert_close_by_rule(y, y32, y64, torch.float32, f"y with nested_dtype={nested_dtype}")
@@ -304,13 +314,13 @@ def test_decoded_tiles_equal_dequantized_weight(M, dtype, k, device):
     _, A, B, _, dropout = make_operands(M, dtype, device, False, True, k=k)
     B = torch.zeros_like(B)
     x = one_hot_rows(M, k, 37, dtype, device)  # 37 is prime to 96 and 128: M distinct columns
-    y_q, xa_q = L.lora_forward(x, weight, A, B, 2.0, None, dropout)
-    y_d, xa_d = L.lora_forward(x, dense, A, B, 2.0, None, dropout)
+    y_q, xa_q = forward(x, weight, A, B, 2.0, None, dropout)
+    y_d, xa_d = forward(x, dense, A, B, 2.0, None, dropout)
     assert torch.equal(y_q, y_d) and torch.equal(xa_q, xa_d)
     dy = one_hot_rows(M, N, 7, dtype, device)  # 7 is prime to N = 40: every row of W when M >= 40
     for g_q, g_d in zip(
-        L.lora_backward(dy, x, weight, A, B, 2.0, xa_q, dropout),
-        L.lora_backward(dy, x, dense, A, B, 2.0, xa_d, dropout),
+        backward(dy, x, weight, A, B, 2.0, xa_q, dropout),
+        backward(dy, x, dense, A, B, 2.0, xa_d, dropout),
         strict=True,
     ):
         assert torch.equal(g_q, g_d)
@@ -331,13 +341,11 @@ def test_reference_matches_peft_formula(device):
 def test_need_flags_skip_work(path, device):
     weight, dense = make_weight("nf4", N, KDIM, device)
     x, A, B, _, _ = make_operands(3, torch.float32, device, False, False)
-    _, xa = L.lora_forward(x, weight, A, B, 2.0)
+    _, xa = forward(x, weight, A, B, 2.0)
     dy = torch.randn(3, N, generator=torch.Generator().manual_seed(2)).to(device)
-    full = L.lora_backward(dy, x, weight, A, B, 2.0, xa, path=path)
+    full = backward(dy, x, weight, A, B, 2.0, xa, path=path)
     for flags in [(False, True, True), (True, False, False), (False, True, False), (False, False, True)]:
-        got = L.lora_backward(
-            dy, x, weight, A, B, 2.0, xa, need_dx=flags[0], need_dA=flags[1], need_dB=flags[2], path=path
-        )
+        got = backward(dy, x, weight, A, B, 2.0, xa, need_dx=flags[0], need_dA=flags[1], need_dB=flags[2], path=path)
         for wanted, g, f in zip(flags, got, full, strict=True):
             if wanted:
                 torch.testing.assert_close(g, f, rtol=0, atol=1e-5)
@@ -348,9 +356,9 @@ def test_need_flags_skip_work(path, device):
 def test_empty_batch(device):
     weight, _ = make_weight("nf4", N, KDIM, device)
     x, A, B, _, _ = make_operands(0, torch.float16, device, False, False)
-    y, xa = L.lora_forward(x, weight, A, B, 2.0)
+    y, xa = forward(x, weight, A, B, 2.0)
     assert y.shape == (0, N) and xa.shape == (0, RANK)
-    dx, dA, dB = L.lora_backward(y, x, weight, A, B, 2.0, xa)
+    dx, dA, dB = backward(y, x, weight, A, B, 2.0, xa)
     assert dx.shape == (0, KDIM) and bool((dA == 0).all()) and bool((dB == 0).all())
 
 
@@ -360,13 +368,7 @@ def test_non_contiguous_x(device):
     strided = torch.empty(KDIM, 5, dtype=x.dtype, device=device).T
     strided.copy_(x)
     assert not strided.is_contiguous()
-    assert torch.equal(L.lora_forward(strided, weight, A, B, 2.0, b)[0], L.lora_forward(x, weight, A, B, 2.0, b)[0])
-
-
-def test_choose_forward_path_is_monotone_in_M():
-    paths = [L.choose_forward_path(m, 4096, 4096, "cuda") for m in (1, L.SMALL_M_MAX, L.SMALL_M_MAX + 1, 10**6)]
-    assert paths[0] == paths[1] == "fused_small_m"
-    assert paths[2] in ("fused_tiled", "dequant_matmul") and paths[3] == "dequant_matmul"
+    assert torch.equal(forward(strided, weight, A, B, 2.0, b)[0], forward(x, weight, A, B, 2.0, b)[0])
 
 
 # -- validation: clear errors naming the value --------------------------------------------------------
@@ -399,19 +401,21 @@ def test_bad_input_is_rejected(change, match, device):
     args = _valid(device)
     args.update(change(args))
     with pytest.raises((ValueError, TypeError), match=match):
-        L.lora_forward(args["x"], args["weight"], args["A"], args["B"], args["scale"], args["bias"])
+        L.lora_forward(
+            args["x"], args["weight"], args["A"], args["B"], args["scale"], args["bias"], path="fused_small_m"
+        )
 
 
 def test_bad_backward_input_and_path(device):
     v = _valid(device)
     x, w, A, B = v["x"], v["weight"], v["A"], v["B"]
-    _, xa = L.lora_forward(x, w, A, B, 2.0)
+    _, xa = L.lora_forward(x, w, A, B, 2.0, path="fused_small_m")
     with pytest.raises(ValueError, match="dy must be"):
-        L.lora_backward(torch.zeros(3, N + 1, device=device), x, w, A, B, 2.0, xa)
+        L.lora_backward(torch.zeros(3, N + 1, device=device), x, w, A, B, 2.0, xa, path="fused")
     with pytest.raises(ValueError, match="xa must be"):
-        L.lora_backward(torch.zeros(3, N, device=device), x, w, A, B, 2.0, xa.half())
+        L.lora_backward(torch.zeros(3, N, device=device), x, w, A, B, 2.0, xa.half(), path="fused")
     with pytest.raises(TypeError, match="dropout must be a lowrank.kernels.dropout.Dropout"):
-        L.lora_forward(x, w, A, B, 2.0, dropout=x[:2])
+        L.lora_forward(x, w, A, B, 2.0, dropout=x[:2], path="fused_small_m")
     with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got 1.0"):
         D.Dropout.of(1.0, 3)
     with pytest.raises(ValueError, match="path must be"):

@@ -61,7 +61,9 @@ LAYER_OF = {
     # Triton kernels and the C++ extension's loader
     "lowrank.kernels": "kernels/ext",
     "lowrank.kernels.dropout": "kernels/ext",
+    "lowrank.kernels.lora_checks": "kernels/ext",
     "lowrank.kernels.lora_matmul": "kernels/ext",
+    "lowrank.kernels.lora_reduce": "kernels/ext",
     "lowrank.kernels.nf4": "kernels/ext",
     "lowrank._ext": "kernels/ext",
     # the bottom: formats and the shared file and dtype homes (no lowrank imports)

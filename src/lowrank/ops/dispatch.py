@@ -1,6 +1,7 @@
 """The single backend dispatch point: which implementation (``torch`` | ``triton`` | ``ext``) runs an op.
 
-Rules (nothing else in lowrank checks devices, versions or the environment that chooses a kernel):
+Rules (nothing else in lowrank checks devices, versions or the environment that chooses a kernel, and
+nothing else picks a kernel path: :func:`choose_forward_path` / :func:`choose_backward_path` below):
 
 * An op family registers one implementation per backend with :func:`register`.
 * The request comes from the ``backend=`` argument, else the ``LOWRANK_BACKEND`` environment variable,
@@ -68,6 +69,52 @@ def forced_path(variable: str, paths: tuple[str, ...]) -> str | None:
     if forced not in paths:
         raise ValueError(f"{variable} must be one of {paths} or 'auto', got {forced!r}")
     return forced
+
+
+# ---------------------------------------------------------------------------------------------------
+# Path policy of the Triton LoRA launchers (lowrank.kernels.lora_matmul takes the path as an argument).
+# ---------------------------------------------------------------------------------------------------
+
+#: Largest M served by the weight-streaming forward kernel (``fused_small_m``; 4-bit GEMM is memory-bound
+#: below M ~ 68 on H100). To be measured on GPU. The fused dX's small-M tile bound
+#: (``lowrank.kernels.lora_matmul.FUSED_DX_SMALL_M_MAX``) is equal to it.
+SMALL_M_MAX = 64
+#: Largest M served by the tile-decoding fused GEMM (``fused_tiled``); above it, dequant + cuBLAS. To be
+#: measured on GPU (a guess from the roofline: up to two 128-row tiles re-decode each weight tile at most
+#: twice).
+TILED_M_MAX = 256
+#: Largest M whose dX runs the fused kernel; above it, dequantize + cuBLAS. A guess: on one H100 (bf16,
+#: 4096 x 4096, r = 16, forward + backward of one layer) the fused backward won at M = 16 (1.99 ms vs 3.31
+#: for pure torch) and was 3x slower than dequantize + matmul at M = 8192 (13.5 vs 4.40 ms). The crossover
+#: is not measured; bench/gpu/run.sh records the backward path of each case so that it can be.
+FUSED_BACKWARD_M_MAX = 256
+
+
+def choose_forward_path(M: int, N: int, K: int, device: torch.device | str) -> str:
+    """The forward path (one of ``lora_matmul.FORWARD_PATHS``) for an (M, K) x (N, K)ᵀ product: the ONE
+    place this choice is made.
+
+    ``fused_small_m`` for M <= SMALL_M_MAX (memory-bound: stream and decode the 4-bit weight once),
+    ``fused_tiled`` up to TILED_M_MAX, ``dequant_matmul`` above (cuBLAS wins once the GEMM is
+    compute-bound). The thresholds are to be measured on GPU; N, K and device are accepted so that a
+    measured table can use them.
+    """
+    if M <= SMALL_M_MAX:
+        return "fused_small_m"
+    if M <= TILED_M_MAX:
+        return "fused_tiled"
+    return "dequant_matmul"
+
+
+def choose_backward_path(M: int, N: int, K: int, r: int, device: torch.device | str) -> str:
+    """The backward path (one of ``lora_matmul.BACKWARD_PATHS``) by shape: the ONE place this choice is made.
+
+    ``fused`` for M <= FUSED_BACKWARD_M_MAX (dX decodes W tile by tile), ``dequant`` above (W dequantized
+    once, dX on cuBLAS). ``LOWRANK_LORA_BACKWARD_PATH`` (:data:`LORA_BACKWARD_PATH_ENV`, read by the ops
+    layer through :func:`forced_path`) overrides it. N, K, r and device are accepted so that a measured
+    table can use them.
+    """
+    return "fused" if M <= FUSED_BACKWARD_M_MAX else "dequant"
 
 
 def ext_module():

@@ -18,7 +18,7 @@ dequantized copy), A, B, the bias -- plus xa (M·r fp32) and, with dropout, a 0-
 follows PEFT (only the LoRA input is dropped); ``1/(1-p)`` is folded into the scale, so the mask is exact in
 every dtype.
 Every backward that needs W decodes it from the saved packed bytes: the triton backend either tile by tile
-or, for large M, into a transient freed before it returns (``lowrank.kernels.lora_matmul.choose_backward_path``;
+or, for large M, into a transient freed before it returns (``lowrank.ops.dispatch.choose_backward_path``;
 ``LOWRANK_LORA_BACKWARD_PATH=fused|dequant``, read by the dispatch point, forces one).
 """
 
@@ -114,13 +114,20 @@ def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, dropout=None, nee
 # ---------------------------------------------------------------------------------------------------
 
 if _LK.HAS_TRITON:
-    # The ops layer has validated the operands once per public call: the launchers' unchecked entries.
-    register("lora_forward", "triton")(_LK.lora_forward_unchecked)
+    # The ops layer has validated the operands once per public call: the launchers' unchecked entries,
+    # with the path the dispatch point chooses (the launchers do not choose).
+
+    @register("lora_forward", "triton")
+    def _lora_forward_triton(x, weight, A, B, scale: float, bias=None, dropout=None):
+        path = dispatch.choose_forward_path(x.shape[0], B.shape[0], x.shape[1], x.device)
+        return _LK.lora_forward_unchecked(x, weight, A, B, scale, bias, dropout, path=path)
 
     @register("lora_backward", "triton")
-    def _lora_backward_triton(*args, **kwargs):
+    def _lora_backward_triton(dy, x, weight, A, B, scale: float, xa, *args, **kwargs):
         path = dispatch.forced_path(dispatch.LORA_BACKWARD_PATH_ENV, _LK.BACKWARD_PATHS)
-        return _LK.lora_backward_unchecked(*args, **kwargs, path=path)
+        if path is None:
+            path = dispatch.choose_backward_path(x.shape[0], B.shape[0], x.shape[1], B.shape[1], x.device)
+        return _LK.lora_backward_unchecked(dy, x, weight, A, B, scale, xa, *args, **kwargs, path=path)
 
 
 for _op in ("lora_forward", "lora_backward"):

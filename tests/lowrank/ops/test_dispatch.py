@@ -120,3 +120,31 @@ def test_usable_backends_and_registry(probe_op, monkeypatch):
     assert dispatch.implementation(probe_op, "triton")(1) == ("triton", 1)
     for op in ("quantize_4bit", "dequantize_4bit", "double_quantize", "double_dequantize"):
         assert {"torch", "triton", "ext"} <= set(dispatch.registered_ops()[op])
+
+
+# -- the path policy of the Triton LoRA launchers (they take the path; the dispatch point chooses) ----
+
+
+def test_choose_backward_path_threshold():
+    assert dispatch.choose_backward_path(1, 4096, 4096, 16, "cuda") == "fused"
+    assert dispatch.choose_backward_path(dispatch.FUSED_BACKWARD_M_MAX, 4096, 4096, 16, "cuda") == "fused"
+    assert dispatch.choose_backward_path(dispatch.FUSED_BACKWARD_M_MAX + 1, 4096, 4096, 16, "cuda") == "dequant"
+    assert dispatch.choose_backward_path(8192, 4096, 4096, 16, "cuda") == "dequant"
+
+
+def test_choose_forward_path_is_monotone_in_M():
+    ms = (1, dispatch.SMALL_M_MAX, dispatch.SMALL_M_MAX + 1, 10**6)
+    paths = [dispatch.choose_forward_path(m, 4096, 4096, "cuda") for m in ms]
+    assert paths[0] == paths[1] == "fused_small_m"
+    assert paths[2] in ("fused_tiled", "dequant_matmul") and paths[3] == "dequant_matmul"
+
+
+def test_chosen_paths_are_launcher_paths():
+    # The dispatch point names paths the launchers know; the fused dX's small-M tile bound in the kernel
+    # module is the forward's fused_small_m bound here (they move together until measured apart).
+    from lowrank.kernels import lora_matmul
+
+    for m in (0, 1, dispatch.SMALL_M_MAX, dispatch.TILED_M_MAX, dispatch.TILED_M_MAX + 1, 10**6):
+        assert dispatch.choose_forward_path(m, 64, 64, "cuda") in lora_matmul.FORWARD_PATHS
+        assert dispatch.choose_backward_path(m, 64, 64, 8, "cuda") in lora_matmul.BACKWARD_PATHS
+    assert lora_matmul.FUSED_DX_SMALL_M_MAX == dispatch.SMALL_M_MAX

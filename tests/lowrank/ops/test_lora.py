@@ -512,9 +512,10 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize(
-    "setting, expected", [("fused", "fused"), ("dequant", "dequant"), ("auto", None), (None, None)]
+    "setting, expected", [("fused", "fused"), ("dequant", "dequant"), ("auto", "dequant"), (None, "dequant")]
 )
 def test_backward_path_variable_is_read_by_the_dispatch_point(setting, expected, monkeypatch):
+    # M above FUSED_BACKWARD_M_MAX: unforced, the dispatch point chooses "dequant"; forced "fused" wins.
     if not usable("triton"):
         pytest.skip("the triton backend of lora_backward is not registered or not usable here")
     if setting is None:
@@ -522,9 +523,10 @@ def test_backward_path_variable_is_read_by_the_dispatch_point(setting, expected,
     else:
         monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, setting)
     seen = []
-    monkeypatch.setattr(LK, "lora_backward_unchecked", lambda *args, path=None, **kwargs: seen.append(path))
-    dispatch.implementation("lora_backward", "triton")("dy", "x", "w", "A", "B", 2.0, "xa")
+    monkeypatch.setattr(LK, "lora_backward_unchecked", lambda *args, path, **kwargs: seen.append(path))
+    x, B = torch.zeros(dispatch.FUSED_BACKWARD_M_MAX + 1, 8), torch.zeros(4, 2)
+    dispatch.implementation("lora_backward", "triton")("dy", x, "w", "A", B, 2.0, "xa")
     assert seen == [expected]
     monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, "cublas")
     with pytest.raises(ValueError, match="LOWRANK_LORA_BACKWARD_PATH must be one of .*'cublas'"):
-        dispatch.implementation("lora_backward", "triton")("dy", "x", "w", "A", "B", 2.0, "xa")
+        dispatch.implementation("lora_backward", "triton")("dy", x, "w", "A", B, 2.0, "xa")
