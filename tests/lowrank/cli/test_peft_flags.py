@@ -2,10 +2,13 @@
 in run.json and ``eval --run`` / ``merge --run`` rebuild the same model (tiny DoRA and PiSSA runs end to end)."""
 
 import json
+import shutil
 
 import pytest
+import torch
 import transformers
 from cli_runs import cls_args
+from safetensors.torch import load_file
 
 from lowrank.cli import main, parser, rebuild
 from lowrank.models import BIAS_CHOICES
@@ -55,3 +58,27 @@ def test_peft_option_run_rebuilds_the_same_model(model_dirs, tmp_path, capsys, f
 def test_flag_choices_follow_the_library():
     assert set(parser.LORA_INITS) == set(INITS) | set(DECOMPOSING_INITS)
     assert parser.LORA_BIAS == BIAS_CHOICES
+
+
+def test_lora_option_errors_are_user_errors():
+    import lowrank
+
+    assert parser.is_user_error(lowrank.LoRAOptionError("r must be a positive int, got 0"))
+    assert parser.one_line(lowrank.LoRAOptionError("r must be\n a positive int")) == (
+        "lowrank: error: r must be a positive int"
+    )
+
+
+def test_resumed_dora_run_equals_the_uninterrupted_one(model_dirs, tmp_path, capsys):
+    steps = ["--max-steps", "3", "--save-every", "1", "--keep-last", "3", "--use-dora", "--bias", "lora_only"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(cls_args(model_dirs, reference, *steps)) == 0
+    assert main(cls_args(model_dirs, run, *steps)) == 0
+    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if killed before the last checkpoint
+    capsys.readouterr()
+    assert main(cls_args(model_dirs, run, *steps, "--resume")) == 0
+    assert "resumed from step 2 of 3" in capsys.readouterr().out
+    want, got = load_file(str(reference / "trainable.safetensors")), load_file(str(run / "trainable.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in got) and sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
