@@ -7,11 +7,13 @@ import shutil
 import pytest
 import torch
 import transformers
-from cli_runs import cls_args
+from cli_runs import TOPICS, cls_args
 from safetensors.torch import load_file
 
+from lowrank.adapters import load_adapter
 from lowrank.cli import main, parser, rebuild
 from lowrank.models import BIAS_CHOICES
+from lowrank.nn import LinearNF4
 from lowrank.nn.lora import DECOMPOSING_INITS, INITS
 
 
@@ -43,8 +45,15 @@ def test_peft_option_run_rebuilds_the_same_model(model_dirs, tmp_path, capsys, f
     metrics = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
 
-    model = rebuild(out).model
+    model = rebuild(out).model.eval()
     assert check(model, model.lowrank_config)
+    # the run's adapter/ directory loaded into a fresh copy of the base: the same 4-bit base, the same logits
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(model_dirs["bert"], num_labels=len(TOPICS))
+    fresh = load_adapter(fresh, out / "adapter").eval()
+    assert any(isinstance(m, LinearNF4) for m in fresh.modules())
+    ids = torch.randint(1, 30, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
     assert main(["eval", "--run", str(out)]) == 0  # the rebuilt model gives the run's final evaluation
     shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert shown["accuracy"] == metrics["after"]["accuracy"]
