@@ -60,7 +60,7 @@ SUITE = os.environ.get("LOWRANK_BENCH_SUITE", "full")
 if SUITE not in ("full", "goal"):
     raise ValueError(f"LOWRANK_BENCH_SUITE must be 'full' or 'goal', got {SUITE!r}")
 COMPILE_ENABLED = os.environ.get("LOWRANK_BENCH_COMPILE", "1") != "0"
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETER = importlib.import_module("lowrank.ops.dispatch").triton_interpreter()  # the one interpreter check
 DTYPE = torch.bfloat16  # activations and the dequantized weight: the QLoRA compute dtype
 
 TARGET_TIMED_S = 0.15  # timed seconds per benchmark in pytest-benchmark (the wall-time cross-check)

@@ -44,7 +44,6 @@ import re
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -260,7 +259,7 @@ def _dt(dtype) -> str:
 
 
 def _lora_weight(nf4, kind: str, N: int, K: int, blocksize: int = 64, nested=torch.float32):
-    """A dense (N, K) tensor (kind fp32/fp16/bf16) or an NF4Weight-like object (kind nf4/fp4, +dq)."""
+    """A dense (N, K) tensor (kind fp32/fp16/bf16) or an NF4Weight of meta tensors (kind nf4/fp4, +dq)."""
     if kind in ("fp32", "fp16", "bf16"):
         return torch.empty(
             (N, K), dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kind], device=META
@@ -268,16 +267,18 @@ def _lora_weight(nf4, kind: str, N: int, K: int, blocksize: int = 64, nested=tor
     quant_type, _, dq = kind.partition("+")
     n = N * K
     nb = nf4.num_blocks(n, blocksize)
-    return types.SimpleNamespace(
-        packed=torch.empty(nf4.packed_shape(n), dtype=torch.uint8, device=META),
-        absmax=torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=META),
-        nested_absmax=torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META) if dq else None,
-        nested_offset=torch.empty((), device=META) if dq else None,
-        nested_dtype=nested,
-        shape=(N, K),
-        blocksize=blocksize,
-        quant_type=quant_type,
-        device=META,
+    from lowrank.nf4_format import NF4Weight
+
+    return NF4Weight.trusted(
+        torch.empty(nf4.packed_shape(n), dtype=torch.uint8, device=META),
+        torch.empty(nb, dtype=torch.uint8 if dq else torch.float32, device=META),
+        (N, K),
+        torch.bfloat16,
+        blocksize,
+        quant_type,
+        torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META) if dq else None,
+        torch.empty((), device=META) if dq else None,
+        nested,
     )
 
 
@@ -701,14 +702,18 @@ def _reason(row: dict) -> str:
     return ", ".join(reasons)
 
 
+#: Constexprs besides the BLOCK_* tile shape that the flagged groups are split by (decode path, dot dtype).
+_GROUP_BY = ("DOT_DTYPE", "W_QUANT", "FAST_DECODE", "FUSE_LOW", "T_IS_K")
+
+
 def flagged_groups(rows: list[dict]) -> list[dict]:
-    """The flagged variants grouped by architecture, kernel, tile shape (the BLOCK_* constexprs), dot dtype,
-    warps, stages and reason, with the register / spill / shared ranges of each group."""
+    """The flagged variants grouped by architecture, kernel, tile shape (the BLOCK_* constexprs), the
+    constexprs in _GROUP_BY, warps, stages and reason, with the register / spill / shared ranges."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if not (row["ok"] and row["flagged"]):
             continue
-        tile = tuple((k, v) for k, v in row["constexprs"].items() if k.startswith("BLOCK") or k.startswith("DOT_DTYPE"))
+        tile = tuple((k, v) for k, v in row["constexprs"].items() if k.startswith("BLOCK_") or k in _GROUP_BY)
         key = (row["arch"], row["kernel"], tile, row["num_warps"], row["num_stages"], _reason(row))
         groups.setdefault(key, []).append(row)
     out = []

@@ -1,21 +1,27 @@
 // CPU forward and backward of a LoRA linear layer on a frozen 4-bit (or dense) base weight.
 //
-//   forward:  y  = x W^T + scale * (x_lora A^T) B^T + bias        x (M, K), W (N, K), A (r, K), B (N, r)
+//   forward:  y  = x W^T + s * (x_lora A^T) B^T + bias        x (M, K), W (N, K), A (r, K), B (N, r)
 //             xa = x_lora A^T (float32, saved for the backward)
-//   backward: dx = dy W + scale * (dy B) A
-//             dA = scale * (dy B)^T x_lora,  dB = scale * dy^T xa
+//   backward: dx = dy W + s * keep . ((dy B) A)
+//             dA = s * (dy B)^T x_lora,  dB = s * dy^T xa
+// With dropout p: x_lora = keep . x (0/1 bits from (seed, m K + k), csrc/dropout.h) and s = scale / (1 - p);
+// without, x_lora = x and s = scale. The bits are generated where x is converted to float32 for the rank-r
+// products (forward xa, backward dA) and where the low-rank update of dx is staged: no mask or x_lora is
+// ever stored beyond one cached row chunk.
 //
 // Strategy: never materialise the whole dequantized W. The forward decodes a panel of rows of W (a
 // contiguous range of the flattened tensor) into a buffer in x's dtype that stays in the last-level
 // cache and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has
 // them), writing straight into the matching columns of y. The backward does the same with slabs of
 // columns of W, so every dx column block is one GEMM with no cross-panel accumulation. The rank-r terms
-// are thin GEMMs in float32; the low-rank update of a panel (plus the bias) is computed in float32,
-// rounded once to x's dtype and folded into the panel's GEMM as its C operand (addmm, beta = 1), so the
-// output is written once: y = dtype(x W_panel^T + dtype(scale xa B_panel^T + bias)).
+// are thin GEMMs in float32; the low-rank update of a panel (plus the bias) is computed in float32 and
+// added to the panel's GEMM output in one pass: y = dtype(dtype(x W_panel^T) + (scale xa B_panel^T + bias)).
+// (Folding a bf16 update into the GEMM as its C operand, addmm with beta = 1, measured ~3 ms slower per
+// 512 x 4096 x 4096 GEMM than mm plus the in-place add on this CPU: oneDNN's bf16 path with a C operand.)
 // Scratch: the panel, the float32 staging of the low-rank update and the float32 row chunks of x / dy
-// live in per-thread buffers reused across calls (see scratch()), about 26 MiB per calling thread; the
+// live in per-thread buffers reused across calls (see scratch()), about 24 MiB per calling thread; the
 // outputs are fresh tensors.
+#include "dropout.h"
 #include "nf4_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -71,7 +77,7 @@ int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
 // first touch, one per 4 KiB: in a VM that cost ~2 ms for an 8 MiB panel, a tenth of the layer's time.
 // Grow-only; each slot holds one live tensor view at a time, so a slot is never used twice in one
 // expression. Thread-local, so concurrent calls from different threads never share a buffer.
-enum ScratchSlot { kPanelSlot, kStageSlot, kStageLowSlot, kConvertSlot, kNumSlots };
+enum ScratchSlot { kPanelSlot, kStageSlot, kConvertSlot, kNumSlots };
 
 at::Tensor scratch(ScratchSlot slot, c10::IntArrayRef shape, at::ScalarType dtype) {
   thread_local at::Tensor buffers[kNumSlots];
@@ -84,6 +90,22 @@ at::Tensor scratch(ScratchSlot slot, c10::IntArrayRef shape, at::ScalarType dtyp
 }
 
 constexpr int64_t kDecodeGrain = 1 << 15;  // elements per parallel decode task
+
+// The validated dropout state of one call (p in [0, 1); p == 0: inactive).
+DropoutKey checked_dropout(double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout must be a probability in [0, 1), got ", p);
+  return make_dropout_key(p, seed);
+}
+
+// Zero the dropped elements of `block` (contiguous float32 rows, each `block.size(1)` wide), whose row i
+// starts at mask index e0 + i * row_stride.
+void zero_dropped_rows(at::Tensor& block, int64_t e0, int64_t row_stride, const DropoutKey& key) {
+  const int64_t rows = block.size(0), cols = block.size(1);
+  float* data = block.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dropout_zero_dropped(key, e0 + r * row_stride, data + r * cols, cols);
+  });
+}
 
 // The frozen base weight: a 4-bit view, or a dense (N, K) tensor converted to the compute dtype.
 struct BaseWeight {
@@ -148,23 +170,31 @@ at::Tensor rows_as_float(const at::Tensor& t, int64_t m0, int64_t rows) {
   return scratch(kConvertSlot, {rows, t.size(1)}, at::kFloat).copy_(part);
 }
 
-// out (strided view, `dtype`) = a @ b + dtype(update32): the float32 low-rank update is rounded once to
-// the output dtype and enters the GEMM as its C operand, so `out` is written once.
+// Rows [m0, m0 + rows) of `t` (2-D (M, K), contiguous) in float32 with the dropped elements zeroed: a copy
+// in the convert scratch slot. Without dropout, rows_as_float.
+at::Tensor rows_as_float_kept(const at::Tensor& t, int64_t m0, int64_t rows, const DropoutKey& key) {
+  if (!key.active) return rows_as_float(t, m0, rows);
+  const int64_t K = t.size(1);
+  at::Tensor out = scratch(kConvertSlot, {rows, K}, at::kFloat).copy_(t.narrow(0, m0, rows));
+  zero_dropped_rows(out, m0 * K, K, key);
+  return out;
+}
+
+// out (strided view, `dtype`) = dtype(dtype(a @ b) + update32). float32: one addmm (C = update32).
 void gemm_plus_update(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& update32) {
   if (out.scalar_type() == at::kFloat) {
     at::addmm_out(out, update32, a, b);
     return;
   }
-  const at::Tensor update = scratch(kStageLowSlot, update32.sizes(), out.scalar_type()).copy_(update32);
-  at::addmm_out(out, update, a, b);
+  at::mm_out(out, a, b);
+  out.add_(update32);
 }
 
 struct Shapes {
   int64_t M, K, N, r;
 };
 
-Shapes check_lora_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                       const std::optional<at::Tensor>& x_lora) {
+Shapes check_lora_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
   check_float(x, "x");
   check_float(A, "A");
   check_float(B, "B");
@@ -174,11 +204,6 @@ Shapes check_lora_args(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   TORCH_CHECK(B.dim() == 2 && B.size(1) == A.size(0), "B must have shape (N, r) with r = ", A.size(0), ", got ",
               B.sizes());
   TORCH_CHECK(x.size(1) > 0 && B.size(0) > 0, "K and N must be positive, got K = ", x.size(1), ", N = ", B.size(0));
-  if (x_lora.has_value()) {
-    check_float(*x_lora, "x_lora");
-    TORCH_CHECK(x_lora->sizes() == x.sizes(), "x_lora must have the shape of x ", x.sizes(), ", got ",
-                x_lora->sizes());
-  }
   return {x.size(0), x.size(1), B.size(0), A.size(0)};
 }
 
@@ -189,9 +214,11 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
                                                     c10::string_view quant_type, at::ScalarType nested_dtype,
                                                     const at::Tensor& A,
                                                     const at::Tensor& B, double scale,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    const std::optional<at::Tensor>& x_lora) {
-  const Shapes s = check_lora_args(x_in, A, B, x_lora);
+                                                    const std::optional<at::Tensor>& bias, double dropout,
+                                                    int64_t dropout_seed) {
+  const Shapes s = check_lora_args(x_in, A, B);
+  const DropoutKey drop = checked_dropout(dropout, dropout_seed);
+  if (drop.active) scale /= (1.0 - dropout);
   const auto dtype = x_in.scalar_type();
   if (bias.has_value()) {
     check_float(*bias, "bias");
@@ -199,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   }
   BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor xl = x_lora.has_value() ? x_lora->contiguous() : x;
   const at::Tensor A32 = A.to(at::kFloat);
   const at::Tensor B32 = B.to(at::kFloat);
   const std::optional<at::Tensor> bias32 =
@@ -210,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   for (int64_t m0 = 0; m0 < s.M; m0 += x_chunk) {
     const int64_t rows = std::min(x_chunk, s.M - m0);
     at::Tensor xa_rows = xa.narrow(0, m0, rows);
-    at::mm_out(xa_rows, rows_as_float(xl, m0, rows), A32.t());
+    at::mm_out(xa_rows, rows_as_float_kept(x, m0, rows, drop), A32.t());
   }
   const at::Tensor xa_scaled = xa * scale;
 
@@ -237,9 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
     const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset, int64_t blocksize,
     c10::string_view quant_type, at::ScalarType nested_dtype, const at::Tensor& A, const at::Tensor& B, double scale,
-    const at::Tensor& xa,
-    const std::optional<at::Tensor>& x_lora, bool need_dx, bool need_dA, bool need_dB) {
-  const Shapes s = check_lora_args(x, A, B, x_lora);
+    const at::Tensor& xa, double dropout, int64_t dropout_seed, bool need_dx, bool need_dA, bool need_dB) {
+  const Shapes s = check_lora_args(x, A, B);
+  const DropoutKey drop = checked_dropout(dropout, dropout_seed);
+  if (drop.active) scale /= (1.0 - dropout);
   check_float(dy_in, "dy");
   TORCH_CHECK(dy_in.dim() == 2 && dy_in.size(0) == s.M && dy_in.size(1) == s.N, "dy must have shape (", s.M, ", ",
               s.N, "), got ", dy_in.sizes());
@@ -248,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
               xa.scalar_type(), " ", xa.sizes());
   const auto dtype = x.scalar_type();
   const at::Tensor dy = dy_in.to(dtype).contiguous();
-  const at::Tensor xl = x_lora.has_value() ? x_lora->contiguous() : x.contiguous();
+  const at::Tensor xc = x.contiguous();
   const at::Tensor A32 = A.to(at::kFloat);
   const at::Tensor B32 = B.to(at::kFloat);
   const at::Tensor empty = at::empty({0}, x.options());
@@ -268,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
         if (need_g) at::mm_out(g_rows, dy32, B32);
         if (need_dB) dB32.addmm_(dy32.t(), xa.narrow(0, m0, rows));
       }
-      if (need_dA) dA32.addmm_(g_rows.t(), rows_as_float(xl, m0, rows));
+      if (need_dA) dA32.addmm_(g_rows.t(), rows_as_float_kept(xc, m0, rows, drop));
     }
   }
   const at::Tensor dA = need_dA ? (dA32 * scale).to(A.scalar_type()) : empty;
@@ -289,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
         const int64_t m_rows = std::min(m_chunk, s.M - m0);
         at::Tensor update = scratch(kStageSlot, {m_rows, cols}, at::kFloat);
         at::mm_out(update, g_scaled.narrow(0, m0, m_rows), A_slab);
+        if (drop.active) zero_dropped_rows(update, m0 * s.K + k0, s.K, drop);
         at::Tensor dx_block = dx.narrow(0, m0, m_rows).narrow(1, k0, cols);
         gemm_plus_update(dx_block, dy.narrow(0, m0, m_rows), slab, update);
       }

@@ -21,17 +21,22 @@ TORCH_LIBRARY(lowrank_ext, m) {
   m.def(
       "dequantize_4bit_out(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? offset, int blocksize, "
       "str quant_type, ScalarType nested_dtype, Tensor(a!) out) -> ()");
-  // y = x W^T + scale (x_lora A^T) B^T + bias, W (N, K) 4-bit (packed uint8 + constants) or dense when absmax
-  // is None. x (M, K), A (r, K), B (N, r) -> y (M, N) in x.dtype, xa = x_lora A^T (M, r) float32.
+  // y = x W^T + scale (drop(x) A^T) B^T + bias, W (N, K) 4-bit (packed uint8 + constants) or dense when absmax
+  // is None. x (M, K), A (r, K), B (N, r) -> y (M, N) in x.dtype, xa = (keep * x) A^T (M, r) float32.
+  // drop(x) = keep * x / (1 - dropout), keep from (dropout_seed, m K + k) by csrc/dropout.h; dropout 0: none.
   m.def(
       "lora_forward(Tensor x, Tensor weight, Tensor? absmax, Tensor? absmax2, Tensor? offset, int blocksize, "
-      "str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor? bias, Tensor? x_lora) -> (Tensor, Tensor)");
-  // dx = dy W + scale (dy B) A, dA = scale (dy B)^T x_lora, dB = scale dy^T xa; a gradient that is not
-  // needed comes back as an empty (0-element) tensor.
+      "str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor? bias, float dropout, "
+      "int dropout_seed) -> (Tensor, Tensor)");
+  // dx = dy W + s' keep * ((dy B) A), dA = s' (dy B)^T (keep * x), dB = s' dy^T xa with s' = scale / (1 - dropout)
+  // and the forward's mask regenerated from the seed; a gradient that is not needed comes back as an empty
+  // (0-element) tensor.
   m.def(
       "lora_backward(Tensor dy, Tensor x, Tensor weight, Tensor? absmax, Tensor? absmax2, Tensor? offset, "
-      "int blocksize, str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor xa, Tensor? x_lora, bool need_dx, "
-      "bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+      "int blocksize, str quant_type, ScalarType nested_dtype, Tensor A, Tensor B, float scale, Tensor xa, float dropout, "
+      "int dropout_seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)");
+  // out uint8 (rows, cols) <- the dropout keep-bits of rows [row_offset, row_offset + rows) (csrc/dropout.h)
+  m.def("dropout_mask_out(Tensor(a!) out, int row_offset, float p, int seed) -> ()");
 }
 
 static PyModuleDef lowrank_c_module = {PyModuleDef_HEAD_INIT, "lowrank._C",

@@ -3,11 +3,16 @@
 Math (PEFT LoRA, ``A``: r x K, ``B``: N x r, ``s`` = alpha / r or alpha / sqrt(r))
 -------------------------------------------------------------------------------
 forward   y  = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ        x, x_lora: M x K, W: N x K, y: M x N
-          xa = x_lora · Aᵀ  (M x r, fp32, saved for dB)              x_lora = dropout(x), or x itself
+          xa = x_lora · Aᵀ  (M x r, fp32, saved for dB)              x_lora = keep ⊙ x, or x itself
 backward  dS = dy · B       (M x r, fp32, computed once, used by dX and dA)
-          dX = dy · dequant(W) + s · dS · A                          M x K, in x.dtype
+          dX = dy · dequant(W) + s · keep ⊙ (dS · A)                 M x K, in x.dtype
           dA = s · dSᵀ · x_lora                                      r x K, in A.dtype
           dB = s · dyᵀ · xa                                          N x r, in B.dtype
+
+Dropout (``dropout=Dropout(p, seed)``, see ``dropout.py``): ``keep`` is the 0/1 counter-based mask of
+element (m, k) and ``s = scale / (1 - p)`` (without dropout keep = 1, s = scale). The bits are generated
+in registers where a kernel reads x for the shrink (forward, dA) and where the dX epilogue adds the
+low-rank term; no mask and no x_lora exists in memory.
 
 The forward main GEMM and dX are the same pattern, ``out[m, c] = Σ_t in[m, t] · Wop[t, c] +
 s · Σ_j (Σ_t lin[m, t] · P[t, j]) · Q[j, c]``: forward t = k, c = n, P = Aᵀ, Q = Bᵀ; dX t = n, c = k,
@@ -51,6 +56,7 @@ import math
 import numbers
 
 import torch
+from lowrank.kernels import dropout as _dropout
 from lowrank.kernels import nf4 as _nf4
 
 from lowrank.nf4_format import NF4Weight
@@ -102,12 +108,14 @@ def _interpreting(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, x_lora=None) -> torch.Tensor:
+def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, dropout=None) -> torch.Tensor:
     """``x · W'ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` in fp32 with W' = W rounded to x.dtype; returns x.dtype.
 
-    x, x_lora: (M, K); weight_dense: (N, K); A: (r, K); B: (N, r); bias: (N,) or None.
+    x: (M, K); weight_dense: (N, K); A: (r, K); B: (N, r); bias: (N,) or None; dropout: a
+    :class:`~lowrank.kernels.dropout.Dropout` or None (x_lora = keep ⊙ x and s = scale / (1 - p)).
     """
-    x_lora = x if x_lora is None else x_lora
+    x_lora = x if dropout is None else _dropout.masked_rows_ref(x, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     w = weight_dense.to(x.dtype).float()
     y = x.float() @ w.T + scale * ((x_lora.float() @ A.float().T) @ B.float().T)
     if bias is not None:
@@ -115,12 +123,16 @@ def lora_matmul_ref(x, weight_dense, A, B, scale, bias=None, x_lora=None) -> tor
     return y.to(x.dtype)
 
 
-def lora_backward_ref(dy, x, weight_dense, A, B, scale, x_lora=None):
+def lora_backward_ref(dy, x, weight_dense, A, B, scale, dropout=None):
     """fp32 reference of ``(dx, dA, dB)``: dx (M, K) in x.dtype, dA (r, K) in A.dtype, dB (N, r) in B.dtype."""
-    x_lora = x if x_lora is None else x_lora
+    x_lora = x if dropout is None else _dropout.masked_rows_ref(x, dropout)
+    scale = _dropout.lora_scale(scale, dropout)
     dyf, w = dy.float(), weight_dense.to(x.dtype).float()
     ds = dyf @ B.float()
-    dx = dyf @ w + scale * (ds @ A.float())
+    low = ds @ A.float()
+    if dropout is not None:
+        low = _dropout.masked_rows_ref(low, dropout)
+    dx = dyf @ w + scale * low
     da = scale * (ds.T @ x_lora.float())
     db = scale * (dyf.T @ (x_lora.float() @ A.float().T))
     return dx.to(x.dtype), da.to(A.dtype), db.to(B.dtype)
@@ -239,8 +251,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_matmul_kernel(
-        in_ptr,  # [M, T]: x (forward) or dy (dX)
-        lin_ptr,  # [M, T]: input of the shrink (x_lora or dy); == in_ptr unless SEPARATE_LORA_INPUT
+        in_ptr,  # [M, T]: x (forward) or dy (dX); also the input of the shrink (FUSE_LOW)
         w_ptr,  # dense W or packed 4-bit codes
         absmax_ptr,
         absmax2_ptr,
@@ -259,8 +270,9 @@ if HAS_TRITON:
         scale,  # fp32 low-rank scale s
         stride_in_m,
         stride_in_t,
-        stride_lin_m,
-        stride_lin_t,
+        drop_key0,  # dropout key / threshold (int32 bit patterns, DROPOUT), see dropout.dropout_keep
+        drop_key1,
+        drop_threshold,
         stride_w_t,
         stride_w_c,
         stride_p_t,
@@ -280,7 +292,7 @@ if HAS_TRITON:
         BLOCKSIZE: tl.constexpr,
         DOUBLE_QUANT: tl.constexpr,
         FUSE_LOW: tl.constexpr,
-        SEPARATE_LORA_INPUT: tl.constexpr,
+        DROPOUT: tl.constexpr,  # forward (T_IS_K, FUSE_LOW): mask the shrink input x; dX: mask the low-rank term
         HAS_BIAS: tl.constexpr,
         NESTED_KIND: tl.constexpr,
         FAST_DECODE: tl.constexpr,  # 4-bit W with K % BLOCKSIZE == 0: _lora_load_4bit_rows
@@ -379,12 +391,12 @@ if HAS_TRITON:
                 ).to(DOT_DTYPE)
             acc = _lora_mma(a, w, acc, DOT_FP32)
             if FUSE_LOW:
-                if SEPARATE_LORA_INPUT:
-                    a = tl.load(
-                        lin_ptr + offs_m[:, None] * stride_lin_m + offs_t[None, :] * stride_lin_t,
-                        mask=row_ok[:, None] & t_ok[None, :],
-                        other=0.0,
-                    ).to(DOT_DTYPE)
+                if DROPOUT:
+                    if T_IS_K:  # x_lora = keep ⊙ x, element (m, k) at index m·K + k
+                        keep = _dropout.dropout_keep(
+                            offs_m[:, None] * T + offs_t[None, :], drop_key0, drop_key1, drop_threshold
+                        )
+                        a = tl.where(keep, a, tl.zeros_like(a))
                 p = tl.load(
                     p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
                     mask=t_ok[:, None] & (offs_r[None, :] < R),
@@ -418,6 +430,12 @@ if HAS_TRITON:
                 q = _lora_round(q, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
                 low_chunk = _lora_round(low_chunk, compute_dtype, ROUND_BY_BITS).to(DOT_DTYPE)
                 lora = _lora_mma(low_chunk, q, lora, DOT_FP32)
+        if DROPOUT:
+            if not T_IS_K:  # dX: keep ⊙ (dS · A), element (m, k) at index m·K + k
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * C + offs_c[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                lora = tl.where(keep, lora, tl.zeros_like(lora))
         out = acc + scale * lora
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
@@ -436,6 +454,9 @@ if HAS_TRITON:
         T,
         R,
         t_per_split,  # a multiple of BLOCK_T
+        drop_key0,  # dropout of lin = x (DROPOUT): element (m, t) at index m·T + t
+        drop_key1,
+        drop_threshold,
         stride_lin_m,
         stride_lin_t,
         stride_p_t,
@@ -446,6 +467,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        DROPOUT: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,
@@ -463,6 +485,11 @@ if HAS_TRITON:
                 mask=(offs_m[:, None] < M) & (offs_t[None, :] < T),
                 other=0.0,
             ).to(DOT_DTYPE)
+            if DROPOUT:
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * T + offs_t[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                a = tl.where(keep, a, tl.zeros_like(a))
             p = tl.load(
                 p_ptr + offs_t[:, None] * stride_p_t + offs_r[None, :] * stride_p_r,
                 mask=(offs_t[:, None] < T) & (offs_r[None, :] < R),
@@ -488,6 +515,9 @@ if HAS_TRITON:
         Q,
         rows_per_split,  # rows of M reduced by one program (a multiple of BLOCK_M)
         scale,
+        drop_key0,  # dropout of v = x (DROPOUT, dA): element (m, q) at index m·Q + q
+        drop_key1,
+        drop_threshold,
         stride_u_m,
         stride_u_p,
         stride_v_m,
@@ -499,6 +529,7 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        DROPOUT: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         ROUND_BY_BITS: tl.constexpr,
@@ -523,6 +554,11 @@ if HAS_TRITON:
                 mask=m_ok[:, None] & (offs_q[None, :] < Q),
                 other=0.0,
             )
+            if DROPOUT:
+                keep = _dropout.dropout_keep(
+                    offs_m[:, None] * Q + offs_q[None, :], drop_key0, drop_key1, drop_threshold
+                )
+                v = tl.where(keep, v, tl.zeros_like(v))
             u_t = _lora_round(u_t, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
             v = _lora_round(v, COMPUTE_DTYPE, ROUND_BY_BITS).to(DOT_DTYPE)
             acc = _lora_mma(u_t, v, acc, DOT_FP32)
@@ -600,7 +636,7 @@ def _check_device(device: torch.device) -> None:
     raise RuntimeError(f"the lora_matmul kernels need CUDA tensors (or CPU tensors in the interpreter), got {device}")
 
 
-def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
+def _check_operands(x, weight, A, B, scale, bias=None, dropout=None):
     """Validate the forward operands (direct callers of the launchers); returns (M, N, K, r)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D (M, K) tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -625,18 +661,12 @@ def _check_operands(x, weight, A, B, scale, bias=None, x_lora=None):
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.dtype not in _nf4.FLOAT_DTYPES:
             raise ValueError(f"bias must be a float tensor of shape ({N},), got {getattr(bias, 'shape', bias)}")
-    if x_lora is not None:
-        if not isinstance(x_lora, torch.Tensor) or tuple(x_lora.shape) != tuple(x.shape) or x_lora.dtype != x.dtype:
-            raise ValueError(
-                f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), got "
-                f"{getattr(x_lora, 'shape', type(x_lora).__name__)}, {getattr(x_lora, 'dtype', '')}"
-            )
+    if dropout is not None and not isinstance(dropout, _dropout.Dropout):
+        raise TypeError(f"dropout must be a lowrank.kernels.dropout.Dropout or None, got {type(dropout).__name__}")
     device = x.device
     tensors = {"weight": _weight_device(weight), "A": A.device, "B": B.device}
     if bias is not None:
         tensors["bias"] = bias.device
-    if x_lora is not None:
-        tensors["x_lora"] = x_lora.device
     wrong = {name: str(d) for name, d in tensors.items() if d != device}
     if wrong:
         raise ValueError(f"all operands must be on x's device {device}; got {wrong}")
@@ -694,8 +724,8 @@ def _tile_config(M: int, small: bool) -> dict:
     return {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_T": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
-def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
-    """``lin · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r)."""
+def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int, dropout=None) -> torch.Tensor:
+    """``(keep ⊙ lin) · p`` for lin (M, T) in x.dtype and p a (T, r) view; fp32 (M, r). keep = 1 without dropout."""
     M, T = lin.shape
     block_r, block_t = _block_r(r), 64
     block_m = 64 if M > 32 else max(16, triton.next_power_of_2(M))
@@ -716,19 +746,29 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int) -> torch.Tensor:
             T,
             r,
             t_per_split,
+            *_drop_args(dropout),
             *lin.stride(),
             *p.stride(),
             *low.stride(),
             BLOCK_M=block_m,
             BLOCK_T=block_t,
             BLOCK_R=block_r,
+            DROPOUT=dropout is not None,
             **_dot_config(lin.dtype, lin.device),
         )
     return low[0] if split == 1 else low.sum(0)
 
 
-def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small):
-    """Launch ``_lora_matmul_kernel``: out = inp · Wop + s · low · q (+ bias), low = lin · p if fuse_low."""
+def _drop_args(dropout) -> tuple[int, int, int]:
+    return (0, 0, 0) if dropout is None else dropout.kernel_args()
+
+
+def _matmul(inp, weight, transpose_weight, p, q, low, fuse_low, bias, out, scale, small, dropout=None):
+    """Launch ``_lora_matmul_kernel``: out = inp · Wop + s · low · q (+ bias), low = inp · p if fuse_low.
+
+    With ``dropout``: forward (transpose_weight) masks inp in the fused shrink (an unfused xa is already
+    masked); dX masks the low-rank term ``low · q``.
+    """
     M, T = inp.shape
     C = out.shape[1]
     R = p.shape[1]
@@ -746,7 +786,6 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
     with _nf4._device_context(inp.device):
         _lora_matmul_kernel[grid](
             inp,
-            lin,
             *w_args,
             p,
             q,
@@ -759,7 +798,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             R,
             scale,
             *inp.stride(),
-            *lin.stride(),
+            *_drop_args(dropout),
             stride_w_t,
             stride_w_c,
             *p.stride(),
@@ -768,7 +807,7 @@ def _matmul(inp, lin, weight, transpose_weight, p, q, low, fuse_low, bias, out, 
             *out.stride(),
             BLOCK_R=block_r,
             FUSE_LOW=fuse_low,
-            SEPARATE_LORA_INPUT=lin is not inp,
+            DROPOUT=dropout is not None and (fuse_low or not transpose_weight),
             HAS_BIAS=bias is not None,
             **config,
             **w_meta,
@@ -795,7 +834,7 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
+def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None, dropout=None):
     """``inp · Wop + bias + s · low · q`` on cuBLAS through a transient dequantized W (forward and dX).
 
     inp: (M, T) in the compute dtype; Wop = Wᵀ (forward: T = K, C = N) or W (dX: T = N, C = K); low: (M, r)
@@ -803,6 +842,8 @@ def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
     The decoded W (N·K·inp.dtype.itemsize bytes, the only full copy) lives until the main product is done.
     The low-rank term is one in-place addmm on inp.dtype operands with fp32 accumulation, as in the fused
     kernels' epilogue (except that the main product is rounded to inp.dtype once before it is added).
+    With ``dropout`` (dX only) the low-rank term is a transient (M, C) product whose dropped elements are
+    zeroed by ``dropout.apply_dropout_`` before it is added.
     """
     w = _dequantize(weight, inp.dtype)
     w_op = w.T if transpose_weight else w
@@ -810,48 +851,52 @@ def _dequant_matmul(inp, weight, transpose_weight, low, q, scale, bias=None):
     del w, w_op  # release the transient before the low-rank term
     # scale 0 (the ops layer's base-only dX under dropout) skips the term instead of multiplying it by 0.
     if low is not None and scale != 0.0:
-        out.addmm_(low.to(inp.dtype), q.to(inp.dtype), alpha=scale)
+        if dropout is None:
+            out.addmm_(low.to(inp.dtype), q.to(inp.dtype), alpha=scale)
+        else:
+            term = _dropout.apply_dropout_(low.to(inp.dtype) @ q.to(inp.dtype), dropout)
+            out.add_(term, alpha=scale)
     return out
 
 
-def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
+def lora_forward(x, weight, A, B, scale: float, bias=None, dropout=None, *, path: str | None = None):
     """``y = x · dequant(W)ᵀ + b + s · (x_lora · Aᵀ) · Bᵀ`` and ``xa = x_lora · Aᵀ``.
 
     x: (M, K); weight: dense (N, K) tensor or an :class:`~lowrank.nf4_format.NF4Weight`; A: (r, K);
-    B: (N, r); bias: (N,) or None; x_lora: (M, K) or None (= x). Returns y (M, N) in x.dtype and xa (M, r)
+    B: (N, r); bias: (N,) or None; dropout: a :class:`~lowrank.kernels.dropout.Dropout` or None (x_lora =
+    keep ⊙ x, s = scale / (1 - p); else x_lora = x, s = scale). Returns y (M, N) in x.dtype and xa (M, r)
     fp32. ``path`` forces one of FORWARD_PATHS (default: :func:`choose_forward_path`). Validates the
     operands, then runs :func:`lora_forward_unchecked`.
     """
-    _check_operands(x, weight, A, B, scale, bias, x_lora)
+    _check_operands(x, weight, A, B, scale, bias, dropout)
     _check_path(path, FORWARD_PATHS)
-    return lora_forward_unchecked(x, weight, A, B, float(scale), bias, x_lora, path=path)
+    return lora_forward_unchecked(x, weight, A, B, float(scale), bias, dropout, path=path)
 
 
-def lora_forward_unchecked(x, weight, A, B, scale: float, bias=None, x_lora=None, *, path: str | None = None):
+def lora_forward_unchecked(x, weight, A, B, scale: float, bias=None, dropout=None, *, path: str | None = None):
     """:func:`lora_forward` for operands validated by the caller (the ops layer, once per public call)."""
     M, K = x.shape
     N, r = B.shape
     x = x.contiguous()
-    x_lora = None if x_lora is None else x_lora.contiguous()
+    scale = _dropout.lora_scale(scale, dropout)
     if path is None:
         path = choose_forward_path(M, N, K, x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     xa = torch.empty((M, r), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, xa
-    lin = x if x_lora is None else x_lora
     if path == "dequant_matmul":
-        xa = _shrink(lin, A.T, r)
+        xa = _shrink(x, A.T, r, dropout)
         return _dequant_matmul(x, weight, True, xa, B.T, scale, bias), xa
     fuse_low = path == "fused_small_m" and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
     if not fuse_low:
-        xa = _shrink(lin, A.T, r)
-    _matmul(x, lin, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m")
+        xa = _shrink(x, A.T, r, dropout)
+    _matmul(x, weight, True, A.T, B.T, xa, fuse_low, bias, y, scale, path == "fused_small_m", dropout)
     return y, xa
 
 
 def lora_backward(
-    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
+    dy, x, weight, A, B, scale: float, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
 ):
     """Gradients of :func:`lora_forward` (bias gradient excluded: it is ``dy.sum(0)``).
 
@@ -867,7 +912,7 @@ def lora_backward(
 
     dA and dB are the same on both paths. Validates the operands, then runs :func:`lora_backward_unchecked`.
     """
-    M, N, K, r = _check_operands(x, weight, A, B, scale, None, x_lora)
+    M, N, K, r = _check_operands(x, weight, A, B, scale, None, dropout)
     if not isinstance(dy, torch.Tensor) or tuple(dy.shape) != (M, N) or dy.dtype != x.dtype:
         raise ValueError(
             f"dy must be ({M}, {N}) in {x.dtype}, got {getattr(dy, 'shape', dy)} {getattr(dy, 'dtype', '')}"
@@ -878,21 +923,20 @@ def lora_backward(
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     _check_path(path, BACKWARD_PATHS)
-    return lora_backward_unchecked(dy, x, weight, A, B, float(scale), xa, x_lora, need_dx, need_dA, need_dB, path=path)
+    return lora_backward_unchecked(dy, x, weight, A, B, float(scale), xa, dropout, need_dx, need_dA, need_dB, path=path)
 
 
 def lora_backward_unchecked(
-    dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
+    dy, x, weight, A, B, scale: float, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True, *, path=None
 ):
     """:func:`lora_backward` for operands validated by the caller (the ops layer, once per public call)."""
     M, K = x.shape
     N, r = B.shape
     x = x.contiguous()
-    x_lora = None if x_lora is None else x_lora.contiguous()
+    scale = _dropout.lora_scale(scale, dropout)
     if path is None:
         path = choose_backward_path(M, N, K, r, x.device)
     dy = dy.contiguous()
-    lin = x if x_lora is None else x_lora
     dx = dA = dB = None
     if M == 0:
         return (
@@ -904,27 +948,29 @@ def lora_backward_unchecked(
     if need_dx and path == "dequant":
         if need_dA or scale != 0.0:
             ds = _shrink(dy, B, r)
-        dx = _dequant_matmul(dy, weight, False, ds, A, scale)
+        dx = _dequant_matmul(dy, weight, False, ds, A, scale, dropout=dropout)
     elif need_dx:
         small = choose_forward_path(M, N, K, x.device) == "fused_small_m"
         dx = torch.empty_like(x)
         fuse = small and r <= FUSED_RANK_MAX and FUSE_SHRINK_SMALL_M
         ds = torch.empty((M, r), dtype=torch.float32, device=x.device) if fuse else _shrink(dy, B, r)
-        _matmul(dy, dy, weight, False, B, A, ds, fuse, None, dx, scale, small)
+        _matmul(dy, weight, False, B, A, ds, fuse, None, dx, scale, small, dropout)
     elif need_dA:
         ds = _shrink(dy, B, r)
     # The adapter gradients reduce over all M rows with fp32 operands (IEEE dots), as PEFT's fp32 LoRA
     # branch does: rounding dS / xa to bf16 put the bf16 dA outside the 2x-PyTorch-error bound on an H100
     # (M = 67 and 512). They cost ~2·r/N of the dX GEMM, so the precision is cheap.
     if need_dA:
-        dA = _grad(ds, lin, scale, A.dtype, torch.float32)
+        dA = _grad(ds, x, scale, A.dtype, torch.float32, dropout)
     if need_dB:
         dB = _grad(dy, xa, scale, B.dtype, torch.float32)
     return dx, dA, dB
 
 
-def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype, compute_dtype: torch.dtype):
-    """``s · uᵀ · v`` for u (M, P), v (M, Q), reduced over M (split over programs when M is large)."""
+def _grad(
+    u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype, compute_dtype: torch.dtype, dropout=None
+):
+    """``s · uᵀ · (keep ⊙ v)`` for u (M, P), v (M, Q), reduced over M (split over programs when M is large)."""
     M, P = u.shape
     Q = v.shape[1]
     block_p = 64 if P > 32 else max(16, triton.next_power_of_2(P))
@@ -953,6 +999,7 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
             Q,
             rows_per_split,
             scale,
+            *_drop_args(dropout),
             *u.stride(),
             *v.stride(),
             *strides,
@@ -960,6 +1007,7 @@ def _grad(u: torch.Tensor, v: torch.Tensor, scale: float, out_dtype: torch.dtype
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
             BLOCK_M=block_m,
+            DROPOUT=dropout is not None,
             **_dot_config(compute_dtype, u.device),
         )
     return out if split == 1 else out.sum(0).to(out_dtype)

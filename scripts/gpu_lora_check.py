@@ -1,8 +1,9 @@
 """One-off GPU check of the LoRA op: correctness of the torch/triton backends on CUDA under the tolerance rule
 of tests/README.md (2x PyTorch's error at the same precision), torch.compile(fullgraph) with inductor, and
-fwd+bwd timings; one JSON object per line. Needs an installed lowrank (``bash scripts/setup.sh``):
+fwd+bwd timings; one JSON object per line. Needs an installed lowrank: ``bash scripts/setup.sh``, or on a
+machine that already has torch and triton, ``python -m pip install --no-deps --no-build-isolation -e .``:
 
-    .venv/bin/python scripts/gpu_lora_check.py          # DEV=cpu for a tiny logic check without a GPU
+    python scripts/gpu_lora_check.py          # DEV=cpu for a tiny logic check without a GPU
 """
 
 import json

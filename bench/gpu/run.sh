@@ -152,10 +152,13 @@ if [ "$DRY" != "1" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then PARALLEL=(
 BENCH=("${PYTEST[@]}" --benchmark-only -q -rsfE --benchmark-columns=min,median,max,rounds --benchmark-sort=name)
 
 # --- (b) correctness tests on the device -----------------------------------------------------------------------
+# The ahead-of-time compile check (tests/kernels/test_compile.py) is left out: it compiles for a GPU the
+# machine does not have, which the GPU tests do for real, and on CPU it would spend the rehearsal's time box.
+NO_AOT=(--ignore=tests/kernels/test_compile.py)
 if [ "$DRY" = "1" ]; then
-    stage tests "$TESTS_S" "$TESTS_LOG" "${PYTEST[@]}" tests/kernels tests/lowrank/ops tests/csrc -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
+    stage tests "$TESTS_S" "$TESTS_LOG" "${PYTEST[@]}" tests/kernels tests/lowrank/ops tests/csrc "${NO_AOT[@]}" -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
 else
-    stage tests "$TESTS_S" "$TESTS_LOG" env LOWRANK_TEST_GPU=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/kernels tests/lowrank/ops -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
+    stage tests "$TESTS_S" "$TESTS_LOG" env LOWRANK_TEST_GPU=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/kernels tests/lowrank/ops "${NO_AOT[@]}" -m "not slow" -q -rfE --maxfail=25 --junitxml="$WORK/tests.xml"
 fi
 # The extension's CUDA kernels, once the background build is done (its output goes to run.log first).
 if [ -n "$EXT_BUILD_T0" ]; then

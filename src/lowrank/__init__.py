@@ -43,6 +43,8 @@ _EXPORTS = {
     "merge_adapters": "lowrank.adapters",
     "save_adapter": "lowrank.adapters",
     "save_quantized": "lowrank.adapters",
+    # streamed loading of big checkpoints straight into 4 bits
+    "from_pretrained": "lowrank.loading",
     # the training loop
     "TrainConfig": "lowrank.train",
     "TrainResult": "lowrank.train",
@@ -79,6 +81,7 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "merge_adapters",
     "save_adapter",
     "save_quantized",
+    "from_pretrained",
     "TrainConfig",
     "TrainResult",
     "train",
@@ -89,6 +92,7 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
 if TYPE_CHECKING:
     from lowrank import freeze, nf4, nn, ops, optim
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
+    from lowrank.loading import from_pretrained
     from lowrank.models import (
         LoRAOptionError,
         add_adapter,

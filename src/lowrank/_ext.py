@@ -26,9 +26,17 @@ log = logging.getLogger(__name__)
 #: a build with LOWRANK_BUILD_CUDA=1; :meth:`Extension.supports` also asks :func:`cuda_kernels_built`.
 _SUPPORTED = {
     "cpu": frozenset(
-        {"quantize_4bit", "double_quantize", "double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward"}
+        {
+            "quantize_4bit",
+            "double_quantize",
+            "double_dequantize",
+            "dequantize_4bit",
+            "lora_forward",
+            "lora_backward",
+            "dropout_mask",
+        }
     ),
-    "cuda": frozenset({"double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward"}),
+    "cuda": frozenset({"double_dequantize", "dequantize_4bit", "lora_forward", "lora_backward", "dropout_mask"}),
 }
 
 
@@ -128,7 +136,20 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "lora_forward")
     def _(
-        x, weight, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, A, B, scale, bias, x_lora
+        x,
+        weight,
+        absmax,
+        nested_absmax,
+        nested_offset,
+        blocksize,
+        quant_type,
+        nested_dtype,
+        A,
+        B,
+        scale,
+        bias,
+        dropout,
+        seed,
     ):
         return x.new_empty((x.shape[0], B.shape[0])), x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
 
@@ -147,7 +168,8 @@ def _register_fakes() -> None:
         B,
         scale,
         xa,
-        x_lora,
+        dropout,
+        seed,
         need_dx,
         need_dA,
         need_dB,
@@ -157,6 +179,10 @@ def _register_fakes() -> None:
             A.new_empty(A.shape) if need_dA else x.new_empty((0,)),
             B.new_empty(B.shape) if need_dB else x.new_empty((0,)),
         )
+
+    @torch.library.register_fake(lib + "dropout_mask_out")
+    def _(out, row_offset, p, seed):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,6 +203,13 @@ def _weight_args(weight, n: int, k: int) -> tuple:
         )
     tensors = tuple(getattr(weight, name) for name in F.TENSOR_FIELDS)
     return (*tensors, weight.blocksize, weight.quant_type, weight.nested_dtype)
+
+
+def _dropout_args(dropout) -> tuple[float, int]:
+    """(p, seed as int64) for the C++ schemas; (0.0, 0) for no dropout."""
+    if dropout is None:
+        return 0.0, 0
+    return float(dropout.p), int(dropout.seed_int64)
 
 
 def _check_lora_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int]:
@@ -264,11 +297,14 @@ class Extension:
     # -- LoRA linear on a 4-bit or dense base -------------------------------------------------------
 
     @staticmethod
-    def lora_forward(x, weight, A, B, scale: float, bias=None, x_lora=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K), weight (N, K) 4-bit or dense, A (r, K), B (N, r) -> (y (M, N) x.dtype, xa (M, r) fp32)."""
+    def lora_forward(x, weight, A, B, scale: float, bias=None, dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K), weight (N, K) 4-bit or dense, A (r, K), B (N, r) -> (y (M, N) x.dtype, xa (M, r) fp32).
+
+        ``dropout``: a :class:`lowrank.kernels.dropout.Dropout` (p, seed) or None; the mask is generated inside.
+        """
         n, k = _check_lora_shapes(x, A, B)
         w = _weight_args(weight, n, k)
-        return torch.ops.lowrank_ext.lora_forward(x, *w, A, B, float(scale), bias, x_lora)
+        return torch.ops.lowrank_ext.lora_forward(x, *w, A, B, float(scale), bias, *_dropout_args(dropout))
 
     @staticmethod
     def lora_backward(
@@ -279,7 +315,7 @@ class Extension:
         B,
         scale: float,
         xa,
-        x_lora=None,
+        dropout=None,
         need_dx: bool = True,
         need_dA: bool = True,
         need_dB: bool = True,
@@ -288,9 +324,16 @@ class Extension:
         n, k = _check_lora_shapes(x, A, B)
         w = _weight_args(weight, n, k)
         dx, dA, dB = torch.ops.lowrank_ext.lora_backward(
-            dy, x, *w, A, B, float(scale), xa, x_lora, bool(need_dx), bool(need_dA), bool(need_dB)
+            dy, x, *w, A, B, float(scale), xa, *_dropout_args(dropout), bool(need_dx), bool(need_dA), bool(need_dB)
         )
         return (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None)
+
+    @staticmethod
+    def dropout_mask(rows: int, cols: int, dropout, row_offset: int = 0, device="cpu") -> torch.Tensor:
+        """The bool (rows, cols) keep-mask of ``dropout`` (rows from ``row_offset``), from csrc/dropout.h."""
+        out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+        torch.ops.lowrank_ext.dropout_mask_out(out, int(row_offset), *_dropout_args(dropout))
+        return out.bool()
 
 
 _EXTENSION = Extension()

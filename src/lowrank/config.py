@@ -19,6 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 TASK_KINDS = ("classification", "generation")
+DISTRIBUTED = ("none", "ddp", "fsdp2")  # data parallel across torchrun processes (lowrank.distributed)
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -69,6 +70,9 @@ class TrainConfig:
         type=_trackers.parse_report_to,
         metavar="NAMES",
     )
+    distributed: str = flag(
+        "none", "data parallel across torchrun processes (batch size is global)", choices=DISTRIBUTED
+    )
 
     def validate(self) -> TrainConfig:
         def need(ok: bool, name: str, expected: str):
@@ -102,6 +106,7 @@ class TrainConfig:
         need(self.save_every == 0 or self.output_dir is not None, "save_every", "0 unless output_dir is set")
         need(not self.resume or self.output_dir is not None, "resume", "False unless output_dir is set")
         need(0 <= self.seed < 2**63, "seed", "an integer in 0 .. 2**63 - 1")
+        need(self.distributed in DISTRIBUTED, "distributed", f"one of {DISTRIBUTED}")
         need(isinstance(self.device, str) and bool(_DEVICE.match(self.device)), "device", "auto, cpu, cuda or cuda:N")
         try:  # a comma string is accepted and normalized; a tracker that is not installed fails here
             self.report_to = _trackers.parse_report_to(self.report_to)
@@ -120,6 +125,7 @@ def config_from_dict(values: dict) -> TrainConfig:
 
 
 __all__ = [
+    "DISTRIBUTED",
     "OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowrank import freeze as _freeze
+from lowrank import saving as _saving
 from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 from lowrank.nn.lora import DECOMPOSING_INITS, INITS, LoRAOptionError, _check_rank_alpha_dropout
 
@@ -583,6 +584,7 @@ def prepare_model(
     model.lowrank_active_adapters = [adapter_name]
     model.lowrank_bytes_before = bytes_before
     model.lowrank_summary = summary(model)
+    _saving.guard_save_pretrained(model)  # save_pretrained would write a checkpoint transformers misloads
     if verbose:
         print(model.lowrank_summary)
     return model

@@ -9,22 +9,23 @@ place, module by module:
   The objects are read by duck typing (a weight with a ``quant_state``), so bitsandbytes is never
   imported here; a model without 4-bit layers does not need it at all;
 - a PEFT ``lora.Linear`` / ``lora.bnb.Linear4bit`` becomes a :class:`~lowrank.nn.LoRALinear` with the
-  same ``A``, ``B``, rank, alpha, scale (rsLoRA included), dropout probability and trainability; a
+  same ``A``, ``B``, rank, alpha, scale (rsLoRA included), DoRA magnitude (where ``LoRALinear`` has
+  DoRA), dropout probability and trainability; a
   dense base stays dense (GPT-2's ``Conv1D``, PEFT's ``fan_in_fan_out=True``, becomes Linear semantics
   and is remembered as a Conv1D for merging and saving, as :func:`lowrank.prepare_model` does);
 - a ``modules_to_save`` wrapper is replaced by its trained copy, trainable.
 
 The model gets ``model.lowrank_config`` like :func:`lowrank.prepare_model` leaves it, so training,
 ``save_adapter`` and merging work on it. What lowrank does not implement is refused by name before
-anything is changed: other PEFT tuner types, DoRA, ``bias != "none"``, ``lora_bias``, merged or
+anything is changed: other PEFT tuner types, ``bias != "none"``, ``lora_bias``, merged or
 several adapters, LoRA on embeddings/convolutions, 8-bit bitsandbytes layers, and the rarer LoraConfig
 variants (layer replication, trainable tokens, QALoRA, ...).
 
 ``to_peft(model)`` goes back: the LoRA layers' bases become dense ``nn.Linear`` (or ``Conv1D``) holding
 the dequantized weight (a 4-bit ``Linear4bit`` would need bitsandbytes, which lowrank does not use),
 PEFT's ``get_peft_model`` wraps them with the same targets, ranks, alphas, dropout and
-``modules_to_save``, and the adapter weights are copied in: PEFT's forward then equals lowrank's.
-peft is imported only inside :func:`to_peft`.
+``modules_to_save`` and DoRA, and the adapter weights (and magnitudes) are copied in: PEFT's forward
+then equals lowrank's. peft is imported only inside :func:`to_peft`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One optimizer step = ``grad_accum`` micro-batches. Their losses are summed per target (label token, or
 example for classification) and divided by the step's total target count, so accumulation equals one
-big batch (docs/train.md). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
+big batch (ecosystem.md §4). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
 from 0 (the first update uses lr 0 when warmup > 0, as transformers does), then cosine or linear decay.
 
 Checkpoints (``<output_dir>/checkpoints/step-NNNNNN/``) hold ``trainable.safetensors`` (every trainable
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowrank import distributed as _distributed
 from lowrank import files
 from lowrank import trackers as _trackers
 from lowrank.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TASK_KINDS, ConfigError, TrainConfig, config_from_dict
@@ -295,7 +296,7 @@ class _AppendLog:
                 os.fsync(f.fileno())
 
 
-def _resume(ckpt_root: Path, out: Path, model, optimizer, fingerprint: str, check_trainable: bool) -> tuple:
+def _resume(ckpt_root: Path, out: Path, model, optimizer, fingerprint: str, check_trainable: bool, dist=None) -> tuple:
     """(state, history, evals, path) of the newest intact checkpoint; damaged newer ones are skipped with a warning."""
     found = list_checkpoints(ckpt_root)
     if not found:
@@ -303,7 +304,7 @@ def _resume(ckpt_root: Path, out: Path, model, optimizer, fingerprint: str, chec
     problems = []
     for path in reversed(found):
         try:
-            state = load_checkpoint(path, model, optimizer, fingerprint, check_trainable)
+            state = _load_any_checkpoint(dist, path, model, optimizer, fingerprint, check_trainable)
             if "history" in state:  # written before the history moved to log.jsonl
                 history, evals = state.pop("history"), state.pop("evals", [])
             else:
@@ -316,6 +317,25 @@ def _resume(ckpt_root: Path, out: Path, model, optimizer, fingerprint: str, chec
             print(f"lowrank: warning: {problem}; resuming from the older {path.name}", file=sys.stderr, flush=True)
         return state, history, evals, path
     raise CheckpointError(f"no intact checkpoint in {ckpt_root}: " + "; ".join(problems))
+
+
+def _load_any_checkpoint(dist, path: Path, model, optimizer, fingerprint: str, check_trainable: bool) -> dict:
+    """A sharded (DCP) checkpoint from any number of ranks, or a single-process one (which DDP ranks read
+    whole; FSDP2 needs a sharded one). ``state["rng"]`` is this rank's RNG state."""
+    if _distributed.is_sharded_checkpoint(path):
+        try:
+            state, rng = _distributed.load_checkpoint(
+                dist or _distributed.Context(), path, model, optimizer, fingerprint
+            )
+        except _distributed.DamagedShardedCheckpoint as e:
+            raise DamagedCheckpoint(str(e)) from None
+        return {**state, "rng": rng}
+    if dist is not None and dist.mode == "fsdp2":
+        raise CheckpointError(
+            f"checkpoint {path} was written by a single-process run: resume it without --distributed or with "
+            "--distributed ddp (fsdp2 resumes the sharded checkpoints that distributed runs write)"
+        )
+    return load_checkpoint(path, model, optimizer, fingerprint, check_trainable)
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -365,7 +385,13 @@ def train(
     config.validate()
     if not train_data:
         raise ConfigError("train_data is empty: nothing to train on")
-    device = resolve_device(config.device)
+    dist_ctx = _distributed.setup(config.distributed, resolve_device(config.device), config.batch_size)
+    device = dist_ctx.device
+    if dist_ctx.active and unfreeze is not None:
+        raise ConfigError(
+            f"distributed={config.distributed!r} cannot change the trained parameters mid-run: "
+            "gradual unfreezing needs a single-process run"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -393,9 +419,10 @@ def train(
     for group in param_groups:
         group.setdefault("lr", config.lr)
         group["base_lr"] = group["lr"]
-    optimizer = _build_optimizer(config, param_groups)
-    tracker = DeltaTracker(model)
     fingerprint = model_fingerprint(model)
+    forward_model, param_groups = dist_ctx.wrap(model, param_groups)  # DDP / FSDP2, or the model itself
+    tracker = DeltaTracker(model)  # after wrapping: under FSDP2 it tracks the sharded parameters
+    optimizer = _build_optimizer(config, param_groups)
 
     per_epoch = math.ceil(len(train_data) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch / config.grad_accum))
@@ -408,13 +435,14 @@ def train(
     resumed_from = None
     last_checkpoint: str | None = None
 
-    if out is not None:
+    if out is not None and dist_ctx.is_main:  # distributed: rank 0 alone writes the run's files
         out.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temporaries(out)  # what a kill in the middle of an atomic write left behind
         files.remove_stale_temporaries(out / "checkpoints")
+    dist_ctx.barrier()
     if config.resume:
         state, history, evals, path = _resume(
-            out / "checkpoints", out, model, optimizer, fingerprint, check_trainable=unfreeze is None
+            out / "checkpoints", out, model, optimizer, fingerprint, check_trainable=unfreeze is None, dist=dist_ctx
         )
         if state["total_steps"] != total_steps or state["seed"] != config.seed:
             raise CheckpointError(
@@ -425,15 +453,17 @@ def train(
         elapsed_before, resumed_from, last_checkpoint = state.get("elapsed_s", 0.0), start_step, str(path)
         tracker.reset_previous()
         _set_rng_state(state["rng"])
-        print(f"resumed from step {start_step} of {total_steps} ({path})", flush=True)
-    log = _AppendLog(out / "log.jsonl" if out is not None else None, history)
-    eval_log = _AppendLog(out / "evals.jsonl" if out is not None else None, evals)
+        if dist_ctx.is_main:
+            print(f"resumed from step {start_step} of {total_steps} ({path})", flush=True)
+    writes = out is not None and dist_ctx.is_main
+    log = _AppendLog(out / "log.jsonl" if writes else None, history)
+    eval_log = _AppendLog(out / "evals.jsonl" if writes else None, evals)
 
     own_reporter = reporter is None
     if own_reporter:
         reporter = _trackers.open_trackers(config.report_to, asdict(config), config.output_dir)
     model.train()
-    progress = _progress(config, total_steps, start_step)
+    progress = _progress(config, total_steps, start_step) if dist_ctx.is_main else None
     t_start = time.perf_counter()
     step = start_step
     try:
@@ -441,28 +471,36 @@ def train(
             if unfreeze is not None:
                 unfreeze.apply(model, step)
             t0, c0 = time.perf_counter(), time.process_time()
-            batches = [
-                collate(
-                    micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed),
-                    config.pad_token_id,
-                )
+            shares = [  # a single process takes the whole micro-batch; rank r of N its r-th slice
+                dist_ctx.share(micro_batch(train_data, step * config.grad_accum + i, config.batch_size, config.seed))
                 for i in range(config.grad_accum)
             ]
-            n_targets = sum(target_count(b) for b in batches)
+            batches = [collate(examples, config.pad_token_id) for examples, _ in shares]
+            real = [is_real for _, is_real in shares]
+            n_targets = sum(target_count(b) for b, r in zip(batches, real, strict=True) if r)
+            if dist_ctx.active:
+                n_targets = int(dist_ctx.all_sum([n_targets])[0])
             factor = lr_factor(step, total_steps, config.warmup_steps, config.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             step_loss, n_tokens = 0.0, 0
-            for batch in batches:
+            for batch, is_real in zip(batches, real, strict=True):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast_for(config.precision, device):
-                    total, _ = loss_sum(model, batch, config.task)
-                (total / max(n_targets, 1)).backward()
-                step_loss += total.item()
-                n_tokens += int(batch["attention_mask"].sum())
+                    total, _ = loss_sum(forward_model, batch, config.task)
+                loss = total / max(n_targets, 1)
+                if dist_ctx.active:  # DDP / FSDP2 average gradients over ranks: the sum is the single-process one
+                    loss = loss * (dist_ctx.world if is_real else 0.0)
+                loss.backward()
+                if is_real:
+                    step_loss += total.item()
+                    n_tokens += int(batch["attention_mask"].sum())
+            if dist_ctx.active:
+                step_loss, n_tokens = dist_ctx.all_sum([step_loss, n_tokens])
+                n_tokens = int(n_tokens)
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+            grad_norm = dist_ctx.grad_norm(params, clip) if params else 0.0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -528,8 +566,10 @@ def train(
                     "config": asdict(config),
                 }
                 saved = _write_or_fail(
-                    save_checkpoint,
-                    (ckpt_root, step, model, optimizer, state, config.keep_last),
+                    save_checkpoint if not dist_ctx.active else _distributed.save_checkpoint,
+                    (ckpt_root, step, model, optimizer, state, config.keep_last)
+                    if not dist_ctx.active  # every rank writes its shard (DCP); rank 0 the metadata
+                    else (dist_ctx, ckpt_root, step, model, optimizer, state, state["rng"], config.keep_last),
                     f"checkpoint step-{step:06d}",
                     out,
                     step,
@@ -545,7 +585,7 @@ def train(
                     tok_s=f"{entry['tokens_per_s']:.0f}",
                     mem_mb=f"{entry['peak_mem_mb']:.0f}",
                 )
-            if on_step is not None:
+            if on_step is not None and dist_ctx.is_main:
                 on_step(entry)
             if stopped_early:
                 break
@@ -557,6 +597,7 @@ def train(
         raise  # the bar is closed, so a Ctrl-C message prints on a line of its own
     if progress is not None:
         progress.close()
+    dist_ctx.finish(model)  # FSDP2: full tensors again on every rank
     if own_reporter:
         reporter.close()
     model.eval()

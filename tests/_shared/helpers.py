@@ -4,7 +4,7 @@
 - the matmul tolerance rule of tests/README.md: :data:`ATOL`, :func:`max_err`, :func:`assert_within_torch_error`;
 - seeded inputs: :func:`sample_decades`;
 - the LoRA problems shared by the extension's CPU and CUDA kernel tests: :data:`WEIGHTS`, :func:`make_weight`,
-  :func:`lora_problem`, :func:`check_rule`, :func:`check_partial_gradients`;
+  :func:`lora_problem`, :func:`kept`, :func:`check_rule`, :func:`check_partial_gradients`;
 - tiny randomly initialised transformers models built from config (no downloads): :func:`tiny`, :data:`ARCHS`,
   :func:`tiny_llama`, :func:`tokens`, :func:`minilm_path`, :func:`dequantized_copy`.
 
@@ -18,6 +18,7 @@ import math
 import os
 
 import torch
+from lowrank.kernels import dropout as D
 from torch import nn
 
 import lowrank
@@ -131,7 +132,7 @@ def make_weight(kind: str, w: torch.Tensor, device: torch.device | str = "cpu"):
 
 
 def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
-    """CPU tensors: x, the dense weight to quantize, A, B, bias, a dropped-out x_lora, dy."""
+    """CPU tensors: x, the dense weight to quantize, A, B, bias, a Dropout (p 0.2, seeded) of the LoRA input, dy."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0, dt=dtype):
@@ -142,9 +143,14 @@ def lora_problem(M, K, N, r, dtype, lora_dtype, seed):
     A = randn(r, K, std=K**-0.5, dt=lora_dtype)
     B = randn(N, r, std=0.5, dt=lora_dtype)
     bias = randn(N, std=0.1)
-    x_lora = x * (torch.rand(M, K, generator=gen) > 0.2).to(dtype)  # a dropped-out LoRA input
+    dropout = D.Dropout(0.2, 1000 + seed)
     dy = randn(M, N)
-    return x, w, A, B, bias, x_lora, dy
+    return x, w, A, B, bias, dropout, dy
+
+
+def kept(t: torch.Tensor, dropout) -> torch.Tensor:
+    """keep ⊙ t with the reference mask (rows of t are rows of the (M, K) mask); t itself without dropout."""
+    return t if dropout is None else D.masked_rows_ref(t.cpu(), dropout).to(t.device)
 
 
 def check_rule(name, out, ref, low, dtype):

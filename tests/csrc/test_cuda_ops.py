@@ -17,10 +17,11 @@ import os
 
 import pytest
 import torch
-from helpers import WEIGHTS, assert_bit_equal, assert_within_torch_error, check_partial_gradients, lora_problem
+from helpers import WEIGHTS, assert_bit_equal, assert_within_torch_error, check_partial_gradients, kept, lora_problem
 from helpers import check_rule as shared_check_rule
 from helpers import make_weight as shared_make_weight
 from helpers import sample_decades as sample
+from lowrank.kernels import dropout as D
 from lowrank.kernels import nf4 as K
 
 import lowrank
@@ -200,31 +201,32 @@ def check_rule(name, out, ref64, low, dtype):
 def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
     M, K, N, r = shape
     scale = 2.0
-    use_bias = use_x_lora = N % 2 == 0
-    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
+    use_bias = use_dropout = N % 2 == 0
+    x, w, A, B, bias, dropout, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
     weight, w32 = make_weight(weight_kind, w)
     bias = bias if use_bias else None
-    x_lora = x_lora if use_x_lora else None
-    xl = x if x_lora is None else x_lora
-    on_gpu = [None if t is None else t.to(CUDA) for t in (x, A, B, bias, x_lora, dy)]
-    xg, Ag, Bg, biasg, x_lorag, dyg = on_gpu
+    dropout = dropout if use_dropout else None
+    xl = kept(x, dropout)  # the reference mask: the kernels must drop exactly these elements
+    on_gpu = [None if t is None else t.to(CUDA) for t in (x, A, B, bias, dy)]
+    xg, Ag, Bg, biasg, dyg = on_gpu
 
-    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, x_lorag)
-    dx, dA, dB = EXT.lora_backward(dyg, xg, weight, Ag, Bg, scale, xa, x_lorag)
+    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, dropout)
+    dx, dA, dB = EXT.lora_backward(dyg, xg, weight, Ag, Bg, scale, xa, dropout)
+    scale = D.lora_scale(scale, dropout)
 
     # fp64 reference from the exact dequantized weight
     x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, xl, A, B, dy, w32))
     xa64 = xl64 @ A64.t()
     y64 = x64 @ w64.t() + scale * xa64 @ B64.t() + (0 if bias is None else bias.double())
     g64 = dy64 @ B64
-    dx64, dA64, dB64 = dy64 @ w64 + scale * g64 @ A64, scale * g64.t() @ xl64, scale * dy64.t() @ xa64
+    dx64, dA64, dB64 = dy64 @ w64 + scale * kept(g64 @ A64, dropout), scale * g64.t() @ xl64, scale * dy64.t() @ xa64
     # torch on the GPU at the same precision, PEFT-style: every matmul in dtype
     w_low = w32.to(CUDA, dtype)
-    xl_g = xg if x_lorag is None else x_lorag
+    xl_g = xl.to(CUDA)
     xa_low = xl_g @ Ag.t()
     y_low = torch.nn.functional.linear(xg, w_low, biasg) + (xa_low @ Bg.t()) * scale
     g_low = (dyg @ Bg) * scale
-    dx_low, dA_low, dB_low = dyg @ w_low + g_low @ Ag, g_low.t() @ xl_g, (dyg * scale).t() @ xa_low
+    dx_low, dA_low, dB_low = dyg @ w_low + kept(g_low @ Ag, dropout), g_low.t() @ xl_g, (dyg * scale).t() @ xa_low
 
     assert xa.dtype == torch.float32 and xa.device.type == CUDA.type
     assert_within_torch_error(xa, xa_low, xa64, dtype, "xa")
@@ -272,21 +274,22 @@ DTYPE_PAIRS = [
 @pytest.mark.parametrize("M", range(1, 17))
 def test_lora_forward_every_fused_m(M):
     """Every M the fused kernel takes: K = 528 (a full 512-column tile, then a 16-column one), N = 37 (not a
-    multiple of the 16 rows per CTA), rank 64 on even M and 8 on odd M, bias on odd M, x_lora on every third M.
+    multiple of the 16 rows per CTA), rank 64 on even M and 8 on odd M, bias on odd M, dropout on every third M.
     The rule against fp64, with lowrank's torch backend on the same device as the same-precision result."""
     K, N, r, scale = 528, 37, 64 if M % 2 == 0 else 8, 1.5
     dtype, lora_dtype = DTYPE_PAIRS[M % 4]
-    x, w, A, B, bias, x_lora, _ = lora_problem(M, K, N, r, dtype, lora_dtype, seed=100 + M)
+    x, w, A, B, bias, dropout, _ = lora_problem(M, K, N, r, dtype, lora_dtype, seed=100 + M)
     bias = bias if M % 2 == 1 else None
-    x_lora = x_lora if M % 3 == 0 else None
+    dropout = dropout if M % 3 == 0 else None
     weight, w32 = make_weight(WEIGHTS[M % 3], w)  # the 4-bit kinds only: a dense weight never takes the kernel
-    xg, Ag, Bg, biasg, x_lorag = (None if t is None else t.to(CUDA) for t in (x, A, B, bias, x_lora))
+    xg, Ag, Bg, biasg = (None if t is None else t.to(CUDA) for t in (x, A, B, bias))
 
-    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, x_lorag)
-    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, x_lorag)
+    y, xa = EXT.lora_forward(xg, weight, Ag, Bg, scale, biasg, dropout)
+    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, dropout)
 
-    xa64 = (x if x_lora is None else x_lora).double() @ A.double().t()
-    y64 = x.double() @ w32.double().t() + scale * xa64 @ B.double().t() + (0 if bias is None else bias.double())
+    xa64 = kept(x, dropout).double() @ A.double().t()
+    s64 = D.lora_scale(scale, dropout)
+    y64 = x.double() @ w32.double().t() + s64 * xa64 @ B.double().t() + (0 if bias is None else bias.double())
     check_rule("y", y, y64, y_torch, dtype)
     check_rule("xa", xa, xa64, xa_torch, torch.float32)
 
@@ -301,11 +304,11 @@ def packed_at_offset(weight: lowrank.NF4Weight, offset: int) -> lowrank.NF4Weigh
 
 @pytest.mark.parametrize("M", [3, 40], ids=["fused", "dequant_mm"])
 def test_lora_strided_inputs_and_packed_views(M):
-    """Non-contiguous x, A, B, bias, x_lora and dy, and a packed weight that is a view at byte offset 8 (8- but not
-    16-byte aligned: the fused kernel's 64-bit loads still apply) or 4 (not 8-byte aligned: dequantize + mm).
+    """Non-contiguous x, A, B, bias and dy (with dropout), and a packed weight that is a view at byte offset 8 (8-
+    but not 16-byte aligned: the fused kernel's 64-bit loads still apply) or 4 (not 8-byte aligned: dequantize + mm).
     Offsets 0 and 8 give the same bits; every result passes the rule against fp64."""
     K, N, r, scale, dtype = 96, 50, 8, 2.0, torch.bfloat16
-    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, torch.float32, seed=7)
+    x, w, A, B, bias, dropout, dy = lora_problem(M, K, N, r, dtype, torch.float32, seed=7)
     weight, w32 = make_weight("nf4-dq-64", w)
 
     def strided(t: torch.Tensor) -> torch.Tensor:
@@ -315,22 +318,23 @@ def test_lora_strided_inputs_and_packed_views(M):
         assert not strided_t.is_contiguous() and torch.equal(strided_t, t)
         return strided_t
 
-    xs, As, Bs, biass, x_loras, dys = (strided(t) for t in (x, A, B, bias, x_lora, dy))
-    xg, Ag, Bg, biasg, x_lorag, dyg = (t.to(CUDA) for t in (x, A, B, bias, x_lora, dy))
-    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, x_lorag)
-    grads_torch = lora_backward_torch(dyg, xg, weight, Ag, Bg, scale, xa_torch, x_lorag)
+    xs, As, Bs, biass, dys = (strided(t) for t in (x, A, B, bias, dy))
+    xg, Ag, Bg, biasg, dyg = (t.to(CUDA) for t in (x, A, B, bias, dy))
+    y_torch, xa_torch = lora_forward_torch(xg, weight, Ag, Bg, scale, biasg, dropout)
+    grads_torch = lora_backward_torch(dyg, xg, weight, Ag, Bg, scale, xa_torch, dropout)
 
-    x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, x_lora, A, B, dy, w32))
+    x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, kept(x, dropout), A, B, dy, w32))
+    s64 = D.lora_scale(scale, dropout)
     xa64 = xl64 @ A64.t()
-    y64 = x64 @ w64.t() + scale * xa64 @ B64.t() + bias.double()
-    g64 = scale * dy64 @ B64
-    grads64 = (dy64 @ w64 + g64 @ A64, g64.t() @ xl64, scale * dy64.t() @ xa64)
+    y64 = x64 @ w64.t() + s64 * xa64 @ B64.t() + bias.double()
+    g64 = s64 * dy64 @ B64
+    grads64 = (dy64 @ w64 + kept(g64 @ A64, dropout), g64.t() @ xl64, s64 * dy64.t() @ xa64)
 
     results = {}
     for offset in (0, 8, 4):
         view = packed_at_offset(weight, offset)
-        y, xa = EXT.lora_forward(xs, view, As, Bs, scale, biass, x_loras)
-        grads = EXT.lora_backward(dys, xs, view, As, Bs, scale, xa, x_loras)
+        y, xa = EXT.lora_forward(xs, view, As, Bs, scale, biass, dropout)
+        grads = EXT.lora_backward(dys, xs, view, As, Bs, scale, xa, dropout)
         check_rule(f"y (packed at +{offset})", y, y64, y_torch, dtype)
         for name, got, ref, low in zip(("dx", "dA", "dB"), grads, grads64, grads_torch, strict=True):
             check_rule(f"{name} (packed at +{offset})", got, ref, low, dtype)
@@ -343,9 +347,10 @@ def test_lora_strided_inputs_and_packed_views(M):
 def test_ops_run_on_the_current_stream_and_capture_in_a_cuda_graph():
     """Every launch goes to the current stream with no host synchronisation: the ops capture in a CUDA graph (a
     launch on another stream, or a sync, makes the capture fail) and a replay reproduces the eager results."""
-    x, w, A, B, bias, x_lora, dy = lora_problem(40, 96, 50, 8, torch.bfloat16, torch.float32, seed=9)
+    x, w, A, B, bias, dropout, dy = lora_problem(40, 96, 50, 8, torch.bfloat16, torch.float32, seed=9)
     weight, _ = make_weight("nf4-dq-64", w)
-    x, A, B, bias, x_lora, dy = (t.to(CUDA) for t in (x, A, B, bias, x_lora, dy))
+    x, A, B, bias, dy = (t.to(CUDA) for t in (x, A, B, bias, dy))
+    drop = (dropout.p, dropout.seed_int64)
     quant = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_offset)
     weight_args = (*quant, 64, "nf4", torch.float32)
     ops = torch.ops.lowrank_ext
@@ -353,14 +358,16 @@ def test_ops_run_on_the_current_stream_and_capture_in_a_cuda_graph():
     def run() -> dict[str, torch.Tensor]:
         out = torch.empty(50, 96, dtype=torch.float16, device=CUDA)
         ops.dequantize_4bit_out(*weight_args, out)
-        y_fused, xa_fused = ops.lora_forward(x[:3], *weight_args, A, B, 2.0, bias, x_lora[:3])
-        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
-        dx, dA, dB = ops.lora_backward(dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True)
+        y_fused, xa_fused = ops.lora_forward(x[:3], *weight_args, A, B, 2.0, bias, *drop)
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, *drop)
+        dx, dA, dB = ops.lora_backward(dy, x, *weight_args, A, B, 2.0, xa, *drop, True, True, True)
+        mask = torch.empty(40, 96, dtype=torch.uint8, device=CUDA)
+        ops.dropout_mask_out(mask, 0, *drop)
         return {
             "dequantize_4bit": ops.dequantize_4bit(*quant, [50, 96], torch.bfloat16, 64, "nf4", torch.float32),
             "dequantize_4bit_out": out,
             "double_dequantize": ops.double_dequantize(*quant[1:], torch.bfloat16),
-            "y fused": y_fused, "xa fused": xa_fused, "y": y, "xa": xa, "dx": dx, "dA": dA, "dB": dB,
+            "y fused": y_fused, "xa fused": xa_fused, "y": y, "xa": xa, "dx": dx, "dA": dA, "dB": dB, "mask": mask,
         }  # fmt: skip
 
     eager = run()
@@ -379,6 +386,18 @@ def test_ops_run_on_the_current_stream_and_capture_in_a_cuda_graph():
             assert_bit_equal(captured[name], want, f"{name} replayed")
         else:  # cuBLAS may pick another algorithm inside a capture
             torch.testing.assert_close(captured[name], want, msg=f"{name} replayed")
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**62 + 5, -3])
+@pytest.mark.parametrize("rows,cols,row_offset", [(67, 45, 0), (5, 333, 12), (3, 33, 2**32 // 33)])
+def test_dropout_mask_matches_the_reference_bit_for_bit(rows, cols, row_offset, seed):
+    """csrc/dropout.h on the device drops exactly the elements of the torch reference (odd K, M not a multiple
+    of any tile, row offsets, an index range crossing 2^32)."""
+    for p in (0.1, 0.5):
+        dropout = D.Dropout(p, seed)
+        got = EXT.dropout_mask(rows, cols, dropout, row_offset, device=CUDA)
+        assert got.device.type == CUDA.type
+        assert torch.equal(got.cpu(), D.dropout_mask_ref(rows, cols, dropout, row_offset))
 
 
 def test_lora_dispatch_picks_ext_when_asked():
@@ -419,14 +438,16 @@ def test_bad_inputs_raise_clear_errors():
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     x, w, A, B = (t.to(CUDA) for t in (x, w, A, B))
     with pytest.raises(RuntimeError, match="A must have shape"):
-        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None)
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got Double"):
-        ops.lora_forward(x.double(), w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, None)
+        ops.lora_forward(x.double(), w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, 0.0, 0)
     with pytest.raises(RuntimeError, match=r"bias must have shape \(32\)"):
-        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[0, :31], None)
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[0, :31], 0.0, 0)
     with pytest.raises(RuntimeError, match="xa must be float32 of shape"):
-        ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], None,
+        ops.lora_backward(x[:, :32], x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, x[:, :3], 0.0, 0,
                           True, True, True)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"dropout must be a probability in \[0, 1\), got 1"):
+        ops.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, 1.0, 0)
 
 
 @needs_real_gpu
@@ -438,7 +459,7 @@ def test_cpu_tensors_are_rejected_by_name():
     x, w, A, B, *_ = lora_problem(4, 64, 32, 4, torch.float32, torch.float32, seed=2)
     with pytest.raises(RuntimeError, match="A must be a CUDA tensor for the ext CUDA kernels, got cpu"):
         ops.lora_forward(x.to(CUDA), w.to(CUDA), None, None, None, 64, "nf4", torch.float32, A, B.to(CUDA), 1.0, None,
-                         None)  # fmt: skip
+                         0.0, 0)  # fmt: skip
 
 
 def test_opcheck_cuda_ops():
@@ -453,12 +474,16 @@ def test_opcheck_cuda_ops():
     out = torch.empty(33, 96, dtype=torch.float16, device=CUDA)
     torch.library.opcheck(ops.dequantize_4bit_out, (packed, qabsmax, absmax2, offset, 64, "nf4", torch.float32, out))
 
-    x, w, A, B, bias, x_lora, dy = (t.to(CUDA) for t in lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, 3))
+    x, w, A, B, bias, dropout, dy = lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, 3)
+    x, w, A, B, bias, dy = (t.to(CUDA) for t in (x, w, A, B, bias, dy))
+    drop = (dropout.p, dropout.seed_int64)
     qw, _ = make_weight("nf4-dq-64", w.cpu())
     quant = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, 64, "nf4", torch.float32)
     dense = (w, None, None, None, 64, "nf4", torch.float32)
     for weight_args in (quant, dense):
-        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, x_lora))
-        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
-        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True))
-        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, None, True, False, True))
+        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, *drop))
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, *drop)
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, *drop, True, True, True))
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, 0.0, 0, True, False, True))
+    mask = torch.empty(7, 33, dtype=torch.uint8, device=CUDA)
+    torch.library.opcheck(ops.dropout_mask_out, (mask, 5, *drop))

@@ -177,7 +177,7 @@ def test_flagged_variants_are_grouped_by_tile_and_reason():
     rows = [_row(162, 0, 67584, 8, 128), _row(174, 0, 57344, 8, 128), _row(255, 300, 0, 4, 16), _row(32, 0, 0, 4, 16)]
     groups = ck.flagged_groups(rows)
     assert [(g["tile"], g["reason"], g["variants"], g["registers"]) for g in groups] == [
-        ("BLOCK_M=128; w8 s3", "1 CTA/SM (registers)", 2, "162-174"),
-        ("BLOCK_M=16; w4 s3", "spills", 1, "255"),
+        ("BLOCK_M=128, W_QUANT=True; w8 s3", "1 CTA/SM (registers)", 2, "162-174"),
+        ("BLOCK_M=16, W_QUANT=True; w4 s3", "spills", 1, "255"),
     ]
     assert groups[1]["spill_bytes"] == "600"

@@ -19,10 +19,12 @@ from helpers import (
     assert_within_torch_error,
     check_partial_gradients,
     check_rule,
+    kept,
     lora_problem,
     make_weight,
 )
 from helpers import sample_decades as sample
+from lowrank.kernels import dropout as D
 from lowrank.kernels import nf4 as K
 
 import lowrank
@@ -275,36 +277,37 @@ LORA_SHAPES = [(1, 64, 96, 4), (3, 300, 130, 8), (67, 256, 300, 16), (300, 72, 4
 def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
     M, K, N, r = shape
     scale = 2.0
-    use_bias = use_x_lora = N != 96
-    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
+    use_bias = use_dropout = N != 96
+    x, w, A, B, bias, dropout, dy = lora_problem(M, K, N, r, dtype, dtype, seed=M + N)
     weight, w32 = make_weight(weight_kind, w)
     bias = bias if use_bias else None
-    x_lora = x_lora if use_x_lora else None
-    xl = x if x_lora is None else x_lora
+    dropout = dropout if use_dropout else None
+    xl = kept(x, dropout)  # the reference mask: the kernels must drop exactly these elements
 
-    y, xa = EXT.lora_forward(x, weight, A, B, scale, bias, x_lora)
-    dx, dA, dB = EXT.lora_backward(dy, x, weight, A, B, scale, xa, x_lora)
+    y, xa = EXT.lora_forward(x, weight, A, B, scale, bias, dropout)
+    dx, dA, dB = EXT.lora_backward(dy, x, weight, A, B, scale, xa, dropout)
+    scale = D.lora_scale(scale, dropout)
 
-    # fp32 reference from the exact dequantized weight
-    x32, xl32, A32, B32, dy32 = x.float(), xl.float(), A.float(), B.float(), dy.float()
-    xa32 = xl32 @ A32.t()
-    y32 = x32 @ w32.t() + scale * xa32 @ B32.t() + (0 if bias is None else bias.float())
-    g32 = dy32 @ B32
-    dx32, dA32, dB32 = dy32 @ w32 + scale * g32 @ A32, scale * g32.t() @ xl32, scale * dy32.t() @ xa32
+    # fp64 reference from the exact dequantized weight (fp32 is not exact enough for the fp32 rows' dA)
+    x64, xl64, A64, B64, dy64, w64 = (t.double() for t in (x, xl, A, B, dy, w32))
+    xa64 = xl64 @ A64.t()
+    y64 = x64 @ w64.t() + scale * xa64 @ B64.t() + (0 if bias is None else bias.double())
+    g64 = dy64 @ B64
+    dx64, dA64, dB64 = dy64 @ w64 + scale * kept(g64 @ A64, dropout), scale * g64.t() @ xl64, scale * dy64.t() @ xa64
     # torch at the same precision, PEFT-style: every matmul in dtype
     w_low = w32.to(dtype)
     xa_low = xl @ A.t()
     y_low = torch.nn.functional.linear(x, w_low, bias) + (xa_low @ B.t()) * scale
     g_low = (dy @ B) * scale
-    dx_low, dA_low, dB_low = dy @ w_low + g_low @ A, g_low.t() @ xl, (dy * scale).t() @ xa_low
+    dx_low, dA_low, dB_low = dy @ w_low + kept(g_low @ A, dropout), g_low.t() @ xl, (dy * scale).t() @ xa_low
 
     assert xa.dtype == torch.float32
-    assert_within_torch_error(xa, xa_low, xa32, dtype, "xa")
+    assert_within_torch_error(xa, xa_low, xa64, dtype, "xa")
     for name, out, ref, low in (
-        ("y", y, y32, y_low),
-        ("dx", dx, dx32, dx_low),
-        ("dA", dA, dA32, dA_low),
-        ("dB", dB, dB32, dB_low),
+        ("y", y, y64, y_low),
+        ("dx", dx, dx64, dx_low),
+        ("dA", dA, dA64, dA_low),
+        ("dB", dB, dB64, dB_low),
     ):
         check_rule(name, out, ref, low, dtype)
 
@@ -312,7 +315,7 @@ def test_lora_forward_backward_within_tolerance(shape, dtype, weight_kind):
 @needs_ext
 def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
     M, K, N, r = 5, 128, 200, 8
-    x, w, A, B, bias, x_lora, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
+    x, w, A, B, bias, _, dy = lora_problem(M, K, N, r, torch.bfloat16, torch.float32, seed=1)
     weight, _ = make_weight("nf4-dq-64", w)
     check_partial_gradients(EXT, x, weight, A, B, bias, dy, assert_bit_equal)
 
@@ -337,7 +340,7 @@ def test_lora_concurrent_calls_from_threads_match_sequential_ones():
     bits of sequential ones."""
     problems = []
     for seed, (m, k, n, r) in enumerate([(33, 200, 150, 4), (5, 96, 300, 8), (70, 320, 64, 16)] * 2):
-        x, w, A, B, bias, x_lora, dy = lora_problem(m, k, n, r, torch.bfloat16, torch.float32, seed=seed)
+        x, w, A, B, bias, _, dy = lora_problem(m, k, n, r, torch.bfloat16, torch.float32, seed=seed)
         problems.append((x, make_weight("nf4-dq-64", w)[0], A, B, bias, dy))
 
     def step(problem):
@@ -363,19 +366,22 @@ def test_lora_dispatch_and_bad_shapes():
         EXT.lora_forward(x, weight, A, B[:16], 1.0)
     with pytest.raises(RuntimeError, match="A must have shape"):
         torch.ops.lowrank_ext.lora_forward(
-            x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, None
+            x, w, None, None, None, 64, "nf4", torch.float32, A[:, :32], B, 1.0, None, 0.0, 0
         )
+    with pytest.raises(RuntimeError, match=r"dropout must be a probability in \[0, 1\), got 1"):
+        torch.ops.lowrank_ext.lora_forward(x, w, None, None, None, 64, "nf4", torch.float32, A, B, 1.0, None, 1.0, 0)
 
 
 @needs_ext
 def test_opcheck_lora_ops():
-    x, w, A, B, bias, x_lora, dy = lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, seed=3)
+    x, w, A, B, bias, dropout, dy = lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, seed=3)
     qw, _ = make_weight("nf4-dq-64", w)
     quant = (qw.packed, qw.absmax, qw.nested_absmax, qw.nested_offset, 64, "nf4", torch.float32)
     dense = (w, None, None, None, 64, "nf4", torch.float32)
     ops = torch.ops.lowrank_ext
     for weight_args in (quant, dense):
-        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, x_lora))
-        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, x_lora)
-        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, x_lora, True, True, True))
-        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, None, True, False, True))
+        drop = (dropout.p, dropout.seed_int64)
+        torch.library.opcheck(ops.lora_forward, (x, *weight_args, A, B, 2.0, bias, *drop))
+        y, xa = ops.lora_forward(x, *weight_args, A, B, 2.0, bias, *drop)
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, *drop, True, True, True))
+        torch.library.opcheck(ops.lora_backward, (dy, x, *weight_args, A, B, 2.0, xa, 0.0, 0, True, False, True))

@@ -30,9 +30,12 @@ LAYER_OF = {
     # the training loop and evaluation
     "lowrank.train": "train",
     "lowrank.evaluate": "train",
+    "lowrank.distributed": "train",
     # models, files, data, optimizer, loss
     "lowrank.models": "models/io",
     "lowrank.adapters": "models/io",
+    "lowrank.loading": "models/io",
+    "lowrank.saving": "models/io",
     "lowrank.adapters.errors": "models/io",
     "lowrank.adapters.merge": "models/io",
     "lowrank.adapters.peft_format": "models/io",
@@ -53,9 +56,11 @@ LAYER_OF = {
     "lowrank.ops.lora": "ops",
     "lowrank.ops.lora_multi": "ops",
     "lowrank.ops.nf4": "ops",
+    "lowrank.ops.spec": "ops",
     "lowrank.nf4": "ops",
     # Triton kernels and the C++ extension's loader
     "lowrank.kernels": "kernels/ext",
+    "lowrank.kernels.dropout": "kernels/ext",
     "lowrank.kernels.lora_matmul": "kernels/ext",
     "lowrank.kernels.nf4": "kernels/ext",
     "lowrank._ext": "kernels/ext",

@@ -399,7 +399,8 @@ def test_bnb_linear4bit_state_dict_loads_into_nf4weight(quant_type, double_quant
 
 
 def test_our_state_dict_loads_through_params4bit_from_prequantized(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
+    from safetensors import torch as safetensors
+
     x = torch.randn(64, 320, generator=torch.Generator().manual_seed(2)).bfloat16()
     qw = api.quantize(x, 64, double_quant=True)
     path = tmp_path / "w.safetensors"
@@ -462,8 +463,9 @@ def test_nested_dtype_rounding_matches_bitsandbytes_for_any_offset(nested_dtype)
 
 
 def test_transformers_save_pretrained_checkpoint_loads_into_nf4weight(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    safetensors = pytest.importorskip("safetensors.torch")
+    import transformers
+    from safetensors import torch as safetensors
+
     config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=64,

@@ -130,7 +130,25 @@ def test_a_tracker_that_cannot_start_is_named_and_the_others_are_closed(tmp_path
     assert closed == [True]
 
 
-def test_no_trackers_imports_nothing_and_logs_are_unchanged(tmp_path):
+def test_checking_trackers_imports_none_of_them():
+    import subprocess
+
+    if not all(trackers.is_installed(name) for name in trackers.TRACKERS):
+        pytest.skip("needs all four trackers installed (the test extra)")
+
+    code = (
+        "import sys\n"
+        "from lowrank.config import TrainConfig\n"
+        "from lowrank import trackers, train\n"
+        "TrainConfig(report_to='tensorboard,wandb,mlflow,trackio').validate()\n"
+        "trackers.open_trackers('none', {}, None).close()\n"
+        "print(sorted(m for m in ('tensorboard', 'wandb', 'mlflow', 'trackio') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_logs_are_unchanged_by_reporting(tmp_path):
     plain = train(tiny_bert(), cls_data(), cls_data(6, seed=3), config(tmp_path / "a", "none"))
     reported = train(tiny_bert(), cls_data(), cls_data(6, seed=3), config(tmp_path / "b", ["tensorboard"]))
     keys = ("step", "loss", "lr", "grad_norm", "targets", "tokens")

@@ -43,14 +43,17 @@ def run_finetune(args, out: Path | None = None) -> dict:
 
     out = Path(out or args.output)
     args.output = str(out)
+    main_rank = _join_distributed(args)  # --distributed: every rank checks, rank 0 alone writes
     check_output(out, args.resume, args)
     run = Run(args)  # everything is validated before the first write
     if args.resume and not list_checkpoints(out / "checkpoints"):
         print(f"{out}: no checkpoint was written before the interruption; starting from step 0", flush=True)
         run.config.resume = False
-    out.mkdir(parents=True, exist_ok=True)
     args.label_names = run.labels
-    if not args.resume:  # a resumed run's run.json was checked equal by check_output
+    _barrier(args)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    if main_rank and not args.resume:  # a resumed run's run.json was checked equal by check_output
         files.write_json(out / "run.json", run_record(args))
     counts = summary(run.model)  # 4-bit weights count their original number of elements
     method = resolve_method(args)
@@ -77,6 +80,8 @@ def run_finetune(args, out: Path | None = None) -> dict:
         reporter=reporter,
     )
     after = run.metrics()
+    if not main_rank:
+        return {"result": result, "before": before, "after": after, "run": run}
     _print_metrics("after ", after)
     reporter.log_metrics(after, result.steps, "after")
     try:
@@ -98,6 +103,23 @@ def run_finetune(args, out: Path | None = None) -> dict:
         flush=True,
     )
     return {"result": result, "before": before, "after": after, "run": run}
+
+
+def _join_distributed(args) -> bool:
+    """Join the torchrun process group for ``--distributed`` (a clear error without torchrun); True on rank 0."""
+    if getattr(args, "distributed", "none") == "none":
+        return True
+    from lowrank import distributed
+    from lowrank.train import resolve_device
+
+    return distributed.setup(args.distributed, resolve_device(args.device), args.batch_size).is_main
+
+
+def _barrier(args) -> None:
+    if getattr(args, "distributed", "none") != "none":
+        import torch.distributed
+
+        torch.distributed.barrier()
 
 
 def _write_outputs(out: Path, args, run, result, before: dict, after: dict, method: str) -> None:

@@ -116,6 +116,13 @@ def load_model(args, path: Path, config: dict, tokenizer, labels):
             return _tiny_causal(tokenizer, args.max_length or 128)
         if is_quantized_checkpoint(config):
             return _load_4bit(args, path, config)
+        if (
+            spec == args.model
+            and getattr(args, "method", None)
+            and resolve_method(args) == "qlora"
+            and _streamable(path)
+        ):
+            return _stream_4bit(args, path, config, labels)
         if args.task == "classification":
             if has_trained_head(config):
                 return transformers.AutoModelForSequenceClassification.from_pretrained(str(path))
@@ -129,6 +136,34 @@ def load_model(args, path: Path, config: dict, tokenizer, labels):
         if isinstance(e, CliError):
             raise
         raise _load_error(spec, e) from None
+
+
+def _streamable(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def _stream_4bit(args, path: Path, config: dict, labels):
+    """``--model DIR`` with qlora: streamed straight into 4 bits (the dense model never exists)."""
+    from lowrank.loading import load_pretrained
+
+    transformers = _quiet_transformers()
+    overrides = None
+    if args.task == "classification":
+        auto = transformers.AutoModelForSequenceClassification
+        if not has_trained_head(config):
+            head = args.num_labels or len(labels.names)
+            id2label = labels.id2label(head)
+            overrides = {"num_labels": head, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    else:
+        auto = transformers.AutoModelForCausalLM
+    return load_pretrained(
+        path,
+        double_quant=not args.no_double_quant,
+        blocksize=args.blocksize,
+        dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
+        auto_class=auto,
+        config_overrides=overrides,
+    )
 
 
 def _load_4bit(args, path: Path, config: dict):

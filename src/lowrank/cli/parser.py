@@ -186,7 +186,15 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # kernels/nf4.py BLOCKSIZES (no Triton import here)
 MAX_STEPS = 10_000_000
-FROZEN_RUN_KEYS = ("resume", "progress", "command", "func", "debug", "report_to")  # report_to may change on --resume
+FROZEN_RUN_KEYS = (
+    "resume",
+    "progress",
+    "command",
+    "func",
+    "debug",
+    "report_to",
+    "distributed",
+)  # report_to may change on --resume
 
 
 def run_record(args) -> dict:
@@ -381,7 +389,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FileFormatError,
         FileNotFoundError,
     ]
-    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim"):
+    for module in ("lowrank.freeze", "lowrank.models", "lowrank.adapters", "lowrank.optim", "lowrank.distributed"):
         values = vars(sys.modules.get(module) or __import__(module, fromlist=["_"])).values()
         errors += [e for e in values if isinstance(e, type) and issubclass(e, ValueError) and e is not ValueError]
     return tuple(errors)

@@ -6,14 +6,17 @@ Shapes: x ``(M, K)`` (leading batch dims are flattened by the public functions),
 Backends (``torch`` | ``triton`` | ``ext``) implement two functions, registered with the dispatch point
 under the op names ``"lora_forward"`` and ``"lora_backward"``::
 
-    lora_forward(x, weight, A, B, scale, bias=None, x_lora=None) -> (y, xa)      xa = x_lora·Aᵀ, fp32 (M, r)
-    lora_backward(dy, x, weight, A, B, scale, xa, x_lora=None, need_dx, need_dA, need_dB) -> (dx, dA, dB)
-        dx = dy·W + s·(dy·B)·A,  dA = s·(dy·B)ᵀ·x_lora,  dB = s·dyᵀ·xa
+    lora_forward(x, weight, A, B, scale, bias=None, dropout=None) -> (y, xa)      xa = x_lora·Aᵀ, fp32 (M, r)
+    lora_backward(dy, x, weight, A, B, scale, xa, dropout=None, need_dx, need_dA, need_dB) -> (dx, dA, dB)
+        dx = dy·W + s·keep⊙((dy·B)·A),  dA = s·(dy·B)ᵀ·x_lora,  dB = s·dyᵀ·xa
 
-Autograd saves only what the caller already holds -- x, the packed weight (never a dequantized copy), A, B,
-the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed: the keep-mask is regenerated in the
-backward instead of storing ``drop(x)`` (M·K). Dropout follows PEFT (only the LoRA input is dropped) but is
-applied as ``x_lora = x·mask`` with ``1/(1-p)`` folded into the scale, so the mask is exact in every dtype.
+``dropout`` is a :class:`lowrank.kernels.dropout.Dropout` (p, seed) or None: x_lora = keep⊙x and
+s = scale/(1-p), where keep is the counter-based mask of ``lowrank.kernels.dropout`` -- the same bits in
+every backend, generated inside each backend where it reads x (the torch backend in row chunks), never
+stored as (M, K). Autograd saves only what the caller already holds -- x, the packed weight (never a
+dequantized copy), A, B, the bias -- plus xa (M·r fp32) and, with dropout, a 0-dim int64 seed. Dropout
+follows PEFT (only the LoRA input is dropped); ``1/(1-p)`` is folded into the scale, so the mask is exact in
+every dtype.
 Every backward that needs W decodes it from the saved packed bytes: the triton backend either tile by tile
 or, for large M, into a transient freed before it returns (``lowrank.kernels.lora_matmul.choose_backward_path``;
 ``LOWRANK_LORA_BACKWARD_PATH=fused|dequant``, read by the dispatch point, forces one).
@@ -26,11 +29,13 @@ from collections.abc import Sequence
 
 import torch
 
+from lowrank.kernels import dropout as D
 from lowrank.kernels import lora_matmul as _LK
 from lowrank.kernels import nf4 as K
-from lowrank.nf4_format import NF4Weight
+from lowrank.nf4_format import FLOAT_DTYPES, QUANT_TYPES, TENSOR_FIELDS, NF4Weight
 from lowrank.ops import dispatch
 from lowrank.ops.dispatch import register
+from lowrank.ops.spec import OpSpec, save, saved
 
 _SEED_HIGH = 2**62
 
@@ -54,10 +59,23 @@ def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     return K.dequantize_4bit_ref(weight.packed, absmax, tuple(weight.shape), dtype, weight.blocksize, weight.quant_type)
 
 
+def _kept_chunks(x: torch.Tensor, dropout):
+    """(m0, m1, keep ⊙ x[m0:m1] in fp32) over row chunks of x (M, K): the mask exists one chunk at a time."""
+    step = D.ref_chunk_rows(x.shape[1])
+    for m0 in range(0, x.shape[0], step):
+        m1 = min(m0 + step, x.shape[0])
+        yield m0, m1, D.masked_rows_ref(x[m0:m1], dropout, m0, torch.float32)
+
+
 @register("lora_forward", "torch")
-def lora_forward_torch(x, weight, A, B, scale: float, bias=None, x_lora=None):
-    x_lora = x if x_lora is None else x_lora
-    xa = x_lora.float() @ A.float().t()
+def lora_forward_torch(x, weight, A, B, scale: float, bias=None, dropout=None):
+    scale = D.lora_scale(scale, dropout)
+    if dropout is None:
+        xa = x.float() @ A.float().t()
+    else:
+        xa = torch.empty((x.shape[0], A.shape[0]), dtype=torch.float32, device=x.device)
+        for m0, m1, kept in _kept_chunks(x, dropout):
+            torch.mm(kept, A.float().t(), out=xa[m0:m1])
     base = x @ dense_weight(weight, x.dtype).t()
     y = base.float() + scale * (xa @ B.float().t())
     if bias is not None:
@@ -66,15 +84,26 @@ def lora_forward_torch(x, weight, A, B, scale: float, bias=None, x_lora=None):
 
 
 @register("lora_backward", "torch")
-def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, x_lora=None, need_dx=True, need_dA=True, need_dB=True):
-    x_lora = x if x_lora is None else x_lora
+def lora_backward_torch(dy, x, weight, A, B, scale: float, xa, dropout=None, need_dx=True, need_dA=True, need_dB=True):
+    scale = D.lora_scale(scale, dropout)
     dy32 = dy.float()
     dyb = scale * (dy32 @ B.float()) if (need_dx or need_dA) else None
     dx = dA = dB = None
     if need_dx:
-        dx = ((dy @ dense_weight(weight, dy.dtype)).float() + dyb @ A.float()).to(x.dtype)
+        low = dyb @ A.float()
+        if dropout is not None:
+            step = D.ref_chunk_rows(x.shape[1])
+            for m0 in range(0, x.shape[0], step):
+                low[m0 : m0 + step] = D.masked_rows_ref(low[m0 : m0 + step], dropout, m0)
+        dx = ((dy @ dense_weight(weight, dy.dtype)).float() + low).to(x.dtype)
     if need_dA:
-        dA = (dyb.t() @ x_lora.float()).to(A.dtype)
+        if dropout is None:
+            dA = (dyb.t() @ x.float()).to(A.dtype)
+        else:
+            dA32 = torch.zeros(A.shape, dtype=torch.float32, device=x.device)
+            for m0, m1, kept in _kept_chunks(x, dropout):
+                dA32.addmm_(dyb[m0:m1].t(), kept)
+            dA = dA32.to(A.dtype)
     if need_dB:
         dB = (scale * (dy32.t() @ xa)).to(B.dtype)
     return dx, dA, dB
@@ -103,14 +132,19 @@ for _op in ("lora_forward", "lora_backward"):
 # ---------------------------------------------------------------------------------------------------
 
 
-def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The bool keep-mask (True = kept, probability ``1 - p``) that dropout with ``seed`` applies.
+def dropout_mask(shape: Sequence[int], p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The bool keep-mask (True = kept, probability ``1 - p``) that dropout with ``seed`` applies to an input
+    of ``shape`` (element index = position in the contiguous tensor; see ``lowrank.kernels.dropout``).
 
-    Drawn from a private generator seeded with ``seed`` on ``device``, so a test can rebuild it exactly.
+    The same bits on every device and backend; built here by the pure-torch generator.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    return torch.rand(tuple(shape), generator=gen, device=device) >= p
+    shape = tuple(int(d) for d in shape)
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1]) if shape else 1
+    drop = D.Dropout.of(p, int(seed))
+    if drop is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return D.dropout_mask_ref(rows, cols, drop, 0, device).reshape(shape)
 
 
 def new_dropout_seed() -> torch.Tensor:
@@ -118,26 +152,67 @@ def new_dropout_seed() -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
 
 
-def _masked_input(x: torch.Tensor, p: float, seed: torch.Tensor | None, index: int = 0):
-    """``(x·mask, mask)`` for projection ``index`` (each projection draws its own mask, like PEFT)."""
+def _dropout_of(p: float, seed: torch.Tensor | None, index: int = 0) -> D.Dropout | None:
+    """The Dropout of projection ``index`` (seed + index: each projection has its own mask, like PEFT)."""
     if p == 0.0 or seed is None:
-        return None, None
-    mask = dropout_mask(x.shape, p, int(seed.item()) + index, x.device)
-    return x * mask, mask
+        return None
+    return D.Dropout.of(p, int(seed.item()) + index)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared forward/backward bodies (one projection). Weight fields travel as plain tensors so torch.library
-# can see them; `weight` is uint8 for packed 4-bit codes, a float tensor for a dense base.
+# Weights at the op boundary. torch.library sees tensors and numbers, so a list of weights (dense tensors
+# or NF4Weights) crosses as one Tensor[] per tensor field of NF4Weight (a dense weight travels as
+# `packed`; an absent tensor as an empty one) plus, per weight, its shape, blocksize, quant type and
+# nested dtype as ints. Both directions follow NF4Weight's field list (nf4_format.TENSOR_FIELDS).
 # ---------------------------------------------------------------------------------------------------
 
+_DENSE = -1  # quant-type code of a dense weight
+WEIGHT_ARGS = (
+    *((f"w_{field}", "Tensor[]") for field in TENSOR_FIELDS),
+    ("w_shape", "int[]"),
+    ("w_blocksize", "int[]"),
+    ("w_quant_type", "int[]"),
+    ("w_nested_dtype", "int[]"),
+)
 
-def _weight_object(weight, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype, dtype):
-    if weight.dtype != torch.uint8:
-        return weight
-    return NF4Weight.trusted(
-        weight, absmax, shape, dtype, blocksize, quant_type, nested_absmax, nested_offset, nested_dtype
-    )
+
+def _weights_to_args(ws, empty: torch.Tensor) -> dict:
+    args = {name: [] for name, _ in WEIGHT_ARGS}
+    for w in ws:
+        quantized = _is_4bit(w)
+        for field in TENSOR_FIELDS:
+            t = getattr(w, field) if quantized else (w if field == "packed" else None)
+            args[f"w_{field}"].append(empty if t is None else t)
+        args["w_shape"] += [int(d) for d in w.shape]
+        args["w_blocksize"].append(w.blocksize if quantized else 0)
+        args["w_quant_type"].append(QUANT_TYPES.index(w.quant_type) if quantized else _DENSE)
+        args["w_nested_dtype"].append(FLOAT_DTYPES.index(w.nested_dtype) if quantized else 0)
+    return args
+
+
+def _present(t: torch.Tensor) -> torch.Tensor | None:
+    """None for the empty stand-in of a missing tensor in the ops' tensor lists."""
+    return None if t.numel() == 0 else t
+
+
+def _weights_from_args(args, dtype: torch.dtype) -> list:
+    ws = []
+    for i, kind in enumerate(args.w_quant_type):
+        if kind == _DENSE:
+            ws.append(args.w_packed[i])
+            continue
+        tensors = {field: _present(getattr(args, f"w_{field}")[i]) for field in TENSOR_FIELDS}
+        ws.append(
+            NF4Weight.trusted(
+                **tensors,
+                shape=args.w_shape[2 * i : 2 * i + 2],
+                dtype=dtype,
+                blocksize=args.w_blocksize[i],
+                quant_type=QUANT_TYPES[kind],
+                nested_dtype=FLOAT_DTYPES[args.w_nested_dtype[i]],
+            )
+        )
+    return ws
 
 
 def _dequantize(w, dtype: torch.dtype, backend: str) -> torch.Tensor:
@@ -162,13 +237,12 @@ def _forward_one(x, w, A, B, scale, bias, dropout, seed, index, backend):
             dense = _dequantize(w, x.dtype, backend)
         y = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
         return y, x.new_empty((x.shape[0], 0), dtype=torch.float32)
-    x_lora, _ = _masked_input(x, dropout, seed, index)
-    eff_scale = scale / (1.0 - dropout) if x_lora is not None else scale
-    return dispatch.implementation("lora_forward", backend)(x, w, A, B, eff_scale, bias, x_lora)
+    drop = _dropout_of(dropout, seed, index)
+    return dispatch.implementation("lora_forward", backend)(x, w, A, B, scale, bias, drop)
 
 
 def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need_dA, need_dB, backend):
-    """(dx or None, dA, dB) for one projection; dx is in x's dtype, or fp32 when dropout masks its LoRA term."""
+    """(dx or None, dA, dB) for one projection; dx is in x's dtype."""
     if A is None:
         if isinstance(w, torch.Tensor):
             dense = w.to(dy.dtype)
@@ -176,228 +250,131 @@ def _backward_one(dy, x, w, A, B, scale, xa, dropout, seed, index, need_dx, need
             dense = _dequantize(w, dy.dtype, backend)
         return (dy @ dense) if need_dx else None, None, None
     impl = dispatch.implementation("lora_backward", backend)
-    x_lora, mask = _masked_input(x, dropout, seed, index)
-    if x_lora is None:
-        return impl(dy, x, w, A, B, scale, xa, None, need_dx, need_dA, need_dB)
-    eff_scale = scale / (1.0 - dropout)
-    dx = dA = dB = None
-    if need_dA or need_dB:
-        _, dA, dB = impl(dy, x, w, A, B, eff_scale, xa, x_lora, False, need_dA, need_dB)
-    if need_dx:
-        # The backends' dx has no mask on the LoRA term: take the base part (scale 0) and add the masked term.
-        base, _, _ = impl(dy, x, w, A, B, 0.0, xa, None, True, False, False)
-        lora = (eff_scale * (dy.float() @ B.float())) @ A.float()
-        dx = lora.mul_(mask).add_(base)  # in place: the same bits as base.float() + lora * mask, two temporaries fewer
-    return dx, dA, dB
+    return impl(dy, x, w, A, B, scale, xa, _dropout_of(dropout, seed, index), need_dx, need_dA, need_dB)
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library ops: one projection (several projections sharing x: lowrank.ops.lora_multi).
+# The torch.library ops: ONE family for one or several projections of the same input x (q/k/v, gate/up;
+# a single LoRA linear is the case n = 1). Per projection i: weight i, A[i], B[i] (empty: base only),
+# scale[i], bias[i] (empty: none). The backward op is derived from the forward op's arguments.
 # ---------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("lowrank::lora_linear", mutates_args=())
-def lora_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    absmax: torch.Tensor | None,
-    nested_absmax: torch.Tensor | None,
-    nested_offset: torch.Tensor | None,
-    weight_shape: list[int],
-    blocksize: int,
-    quant_type: str,
-    nested_dtype: torch.dtype,
-    A: torch.Tensor | None,
-    B: torch.Tensor | None,
-    scale: float,
-    bias: torch.Tensor | None,
-    dropout: float,
-    seed: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(y (M, N) x.dtype, xa (M, r) fp32)``; xa is saved for the backward and is not differentiable."""
-    w = _weight_object(
-        weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype
-    )
-    return _forward_one(x, w, A, B, scale, bias, dropout, seed, 0, backend)
+LORA = OpSpec(
+    "lowrank::lora_linear",
+    [
+        ("x", "Tensor"),
+        *WEIGHT_ARGS,
+        ("A", "Tensor[]"),
+        ("B", "Tensor[]"),
+        ("scale", "float[]"),
+        ("bias", "Tensor[]"),
+        ("dropout", "float"),
+        ("seed", "Tensor?"),
+        ("backend", "str"),
+    ],
+    returns="Tensor[]",  # [y_0 .. y_{n-1}, xa_0 .. xa_{n-1}]; xa (M, r) fp32 is saved, not differentiable
+)
+LORA_BACKWARD = LORA.derive(
+    "lowrank::lora_linear_backward",
+    before=[("dy", "Tensor[]")],
+    drop=("bias",),
+    after=[("xa", "Tensor[]"), ("need_dx", "bool"), ("need_dA", "bool[]"), ("need_dB", "bool[]")],
+    returns="Tensor[]",  # [dx, dA_0 .., dB_0 ..]; a gradient that is not needed is an empty tensor
+)
 
 
-@lora_linear_op.register_fake
-def _(
-    x,
-    weight,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    weight_shape,
-    blocksize,
-    quant_type,
-    nested_dtype,
-    A,
-    B,
-    scale,
-    bias,
-    dropout,
-    seed,
-    backend,
-):
-    r = 0 if A is None else A.shape[0]
-    return x.new_empty((x.shape[0], weight_shape[0])), x.new_empty((x.shape[0], r), dtype=torch.float32)
+def _lora_forward(a):
+    ys, xas = [], []
+    for i, w in enumerate(_weights_from_args(a, a.x.dtype)):
+        y, xa = _forward_one(
+            a.x, w, _present(a.A[i]), _present(a.B[i]), a.scale[i], _present(a.bias[i]), a.dropout, a.seed, i, a.backend
+        )
+        ys.append(y)
+        xas.append(xa)
+    return ys + xas
 
 
-@torch.library.custom_op("lowrank::lora_linear_backward", mutates_args=())
-def lora_linear_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    absmax: torch.Tensor | None,
-    nested_absmax: torch.Tensor | None,
-    nested_offset: torch.Tensor | None,
-    weight_shape: list[int],
-    blocksize: int,
-    quant_type: str,
-    nested_dtype: torch.dtype,
-    A: torch.Tensor | None,
-    B: torch.Tensor | None,
-    scale: float,
-    xa: torch.Tensor,
-    dropout: float,
-    seed: torch.Tensor | None,
-    need_dx: bool,
-    need_dA: bool,
-    need_dB: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dA, dB)``; a gradient that is not needed comes back as an empty tensor."""
-    w = _weight_object(
-        weight, absmax, nested_absmax, nested_offset, weight_shape, blocksize, quant_type, nested_dtype, x.dtype
-    )
-    dx, dA, dB = _backward_one(
-        dy.contiguous(), x, w, A, B, scale, xa, dropout, seed, 0, need_dx, need_dA, need_dB, backend
-    )
+def _lora_forward_fake(a):
+    M = a.x.shape[0]
+    ys = [a.x.new_empty((M, a.w_shape[2 * i])) for i in range(len(a.A))]
+    return ys + [a.x.new_empty((M, A.shape[0] if A.numel() else 0), dtype=torch.float32) for A in a.A]
+
+
+def _lora_backward(a):
+    x = a.x
     empty = x.new_empty((0,))
-    return (
-        dx.to(x.dtype) if dx is not None else empty,
-        dA if dA is not None else empty.clone(),
-        dB if dB is not None else empty.clone(),
-    )
-
-
-@lora_linear_backward_op.register_fake
-def _(
-    dy,
-    x,
-    weight,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    weight_shape,
-    blocksize,
-    quant_type,
-    nested_dtype,
-    A,
-    B,
-    scale,
-    xa,
-    dropout,
-    seed,
-    need_dx,
-    need_dA,
-    need_dB,
-    backend,
-):
-    empty = x.new_empty((0,))
-    return (
-        torch.empty_like(x) if need_dx else empty,
-        torch.empty_like(A) if need_dA else empty.clone(),
-        torch.empty_like(B) if need_dB else empty.clone(),
-    )
-
-
-def _lora_linear_setup(ctx, inputs, output):
-    (
-        x,
-        weight,
-        absmax,
-        nested_absmax,
-        nested_offset,
-        shape,
-        blocksize,
-        quant_type,
-        nested_dtype,
-        A,
-        B,
-        scale,
-        bias,
-        dropout,
-        seed,
-        backend,
-    ) = inputs
-    ctx.save_for_backward(x, weight, absmax, nested_absmax, nested_offset, A, B, seed, output[1])
-    ctx.meta = (
-        list(shape),
-        blocksize,
-        quant_type,
-        nested_dtype,
-        scale,
-        dropout,
-        backend,
-        None if bias is None else bias.dtype,
-    )
-    ctx.mark_non_differentiable(output[1])
-
-
-def _lora_linear_backward(ctx, dy, _dxa):
-    x, weight, absmax, nested_absmax, nested_offset, A, B, seed, xa = ctx.saved_tensors
-    shape, blocksize, quant_type, nested_dtype, scale, dropout, backend, bias_dtype = ctx.meta
-    needs = ctx.needs_input_grad
-    need_dx, need_dA, need_dB = needs[0], bool(A is not None and needs[9]), bool(B is not None and needs[10])
-    dx = dA = dB = None
-    if need_dx or need_dA or need_dB:
-        dx, dA, dB = lora_linear_backward_op(
-            dy,
+    dx_sum, dAs, dBs = None, [], []
+    for i, w in enumerate(_weights_from_args(a, x.dtype)):
+        A, B = _present(a.A[i]), _present(a.B[i])
+        dx, dA, dB = _backward_one(
+            a.dy[i].contiguous(),
             x,
-            weight,
-            absmax,
-            nested_absmax,
-            nested_offset,
-            shape,
-            blocksize,
-            quant_type,
-            nested_dtype,
+            w,
             A,
             B,
-            scale,
-            xa,
-            dropout,
-            seed,
-            need_dx,
-            need_dA,
-            need_dB,
-            backend,
+            a.scale[i],
+            a.xa[i],
+            a.dropout,
+            a.seed,
+            i,
+            a.need_dx,
+            A is not None and a.need_dA[i],
+            B is not None and a.need_dB[i],
+            a.backend,
         )
-    dbias = dy.sum(0, dtype=torch.float32).to(bias_dtype) if bias_dtype is not None and needs[12] else None
-    return (
-        dx if need_dx else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        dA if need_dA else None,
-        dB if need_dB else None,
-        None,
-        dbias,
-        None,
-        None,
-        None,
-    )
+        if a.need_dx:  # several projections: every dx summed in ONE fp32 buffer
+            dx_sum = dx if len(a.A) == 1 else (dx.float() if dx_sum is None else dx_sum.add_(dx))
+        dAs.append(empty.clone() if dA is None else dA)
+        dBs.append(empty.clone() if dB is None else dB)
+    dx = dx_sum.to(x.dtype) if a.need_dx else empty.clone()
+    return [dx, *dAs, *dBs]
 
 
-lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+def _lora_backward_fake(a):
+    x = a.x
+    empty = x.new_empty((0,))
+    dAs = [torch.empty_like(A) if need and A.numel() else empty.clone() for A, need in zip(a.A, a.need_dA, strict=True)]
+    dBs = [torch.empty_like(B) if need and B.numel() else empty.clone() for B, need in zip(a.B, a.need_dB, strict=True)]
+    return [torch.empty_like(x) if a.need_dx else empty.clone(), *dAs, *dBs]
+
+
+LORA.define(_lora_forward, _lora_forward_fake)
+LORA_BACKWARD.define(_lora_backward, _lora_backward_fake)
+_WEIGHT_TENSORS = tuple(f"w_{field}" for field in TENSOR_FIELDS)
+_WEIGHT_META = tuple(name for name, _ in WEIGHT_ARGS if name not in _WEIGHT_TENSORS)
+
+
+def _lora_setup(ctx, a, output):
+    n = len(a.A)
+    save(ctx, x=a.x, seed=a.seed, A=a.A, B=a.B, xa=output[n:], **{name: getattr(a, name) for name in _WEIGHT_TENSORS})
+    ctx.args = {name: getattr(a, name) for name in (*_WEIGHT_META, "scale", "dropout", "backend")}
+    ctx.need = ([A.requires_grad for A in a.A], [B.requires_grad for B in a.B])
+    ctx.bias_grad = [b.dtype if b.numel() and b.requires_grad else None for b in a.bias]
+    ctx.mark_non_differentiable(*output[n:])
+
+
+def _lora_autograd_backward(ctx, grads):
+    kept = saved(ctx)
+    x, n = kept["x"], len(kept["A"])
+    # An output that did not reach the loss gets no gradient: it contributes zero.
+    dys = [
+        torch.zeros((x.shape[0], ctx.args["w_shape"][2 * i]), dtype=x.dtype, device=x.device) if g is None else g
+        for i, g in enumerate(grads[:n])
+    ]
+    need_dA, need_dB = ctx.need
+    need_dx = ctx.needs_input_grad[0]
+    out = LORA_BACKWARD(dy=dys, need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, **kept, **ctx.args)
+    return {
+        "x": out[0] if need_dx else None,
+        "A": [g if need else None for g, need in zip(out[1 : 1 + n], need_dA, strict=True)],
+        "B": [g if need else None for g, need in zip(out[1 + n :], need_dB, strict=True)],
+        "bias": [
+            None if dt is None else dys[i].sum(0, dtype=torch.float32).to(dt) for i, dt in enumerate(ctx.bias_grad)
+        ],
+    }
+
+
+LORA.register_autograd(_lora_setup, _lora_autograd_backward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,8 +439,7 @@ def _check_x_and_dropout(x, dropout: float) -> None:
         raise TypeError(f"x dtype must be float32/float16/bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be non-empty with features in its last dim, got shape {tuple(x.shape)}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    D.check_p(dropout)
 
 
 def _seed_tensor(dropout: float, dropout_seed) -> torch.Tensor | None:
@@ -474,17 +450,6 @@ def _seed_tensor(dropout: float, dropout_seed) -> torch.Tensor | None:
     if isinstance(dropout_seed, torch.Tensor):
         return dropout_seed.reshape(()).to(device="cpu", dtype=torch.int64)
     return torch.tensor(int(dropout_seed), dtype=torch.int64)
-
-
-def _weight_fields(w) -> tuple:
-    """The op arguments describing ``w``.
-
-    (tensor, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, nested_dtype).
-    """
-    if _is_4bit(w):
-        shape = [int(s) for s in w.shape]
-        return (w.packed, w.absmax, w.nested_absmax, w.nested_offset, shape, w.blocksize, w.quant_type, w.nested_dtype)
-    return (w, None, None, None, [int(s) for s in w.shape], 0, "none", torch.float32)
 
 
 @torch._dynamo.assume_constant_result
@@ -501,6 +466,24 @@ def _resolve(op: str, device: str, backend: str | None) -> str:
     return name
 
 
+def lora_op_args(x2d, projections, dropout: float, seed, backend: str) -> dict:
+    """The named arguments of :data:`LORA` for validated ``projections`` of ``(w, A, B, scale, bias)`` (A, B,
+    bias may be None) of a 2-D ``x2d``, with ``backend`` resolved."""
+    empty = x2d.new_empty((0,))
+    args = _weights_to_args([p[0] for p in projections], empty)
+    args.update(
+        x=x2d,
+        A=[empty if p[1] is None else p[1] for p in projections],
+        B=[empty if p[2] is None else p[2] for p in projections],
+        scale=[float(p[3]) for p in projections],
+        bias=[empty if p[4] is None else p[4] for p in projections],
+        dropout=float(dropout),
+        seed=seed,
+        backend=backend,
+    )
+    return args
+
+
 def _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed):
     _check_x_and_dropout(x, dropout)
     n_out, k_in = _check_projection(x, w, A, B, scale, bias)
@@ -511,7 +494,7 @@ def _lora_call(x, w, A, B, scale, bias, dropout, backend, dropout_seed):
     else:
         name = _resolve("lora", str(x.device), backend)
     seed = _seed_tensor(dropout, dropout_seed) if A is not None else None
-    y, _ = lora_linear_op(x2d, *_weight_fields(w), A, B, float(scale), bias, float(dropout), seed, name)
+    y, _ = LORA(**lora_op_args(x2d, [(w, A, B, scale, bias)], dropout, seed, name))
     return y.reshape(*lead, n_out)
 
 

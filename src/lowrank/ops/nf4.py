@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from lowrank.kernels import nf4 as K
+from lowrank.nf4_format import TENSOR_FIELDS
 from lowrank.ops import dispatch
 from lowrank.ops.dispatch import register
+from lowrank.ops.spec import OpSpec
 
 # ---------------------------------------------------------------------------------------------------
 # torch backend: the references themselves.
@@ -69,82 +71,72 @@ for _op in ("quantize_4bit", "double_quantize", "double_dequantize", "dequantize
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowrank::quantize_4bit", mutates_args=())
-def quantize_4bit_op(
-    x: torch.Tensor, blocksize: int, quant_type: str, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return dispatch.implementation("quantize_4bit", backend)(x, blocksize, quant_type)
+# Each op's arguments are declared once (OpSpec); each takes the resolved backend name.
 
+QUANTIZE = OpSpec(
+    "lowrank::quantize_4bit",
+    [("x", "Tensor"), ("blocksize", "int"), ("quant_type", "str"), ("backend", "str")],
+    returns="(Tensor, Tensor)",  # packed uint8 ((n + 1) // 2, 1), absmax fp32 [nb]
+)
+DOUBLE_QUANTIZE = OpSpec(
+    "lowrank::double_quantize",
+    [("absmax", "Tensor"), ("backend", "str")],
+    returns="(Tensor, Tensor, Tensor)",  # codes uint8 [nb], nested_absmax fp32 [ceil(nb / 256)], nested_offset 0-dim
+)
+DOUBLE_DEQUANTIZE = OpSpec(
+    "lowrank::double_dequantize",
+    [
+        ("qabsmax", "Tensor"),
+        ("nested_absmax", "Tensor"),
+        ("nested_offset", "Tensor"),
+        ("backend", "str"),
+        ("nested_dtype", "ScalarType", torch.float32),
+    ],
+    returns="Tensor",  # fp32 [nb]
+)
+DEQUANTIZE = OpSpec(
+    "lowrank::dequantize_4bit",
+    [
+        *((field, "Tensor" if field in ("packed", "absmax") else "Tensor?") for field in TENSOR_FIELDS),
+        ("shape", "int[]"),
+        ("dtype", "ScalarType"),
+        ("blocksize", "int"),
+        ("quant_type", "str"),
+        ("backend", "str"),
+        ("nested_dtype", "ScalarType", torch.float32),
+    ],
+    returns="Tensor",  # `shape` in `dtype`
+)
 
-@quantize_4bit_op.register_fake
-def _(x, blocksize, quant_type, backend):
-    n = x.numel()
-    return (
-        x.new_empty(K.packed_shape(n), dtype=torch.uint8),
-        x.new_empty((K.num_blocks(n, blocksize),), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("lowrank::double_quantize", mutates_args=())
-def double_quantize_op(absmax: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dispatch.implementation("double_quantize", backend)(absmax)
-
-
-@double_quantize_op.register_fake
-def _(absmax, backend):
-    nb = absmax.numel()
-    return (
-        absmax.new_empty((nb,), dtype=torch.uint8),
-        absmax.new_empty((K.num_blocks(nb, K.NESTED_BLOCKSIZE),), dtype=torch.float32),
-        absmax.new_empty((), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("lowrank::double_dequantize", mutates_args=())
-def double_dequantize_op(
-    qabsmax: torch.Tensor,
-    nested_absmax: torch.Tensor,
-    nested_offset: torch.Tensor,
-    backend: str,
-    nested_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    return dispatch.implementation("double_dequantize", backend)(qabsmax, nested_absmax, nested_offset, nested_dtype)
-
-
-@double_dequantize_op.register_fake
-def _(qabsmax, nested_absmax, nested_offset, backend, nested_dtype=torch.float32):
-    return qabsmax.new_empty(qabsmax.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("lowrank::dequantize_4bit", mutates_args=())
-def dequantize_4bit_op(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_offset: torch.Tensor | None,
-    shape: list[int],
-    dtype: torch.dtype,
-    blocksize: int,
-    quant_type: str,
-    backend: str,
-    nested_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    return dispatch.implementation("dequantize_4bit", backend)(
-        packed, absmax, nested_absmax, nested_offset, tuple(shape), dtype, blocksize, quant_type, nested_dtype
-    )
-
-
-@dequantize_4bit_op.register_fake
-def _(
-    packed,
-    absmax,
-    nested_absmax,
-    nested_offset,
-    shape,
-    dtype,
-    blocksize,
-    quant_type,
-    backend,
-    nested_dtype=torch.float32,
-):
-    return packed.new_empty(shape, dtype=dtype)
+quantize_4bit_op = QUANTIZE.define(
+    lambda a: dispatch.implementation("quantize_4bit", a.backend)(a.x, a.blocksize, a.quant_type),
+    lambda a: (
+        a.x.new_empty(K.packed_shape(a.x.numel()), dtype=torch.uint8),
+        a.x.new_empty((K.num_blocks(a.x.numel(), a.blocksize),), dtype=torch.float32),
+    ),
+)
+double_quantize_op = DOUBLE_QUANTIZE.define(
+    lambda a: dispatch.implementation("double_quantize", a.backend)(a.absmax),
+    lambda a: (
+        a.absmax.new_empty((a.absmax.numel(),), dtype=torch.uint8),
+        a.absmax.new_empty((K.num_blocks(a.absmax.numel(), K.NESTED_BLOCKSIZE),), dtype=torch.float32),
+        a.absmax.new_empty((), dtype=torch.float32),
+    ),
+)
+double_dequantize_op = DOUBLE_DEQUANTIZE.define(
+    lambda a: dispatch.implementation("double_dequantize", a.backend)(
+        a.qabsmax, a.nested_absmax, a.nested_offset, a.nested_dtype
+    ),
+    lambda a: a.qabsmax.new_empty(a.qabsmax.shape, dtype=torch.float32),
+)
+dequantize_4bit_op = DEQUANTIZE.define(
+    lambda a: dispatch.implementation("dequantize_4bit", a.backend)(
+        *(getattr(a, field) for field in TENSOR_FIELDS),
+        tuple(a.shape),
+        a.dtype,
+        a.blocksize,
+        a.quant_type,
+        a.nested_dtype,
+    ),
+    lambda a: a.packed.new_empty(a.shape, dtype=a.dtype),
+)

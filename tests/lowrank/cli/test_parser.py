@@ -58,7 +58,14 @@ def test_every_flagged_train_config_field_is_a_finetune_flag_that_reaches_train_
         if isinstance(f.default, bool):
             argv, want = [flag], not f.default
         else:
-            special = {"schedule": "linear", "optimizer": "paged_adamw", "precision": "fp32", "device": "cpu"}
+            special = {
+                "schedule": "linear",
+                "optimizer": "paged_adamw",
+                "precision": "fp32",
+                "device": "cpu",
+                "report_to": "tensorboard",
+            }
+            special["distributed"] = "ddp"
             value = special.get(f.name, "0.5" if f.name in ("lr", "adam_beta1", "adam_beta2") else "3")
             argv, want = [flag, value], (spec.get("type") or type(f.default))(value)
         base = [] if f.name == "eval_every" else ["--eval-every", "1"]  # early stopping needs evaluations

@@ -86,7 +86,8 @@ def test_backward_keeps_no_dense_weight_and_never_grads_it():
 
 
 def test_state_dict_keys_are_bitsandbytes_and_round_trip(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
+    from safetensors import torch as safetensors
+
     layer = LinearNF4.from_linear(make_linear())
     sd = layer.state_dict()
     assert set(sd) == BNB_KEYS

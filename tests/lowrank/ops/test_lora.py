@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_within_torch_error as assert_within_rule
+from lowrank.kernels import dropout as D
 from lowrank.kernels import lora_matmul as LK
 
 from lowrank.nf4 import dequantize, quantize
+from lowrank.nf4_format import TENSOR_FIELDS
 from lowrank.ops import dispatch, lora_linear, lora_linear_multi, lora_linear_multi_adapter, lora_linear_nf4
 from lowrank.ops import lora as L
-from lowrank.ops import lora_multi as LM
 
 N, KDIM, RANK = 40, 96, 5  # K = 96 with blocksize 64: quantization blocks span two rows of W; odd rank
 ALPHA = 16.0
@@ -64,14 +65,15 @@ def peft_style(x, dense, A, B, scale, bias, keep, p, dtype):
     return y, x.grad, A.grad, B.grad, (None if b is None else b.grad)
 
 
-def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0, n=N, k=KDIM):
+def run_and_check(M, dtype, kind, bias, p, rslora, backend, lead=None, seed=0, n=N, k=KDIM, dropout_seed=1234):
     w, dense, x, A, B, b = make_problem(M, dtype, kind, bias, seed=seed, lead=lead, n=n, k=k)
     scale = ALPHA / math.sqrt(RANK) if rslora else ALPHA / RANK
-    keep = L.dropout_mask(x.reshape(-1, k).shape, p, 1234, "cpu").reshape(x.shape) if p else None
+    # the reference mask (pure torch): every backend must drop exactly these elements
+    keep = L.dropout_mask(x.reshape(-1, k).shape, p, dropout_seed, "cpu").reshape(x.shape) if p else None
     xs, As, Bs = x.clone().requires_grad_(True), A.clone().requires_grad_(True), B.clone().requires_grad_(True)
     bs = None if b is None else b.clone().requires_grad_(True)
     fn = lora_linear_nf4 if kind == "nf4" else lora_linear
-    y = fn(xs, w, As, Bs, scale, bs, dropout=p, backend=backend, dropout_seed=1234)
+    y = fn(xs, w, As, Bs, scale, bs, dropout=p, backend=backend, dropout_seed=dropout_seed)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
     g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(dtype)
     (y * g).sum().backward()
@@ -151,6 +153,74 @@ def test_dropout_mask_is_seeded_and_has_rate_p():
     assert abs((~m1).float().mean().item() - 0.3) < 0.03
 
 
+BACKENDS = ["torch", "triton", "ext"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "M,dtype,kind,p,dropout_seed,k",
+    [
+        (67, torch.float32, "nf4", 0.1, 2**62 + 7, 45),  # odd K, M not a multiple of any tile
+        (3, torch.bfloat16, "nf4", 0.5, 5, KDIM),
+        (17, torch.float16, "dense", 0.3, -11, 45),
+    ],
+)
+def test_every_backend_drops_the_reference_elements(backend, M, dtype, kind, p, dropout_seed, k):
+    """Forward and gradients with dropout, against the fp64 reference built from the pure-torch mask: a
+    backend that dropped other elements would miss the rule by far more than rounding."""
+    if not usable(backend):
+        pytest.skip(f"the {backend} backend of lora_forward/lora_backward is not usable here")
+    run_and_check(M, dtype, kind, True, p, False, backend, lead=(1,), k=k, n=37, dropout_seed=dropout_seed)
+
+
+def test_torch_backend_row_chunks_cross_rows(monkeypatch):
+    """The torch backend builds the mask in row chunks: with chunks of 2 rows the result still follows the
+    whole-tensor reference mask."""
+    monkeypatch.setattr(D, "REF_CHUNK_ELEMENTS", 2 * 45)
+    run_and_check(67, torch.float32, "nf4", True, 0.3, False, "torch", k=45, n=37, dropout_seed=9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_uses_the_forward_mask(backend):
+    """y is linear in x, in A and in B separately, so <grad, v> must equal the change of sum(y * g) along v
+    with the SAME seed; a backward that regenerated another mask would not."""
+    if not usable(backend):
+        pytest.skip(f"the {backend} backend of lora_forward/lora_backward is not usable here")
+    w, _, x, A, B, b = make_problem(29, torch.float32, "nf4", k=KDIM)
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(29, N, generator=gen)
+    vx, vA, vB = (
+        torch.randn(x.shape, generator=gen),
+        torch.randn(A.shape, generator=gen),
+        torch.randn(B.shape, generator=gen),
+    )
+
+    def loss(x_, A_, B_):
+        return (lora_linear_nf4(x_, w, A_, B_, 2.0, b, dropout=0.4, backend=backend, dropout_seed=77) * g).sum()
+
+    xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+    loss(xs, As, Bs).backward()
+    with torch.no_grad():
+        base = loss(x, A, B).double()
+        for name, grad, change in (
+            ("x", xs.grad, loss(x + vx, A, B).double() - base),
+            ("A", As.grad, loss(x, A + vA, B).double() - base),
+            ("B", Bs.grad, loss(x, A, B + vB).double() - base),
+        ):
+            v = {"x": vx, "A": vA, "B": vB}[name]
+            predicted = (grad.double() * v.double()).sum()
+            assert abs(predicted - change) <= 1e-4 * (abs(change) + 1), f"d/d{name}: {predicted} vs {change}"
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan"), True, "0.2"])
+def test_bad_dropout_probability_raises_naming_it(p):
+    w, _, x, A, B, b = make_problem(3, torch.float32, "nf4")
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got"):
+        lora_linear_nf4(x, w, A, B, 1.0, dropout=p)
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got"):
+        lora_linear_multi(x, [(w, A, B, 1.0, b)], dropout=p)
+
+
 def test_dropout_unseeded_follows_torch_manual_seed_and_only_touches_lora_branch():
     w, dense, x, A, B, b = make_problem(16, torch.float32, "nf4")
     torch.manual_seed(3)
@@ -184,10 +254,12 @@ def saved_tensors_of(fn):
     return out, saved
 
 
-@pytest.mark.parametrize("backend,backward_path", [("torch", None), ("triton", "fused"), ("triton", "dequant")])
+@pytest.mark.parametrize(
+    "backend,backward_path", [("torch", None), ("triton", "fused"), ("triton", "dequant"), ("ext", None)]
+)
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_saves_packed_weight_x_and_adapters_only(p, backend, backward_path, monkeypatch):
-    if backend == "triton" and not usable("triton"):
+    if backend != "torch" and not usable(backend):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
     w, dense, x, A, B, b = make_problem(67, torch.float32, "nf4")
     x.requires_grad_(True)
@@ -235,38 +307,33 @@ def test_no_gradient_reaches_the_base_weight():
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_opcheck_lora_linear(kind, p):
     w, dense, x, A, B, b = make_problem(5, torch.float32, kind)
-    fields = L._weight_fields(w)
     seed = torch.tensor(11) if p else None
-    args = (x.requires_grad_(True), *fields, A.requires_grad_(True), B.requires_grad_(True), 0.7, b, p, seed, "torch")
-    torch.library.opcheck(L.lora_linear_op, args)
+    projection = (w, A.requires_grad_(True), B.requires_grad_(True), 0.7, b)
+    args = L.lora_op_args(x.requires_grad_(True), [projection], p, seed, "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(args))
 
 
-def test_opcheck_lora_linear_multi():
+def test_opcheck_base_only_and_several_projections():
     w1, _, x, A1, B1, b1 = make_problem(5, torch.float32, "nf4", seed=1)
     w2, _, _, A2, B2, _ = make_problem(5, torch.float32, "dense", seed=2, n=24)
-    f1, f2 = L._weight_fields(w1), L._weight_fields(w2)
-    lists = [
-        [torch.empty(0) if a is None else a, torch.empty(0) if c is None else c] for a, c in zip(f1, f2, strict=True)
+    base_only = L.lora_op_args(x.clone().requires_grad_(True), [(w1, None, None, 0.0, b1)], 0.0, None, "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(base_only))
+    projections = [
+        (w1, A1.requires_grad_(True), B1.requires_grad_(True), 0.5, b1.requires_grad_(True)),
+        (w2, A2.requires_grad_(True), B2, 2.0, None),
     ]
-    kinds = "nf4:float32,none:float32"
-    args = (
-        x.requires_grad_(True),
-        lists[0],
-        lists[1],
-        lists[2],
-        lists[3],
-        lists[4][0] + lists[4][1],
-        lists[5],
-        kinds,
-        [A1.requires_grad_(True), A2.requires_grad_(True)],
-        [B1.requires_grad_(True), B2],
-        [0.5, 2.0],
-        [b1.requires_grad_(True), torch.empty(0)],
-        0.1,
-        torch.tensor(5),
-        "torch",
-    )
-    torch.library.opcheck(LM.lora_linear_multi_op, args)
+    args = L.lora_op_args(x.requires_grad_(True), projections, 0.1, torch.tensor(5), "torch")
+    torch.library.opcheck(L.LORA.op, L.LORA.positional(args))
+
+
+def test_the_op_arguments_are_declared_once():
+    # the backward op is derived from the forward op; the weight fields come from NF4Weight's
+    fwd, bwd = L.LORA, L.LORA_BACKWARD
+    assert bwd.names == ("dy", *(n for n in fwd.names if n != "bias"), "xa", "need_dx", "need_dA", "need_dB")
+    assert [n for n in fwd.names if n.startswith("w_")][:4] == [f"w_{f}" for f in TENSOR_FIELDS]
+    assert str(torch.ops.lowrank.lora_linear.default._schema).endswith(fwd.schema.split("(", 1)[1].split(")")[1])
+    with pytest.raises(TypeError, match="missing arguments \\['seed'\\]"):
+        fwd.positional({n: None for n in fwd.names if n != "seed"})
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -322,10 +389,23 @@ def test_multi_equals_separate_calls(p):
 @pytest.mark.parametrize("backward_path", LK.BACKWARD_PATHS)
 @pytest.mark.parametrize("M,dtype,p", [(3, torch.float32, 0.3), (67, torch.bfloat16, 0.0), (1, torch.float16, 0.2)])
 def test_multi_triton_matches_reference(M, dtype, p, backward_path, monkeypatch):
-    # q/k/v-style: two NF4 projections (one with odd N) and a dense one in ONE op, dx summed over them.
     if not usable("triton"):
         pytest.skip("the triton backend of lora_forward/lora_backward is not registered or not usable here")
     monkeypatch.setenv(dispatch.LORA_BACKWARD_PATH_ENV, backward_path)
+    check_multi(M, dtype, p, "triton", f"triton multi, {backward_path}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("M,dtype,p", [(67, torch.bfloat16, 0.3), (5, torch.float32, 0.1)])
+def test_multi_with_dropout_matches_reference(M, dtype, p, backend):
+    if not usable(backend):
+        pytest.skip(f"the {backend} backend of lora_forward/lora_backward is not usable here")
+    check_multi(M, dtype, p, backend, f"{backend} multi")
+
+
+def check_multi(M, dtype, p, backend, label):
+    # q/k/v-style: two NF4 projections (one with odd N) and a dense one in ONE op, dx summed over them; with
+    # dropout, projection i drops the elements of the reference mask of seed 21 + i.
     problems, projections = [], []
     x = make_problem(M, dtype)[2]
     for i, (kind, n, bias) in enumerate([("nf4", 40, True), ("nf4", 23, False), ("dense", 24, True)]):
@@ -334,7 +414,7 @@ def test_multi_triton_matches_reference(M, dtype, p, backward_path, monkeypatch)
         problems.append((dense, A, B, scale, b))
         projections.append((w, A.clone().requires_grad_(True), B.clone().requires_grad_(True), scale, b))
     xm = x.clone().requires_grad_(True)
-    outs = lora_linear_multi(xm, projections, dropout=p, backend="triton", dropout_seed=21)
+    outs = lora_linear_multi(xm, projections, dropout=p, backend=backend, dropout_seed=21)
     grads = [torch.linspace(-1, 1, o.numel(), dtype=torch.float64).reshape(o.shape).to(dtype) for o in outs]
     sum((o * g).sum() for o, g in zip(outs, grads, strict=True)).backward()
     refs = {torch.float64: [], dtype: []}
@@ -343,7 +423,7 @@ def test_multi_triton_matches_reference(M, dtype, p, backward_path, monkeypatch)
         ref64 = peft_style(x, dense.double(), A.double(), B.double(), scale, b, keep, p, torch.float64)
         refs[torch.float64].append(ref64)
         refs[dtype].append(peft_style(x, dense, A, B, scale, b, keep, p, dtype))
-    what = f"(triton multi, {backward_path}, M={M}, {dtype})"
+    what = f"({label}, M={M}, {dtype})"
     for i, (_, A, B, _, _) in enumerate(projections):
         ref, same = refs[torch.float64][i], refs[dtype][i]
         assert_within_rule(outs[i], same[0], ref[0], dtype, f"y[{i}] {what}")
