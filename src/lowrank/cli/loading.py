@@ -120,6 +120,7 @@ def load_model(args, path: Path, config: dict, tokenizer, labels):
             spec == args.model
             and getattr(args, "method", None)
             and resolve_method(args) == "qlora"
+            and getattr(args, "init", "kaiming") not in ("pissa", "olora", "loftq")  # these need the dense W
             and _streamable(path)
         ):
             return _stream_4bit(args, path, config, labels)
