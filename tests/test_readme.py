@@ -41,7 +41,10 @@ def test_models_block_runs_as_written(tmp_path, monkeypatch):
     with torch.no_grad():  # the adapter loaded into the reloaded 4-bit base gives the prepared model's output
         want = namespace["model"](input_ids=ids).logits.float()
         got = namespace["again"](input_ids=ids).logits.float()
+        fresh = namespace["fresh"](input_ids=ids).logits.float()
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert any(type(m).__name__ == "LinearNF4" for m in namespace["fresh"].modules())  # the NF4 base, rebuilt
+    torch.testing.assert_close(fresh, want, atol=2e-2, rtol=2e-2)
 
 
 def test_peft_block_runs_as_written(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ _EXPORTS = {
     "LoRALinear": "lowrank.nn",
     # models, files, freezing, optimizer
     "prepare_model": "lowrank.models",
+    "LoRAOptionError": "lowrank.models",
     "add_adapter": "lowrank.models",
     "delete_adapter": "lowrank.models",
     "disable_adapters": "lowrank.models",
@@ -69,6 +70,7 @@ __all__ = [  # the public names: _SUBMODULES and _EXPORTS (tests/lowrank/test_pa
     "LinearNF4",
     "LoRALinear",
     "prepare_model",
+    "LoRAOptionError",
     "add_adapter",
     "delete_adapter",
     "disable_adapters",
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
     from lowrank.adapters import load_adapter, load_quantized, merge_adapters, save_adapter, save_quantized
     from lowrank.loading import from_pretrained
     from lowrank.models import (
+        LoRAOptionError,
         add_adapter,
         delete_adapter,
         disable_adapters,

@@ -22,7 +22,7 @@ from torch import nn
 from lowrank import freeze as _freeze
 from lowrank import saving as _saving
 from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
-from lowrank.nn.lora import DECOMPOSING_INITS, INITS
+from lowrank.nn.lora import DECOMPOSING_INITS, INITS, LoRAOptionError, _check_rank_alpha_dropout
 
 try:  # transformers is a runtime dependency, Conv1D only matters for GPT-2-style models
     from transformers.pytorch_utils import Conv1D
@@ -41,8 +41,9 @@ _TASK_TYPES = (
 )
 
 
-class TargetModulesError(ValueError):
-    """``target_modules`` / ``modules_to_save`` name modules the model does not have."""
+class TargetModulesError(LoRAOptionError):
+    """``target_modules`` / ``modules_to_save`` / ``exclude_modules`` / ``layers_*`` name modules the model
+    does not have (a :class:`LoRAOptionError`)."""
 
 
 @dataclasses.dataclass
@@ -329,24 +330,33 @@ def _as_linear(module: nn.Module) -> nn.Linear:
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
+def _sides(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear layer (nn.Linear, LinearNF4, GPT-2's Conv1D) or an embedding (ids, dim)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    return tuple(int(s) for s in module.weight.shape[:2])  # Conv1D stores (in, out)
+
+
 def _check_pattern(pattern, what: str, integer: bool) -> dict:
     if pattern is None:
         return {}
     if not isinstance(pattern, dict):
-        raise ValueError(f"{what} must be a dict {{module pattern: value}}, got {pattern!r}")
+        raise LoRAOptionError(f"{what} must be a dict {{module pattern: value}}, got {pattern!r}")
     for key, value in pattern.items():
         if not isinstance(key, str) or not key:
-            raise ValueError(f"{what} keys must be non-empty strings (module-name patterns), got {key!r}")
+            raise LoRAOptionError(f"{what} keys must be non-empty strings (module-name patterns), got {key!r}")
         try:
             re.compile(key)
         except re.error as err:
-            raise ValueError(f"{what} key {key!r} is not a valid regular expression: {err}") from err
+            raise LoRAOptionError(f"{what} key {key!r} is not a valid regular expression: {err}") from err
         ok = not isinstance(value, bool) and (
             (isinstance(value, int) and value > 0) if integer else isinstance(value, (int, float))
         )
         if not ok:
             kind = "a positive integer" if integer else "a number"
-            raise ValueError(f"{what}[{key!r}] must be {kind}, got {value!r}")
+            raise LoRAOptionError(f"{what}[{key!r}] must be {kind}, got {value!r}")
     return dict(pattern)
 
 
@@ -415,23 +425,28 @@ def prepare_model(
     """
     if getattr(model, "lowrank_config", None) is not None:
         raise ValueError("model was already prepared by lowrank.prepare_model")
+    _check_rank_alpha_dropout(r, alpha, dropout)
+    if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 1:
+        raise LoRAOptionError(f"loftq_iters must be a positive int, got {loftq_iters!r}")
     if quantize not in (None, "nf4", "fp4"):
-        raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+        raise LoRAOptionError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     if init not in (*INITS, *DECOMPOSING_INITS):
-        raise ValueError(f"init must be one of {sorted(set(INITS) | set(DECOMPOSING_INITS))}, got {init!r}")
+        raise LoRAOptionError(f"init must be one of {sorted(set(INITS) | set(DECOMPOSING_INITS))}, got {init!r}")
     if use_dora and init in DECOMPOSING_INITS:
-        raise ValueError(
+        raise LoRAOptionError(
             f"use_dora=True cannot be combined with init={init!r} (the decomposition rewrites the base weight the "
             "DoRA magnitude is measured against); use init='kaiming' or 'gaussian'"
         )
     if init == "loftq" and quantize is None:
-        raise ValueError("init='loftq' fits the adapter to the quantization error: it needs quantize='nf4' or 'fp4'")
+        raise LoRAOptionError(
+            "init='loftq' fits the adapter to the quantization error: it needs quantize='nf4' or 'fp4'"
+        )
     if bias not in BIAS_CHOICES:
-        raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {bias!r}")
+        raise LoRAOptionError(f"bias must be one of {BIAS_CHOICES}, got {bias!r}")
     rank_pattern = _check_pattern(rank_pattern, "rank_pattern", integer=True)
     alpha_pattern = _check_pattern(alpha_pattern, "alpha_pattern", integer=False)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        raise LoRAOptionError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     bytes_before = _bytes(model)
     task_type = task_type_of(model)
     all_linear = linear_module_names(model)
@@ -468,6 +483,13 @@ def prepare_model(
             f"embedding targets {embedding_targets} take plain LoRA only: use_dora={use_dora!r}, init={init!r} "
             "are for linear layers (drop the embeddings from target_modules)"
         )
+    for name in targets:  # checked before the model changes: a too-large rank is an error, not a huge allocation
+        rank, sides = pattern_value(rank_pattern, name, r), _sides(model.get_submodule(name))
+        if rank > max(sides):
+            raise LoRAOptionError(
+                f"r={rank} for {name} ({sides[0]} -> {sides[1]}): expected r <= {max(sides)}, the larger side "
+                "of the layer (a rank above min(in, out) already adds no expressiveness)"
+            )
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -162,3 +162,36 @@ def test_real_minilm_encoder_survives_nf4(monkeypatch):
     assert s.bytes_after == s.bytes_before - dense_weight_bytes + packed_bytes + lora_bytes
     assert packed_bytes < dense_weight_bytes / 7  # ~4.13 bits per weight instead of 32
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"r": 0}, "r must be a positive int, got 0"),
+        ({"r": -3}, "r must be a positive int, got -3"),
+        ({"r": 2.5}, "r must be a positive int, got 2.5"),
+        ({"r": 100_000}, "r=100000 for model.layers.0.self_attn.q_proj (64 -> 64): expected r <= 64"),
+        ({"r": 4, "rank_pattern": {"q_proj": 999}}, "r=999 for model.layers.0.self_attn.q_proj"),
+        ({"alpha": float("nan")}, "alpha must be a finite number > 0, got nan"),
+        ({"alpha": 0}, "alpha must be a finite number > 0, got 0"),
+        ({"alpha": -1.0}, "alpha must be a finite number > 0, got -1.0"),
+        ({"dropout": 1.0}, "dropout must be a probability in [0, 1), got 1.0"),
+        ({"dropout": -0.1}, "dropout must be a probability in [0, 1), got -0.1"),
+        ({"target_modules": ["nonexistent_proj"]}, "nonexistent_proj"),
+        ({"exclude_modules": ".*"}, "selects no module"),
+        ({"init": "svd"}, "init must be one of"),
+        ({"bias": "some"}, "bias must be one of"),
+        ({"init": "loftq", "loftq_iters": 0}, "loftq_iters must be a positive int, got 0"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be"),
+    ],
+    ids=lambda v: repr(v)[:40] if isinstance(v, dict) else None,
+)
+def test_bad_lora_options_raise_lora_option_error_before_any_change(options, message):
+    model = tiny("llama")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(lowrank.LoRAOptionError) as info:
+        prepare_model(model, **options)
+    assert isinstance(info.value, ValueError) and message in str(info.value)
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing was quantized or adapted
+    assert getattr(model, "lowrank_config", None) is None
+    assert all(p.requires_grad for p in model.parameters())

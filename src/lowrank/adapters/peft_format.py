@@ -23,6 +23,7 @@ from lowrank.adapters.errors import (
     read_safetensors,
     unshared,
 )
+from lowrank.dtypes import dtype_name, parse_dtype
 from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -111,16 +112,57 @@ def adapter_config_dict(model: nn.Module, adapter_name: str | None = None) -> di
     }
 
 
-def _metadata(config: _models.LoRASettings) -> dict[str, str]:
-    """safetensors metadata: what a decomposing init needs to rebuild the same base on reload."""
-    meta = {"lowrank": "adapter"}
-    if config.init in ("pissa", "olora", "loftq") and config.quantize is not None:
-        meta.update(
-            lowrank_quantize=config.quantize,
-            lowrank_blocksize=str(config.blocksize),
-            lowrank_double_quant=str(config.double_quant).lower(),
+#: the metadata value of ``lowrank_quantize`` for an adapter trained on a dense base
+DENSE = "none"
+
+
+def _metadata(model: nn.Module, config: _models.LoRASettings) -> dict[str, str]:
+    """safetensors metadata: the base the adapter was trained on, so that :func:`load_adapter` into a fresh
+    model rebuilds it (``lowrank_quantize`` ``nf4``/``fp4``/``none``, and for a 4-bit base its blocksize,
+    double quantization and compute dtype, read from the model's 4-bit layers)."""
+    quantized = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    if not quantized:
+        return {"lowrank": "adapter", "lowrank_quantize": DENSE}
+    kinds = {(m.quant_type, m.blocksize, m.double_quant, m.compute_dtype) for m in quantized}
+    if len(kinds) > 1:  # not one prepare_model call's base: record nothing rather than a wrong recipe
+        return {"lowrank": "adapter"}
+    quant_type, blocksize, double_quant, compute_dtype = kinds.pop()
+    return {
+        "lowrank": "adapter",
+        "lowrank_quantize": quant_type,
+        "lowrank_blocksize": str(blocksize),
+        "lowrank_double_quant": str(bool(double_quant)).lower(),
+        "lowrank_compute_dtype": DENSE if compute_dtype is None else dtype_name(compute_dtype),
+    }
+
+
+def base_recipe(meta: dict[str, str], directory: str = "adapter") -> dict | None:
+    """The ``prepare_model`` base options an adapter's metadata records (``quantize``, and for a 4-bit base
+    ``blocksize``, ``double_quant``, ``compute_dtype``); None when the adapter records none (PEFT wrote it:
+    its adapter_config says nothing about the base's quantization)."""
+    kind = meta.get("lowrank_quantize")
+    if meta.get("lowrank") != "adapter" or kind is None:
+        return None
+    if kind == DENSE:
+        return {"quantize": None}
+    try:
+        recipe = {
+            "quantize": kind,
+            "blocksize": int(meta.get("lowrank_blocksize", "64")),
+            "double_quant": {"true": True, "false": False}[meta.get("lowrank_double_quant", "true")],
+            "compute_dtype": None
+            if meta.get("lowrank_compute_dtype", DENSE) == DENSE
+            else parse_dtype(meta["lowrank_compute_dtype"], what="lowrank_compute_dtype"),
+        }
+    except (KeyError, ValueError) as err:
+        raise AdapterConfigError(
+            f"{directory}: the adapter's lowrank metadata is not readable ({meta}): {err}"
+        ) from err
+    if kind not in ("nf4", "fp4"):
+        raise AdapterConfigError(
+            f"{directory}: lowrank_quantize={kind!r} in the adapter's metadata; expected nf4, fp4 or none"
         )
-    return meta
+    return recipe
 
 
 def _bias_tensors(model: nn.Module, config: _models.LoRASettings) -> dict[str, torch.Tensor]:
@@ -192,10 +234,10 @@ def _converted_to_lora(model: nn.Module, adapter_name: str, config: dict, tensor
 def _write_adapter(model: nn.Module, directory: str, adapter_name: str, convert_to_lora: bool = False) -> None:
     config = adapter_config_dict(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
-    meta = _metadata(_settings(model, adapter_name))
+    meta = _metadata(model, _settings(model, adapter_name))
     if convert_to_lora and _settings(model, adapter_name).init in ("pissa", "olora", "loftq"):
         config, tensors = _converted_to_lora(model, adapter_name, config, tensors)
-        meta = {"lowrank": "adapter"}
+        meta = {"lowrank": "adapter", "lowrank_quantize": DENSE}  # a LoRA of the original (dense) weight
     os.makedirs(directory, exist_ok=True)
     # weights first: a directory with a config always has complete weights next to it
     files.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), unshared(tensors), meta)
@@ -323,26 +365,40 @@ def load_adapter(
     directory: str | os.PathLike,
     *,
     adapter_name: str | None = None,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a PEFT (or lowrank) LoRA adapter from ``directory`` into ``model``; return it.
 
-    An unprepared model is first prepared from the adapter's config (``quantize`` chooses whether the
-    base becomes NF4) and the adapter is named ``adapter_name`` (default ``"default"``). On a prepared
-    model, ``adapter_name`` None or an existing name loads into that adapter (it must have the same
-    targets, ranks and scales); a new name adds the adapter (inactive, as PEFT's ``load_adapter``;
-    ``set_adapter`` activates it). Every adapter tensor must fit its module: AdapterShapeError names the
-    module and both shapes otherwise.
+    An unprepared model is first prepared from the adapter's config. ``quantize="auto"`` rebuilds the base
+    the adapter was trained on: lowrank records it in the adapter's safetensors metadata (``nf4``/``fp4``
+    with blocksize, double quantization and compute dtype, or ``none``), so a QLoRA adapter gets the same
+    4-bit bytes back; an adapter without that record (PEFT writes none: its adapter_config does not say how
+    the base was quantized) gets a dense base, as PEFT loads it. ``"nf4"`` / ``"fp4"`` / None choose the
+    base instead (a recorded blocksize etc. is kept when the kind matches); ``compute_dtype`` overrides
+    the recorded one. A model whose layers are already 4-bit (``load_quantized``) keeps them. The adapter
+    is named ``adapter_name`` (default ``"default"``). On a prepared model, ``adapter_name`` None or an
+    existing name loads into that adapter (it must have the same targets, ranks and scales); a new name
+    adds the adapter (inactive, as PEFT's ``load_adapter``; ``set_adapter`` activates it).
+    Every adapter tensor must fit its module: AdapterShapeError names the module and both shapes otherwise.
     """
     directory = os.fspath(directory)
     cfg = read_adapter_config(directory)
     tensors = read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
     options = _options(cfg)
     init = cfg.get("init_lora_weights", True)
+    if quantize not in ("auto", None, "nf4", "fp4"):
+        raise AdapterConfigError(f"quantize must be 'auto', 'nf4', 'fp4' or None, got {quantize!r}")
     if getattr(model, "lowrank_config", None) is None:
         meta = files.read_safetensors_metadata(os.path.join(directory, ADAPTER_WEIGHTS))
+        recipe = base_recipe(meta, directory) or {"quantize": None}
         prequantized = any(isinstance(m, LinearNF4) for m in model.modules())
+        if quantize == "auto":
+            base = dict(recipe)
+        elif quantize is not None and recipe["quantize"] == quantize:
+            base = dict(recipe)  # the asked-for kind with the recorded blocksize / double quant / compute dtype
+        else:
+            base = {"quantize": quantize}
         lowrank_init = "kaiming"
         if init in ("pissa", "olora", "loftq") and not prequantized:
             # the adapter was trained against the residual of W: rebuild that base from the original weight
@@ -351,23 +407,21 @@ def load_adapter(
                     f"{directory}: init_lora_weights='loftq' written by PEFT: its adapter belongs to the LoftQ base "
                     "PEFT saved with it (load that checkpoint with load_quantized, then this adapter)"
                 )
-            if init == "loftq" and quantize is None:
-                quantize = meta.get("lowrank_quantize", "nf4")
+            if init == "loftq" and base["quantize"] is None:
+                base = dict(recipe) if recipe["quantize"] else {"quantize": "nf4"}
             lowrank_init = init
-        if lowrank_init != "kaiming" and quantize is not None:
-            options["blocksize"] = int(meta.get("lowrank_blocksize", 64))
-            options["double_quant"] = meta.get("lowrank_double_quant", "true") == "true"
             loftq = cfg.get("loftq_config") or {}
             options["loftq_iters"] = int(loftq.get("loftq_iter", 1)) if isinstance(loftq, dict) else 1
+        if compute_dtype is not None:
+            base["compute_dtype"] = compute_dtype
+        options.update(base)
         # PEFT lists both classifier names for SEQ_CLS and ignores the absent one; so do we
         names = [n for n, _ in model.named_modules() if n]
         saved = [s for s in cfg.get("modules_to_save") or [] if any(n == s or n.endswith("." + s) for n in names)]
         _models.prepare_model(
             model,
             **options,
-            quantize=quantize,
             modules_to_save=saved,
-            compute_dtype=compute_dtype,
             bias=cfg.get("bias", "none"),
             adapter_name=adapter_name or DEFAULT_ADAPTER,
             init=lowrank_init,

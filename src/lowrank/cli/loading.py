@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 from lowrank import files
-from lowrank.cli.parser import MAX_STEPS, CliError, train_config
+from lowrank.cli.parser import MAX_STEPS, CliError, resolve_method, train_config
 
 # --------------------------------------------------------------------------------------- models
 
@@ -119,6 +120,7 @@ def load_model(args, path: Path, config: dict, tokenizer, labels):
             spec == args.model
             and getattr(args, "method", None)
             and resolve_method(args) == "qlora"
+            and getattr(args, "init", "kaiming") not in ("pissa", "olora", "loftq")  # these need the dense W
             and _streamable(path)
         ):
             return _stream_4bit(args, path, config, labels)
@@ -194,12 +196,6 @@ def load_tokenizer(spec: str, path: Path):
     return tokenizer
 
 
-def resolve_method(args) -> str:
-    if args.method != "auto":
-        return args.method
-    return "full" if args.model == "tiny-causal" or (args.model == "default" and args.task == "generation") else "qlora"
-
-
 def prepare(model, args):
     """Quantize / add adapters / freeze according to ``--method`` and the targeting flags.
 
@@ -212,6 +208,7 @@ def prepare(model, args):
 
         heads = [n for n, _ in model.named_children() if n in freeze.HEAD_NAMES and n != "lm_head"]
         target = args.target_modules
+        exclude = getattr(args, "exclude_modules", None)  # run.json of runs before the PEFT-option flags lack it
         prepare_model(
             model,
             r=args.r,
@@ -223,6 +220,11 @@ def prepare(model, args):
             blocksize=args.blocksize,
             use_rslora=args.rslora,
             modules_to_save=heads or None,
+            use_dora=getattr(args, "use_dora", False),
+            init=getattr(args, "init", "kaiming"),
+            loftq_iters=getattr(args, "loftq_iters", 1),
+            bias=getattr(args, "bias", "none"),
+            exclude_modules=_names_or_regex(exclude),
         )
         freeze.adapters_only(model)
     elif method == "full":
@@ -243,6 +245,15 @@ def prepare(model, args):
             model, args.lr, args.layer_lr_decay, args.weight_decay, include_frozen=schedule is not None
         )
     return groups, schedule
+
+
+def _names_or_regex(spec: str | None):
+    """``--exclude-modules``: comma-separated names or one plain name -> a list of names/suffixes; else a regex."""
+    if spec is None:
+        return None
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return spec
 
 
 def _layers(spec: str | None):

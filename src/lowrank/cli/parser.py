@@ -20,6 +20,9 @@ from lowrank.config import TrainConfig
 EXIT_USAGE = 2
 MODEL_ALIASES = ("default", "minilm", "tiny-causal")
 METHODS = ("auto", "qlora", "lora", "full", "head")
+#: lowrank.nn.lora's INITS + "loftq" and lowrank.models' BIAS_CHOICES (spelled here: no torch import at parse time)
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
+LORA_BIAS = ("none", "all", "lora_only")
 
 
 class CliError(ValueError):
@@ -111,6 +114,22 @@ def _add_finetune_flags(p) -> None:
     g.add_argument("--target-modules", default="all-linear", help="'all-linear', a regex, or comma-separated suffixes")
     g.add_argument("--blocksize", type=int, default=64, help="NF4 blocksize")
     g.add_argument("--no-double-quant", action="store_true")
+    g.add_argument("--use-dora", action="store_true", help="DoRA (PEFT's use_dora): a trained magnitude per output")
+    g.add_argument(
+        "--init",
+        choices=LORA_INITS,
+        default="kaiming",
+        help="adapter init (PEFT's init_lora_weights); pissa/olora/loftq decompose the full-precision weight "
+        "and quantize the residual (loftq: qlora only)",
+    )
+    g.add_argument("--loftq-iters", type=int, default=1, help="with --init loftq: quantize / rank-r fit rounds")
+    g.add_argument("--bias", choices=LORA_BIAS, default="none", help="PEFT's bias: which biases train")
+    g.add_argument(
+        "--exclude-modules",
+        default=None,
+        help="never adapt these: comma-separated module names/suffixes (one plain name is a suffix too), else a regex "
+        "matched against the full module name",
+    )
     g.add_argument("--train-only", default=None, help="targeted freezing: train only parameters matching this regex")
     g.add_argument("--layers", default=None, help="with --train-only: layer range 'A:B', '-K:' (top K) or 'i,j'")
     g.add_argument("--unfreeze-every", type=int, default=0, help="gradual unfreezing: one more layer every N steps")
@@ -209,6 +228,32 @@ def check_model_flags(args) -> None:
         )
 
 
+def resolve_method(args) -> str:
+    """``--method auto``: full fine-tuning for the tiny causal LM (and the default model on generation), else qlora."""
+    if args.method != "auto":
+        return args.method
+    return "full" if args.model == "tiny-causal" or (args.model == "default" and args.task == "generation") else "qlora"
+
+
+def check_lora_flags(args) -> None:
+    """The PEFT-option flags (``--use-dora``, ``--init``, ``--loftq-iters``, ``--bias``, ``--exclude-modules``)."""
+    _need(args.loftq_iters >= 1, "--loftq-iters", args.loftq_iters, "an integer >= 1")
+    method = resolve_method(args)
+    changed = [
+        f"--{k.replace('_', '-')}"
+        for k, default in (("use_dora", False), ("init", "kaiming"), ("bias", "none"), ("exclude_modules", None))
+        if getattr(args, k) != default
+    ]
+    if changed and method not in ("qlora", "lora"):
+        raise CliError(f"{changed[0]} shapes LoRA adapters: expected --method qlora or lora, got --method {method}")
+    if args.use_dora and args.init in ("pissa", "olora", "loftq"):
+        raise CliError(f"--use-dora with --init {args.init}: expected --init kaiming or gaussian with DoRA")
+    if args.init == "loftq" and method != "qlora":
+        raise CliError(f"--init loftq fits the quantization error: expected --method qlora, got --method {method}")
+    if args.exclude_modules is not None:
+        _need(args.exclude_modules.strip(", ") != "", "--exclude-modules", args.exclude_modules, "a module name")
+
+
 def check_finetune_flags(args) -> TrainConfig:
     """Every flag of ``finetune`` that can be checked without a model; returns the run's TrainConfig."""
     check_model_flags(args)
@@ -216,6 +261,7 @@ def check_finetune_flags(args) -> TrainConfig:
     _need(math.isfinite(args.alpha) and args.alpha > 0, "--alpha", args.alpha, "a finite number > 0")
     _need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "a probability in [0, 1)")
     _need(args.blocksize in NF4_BLOCKSIZES, "--blocksize", args.blocksize, f"one of {NF4_BLOCKSIZES}")
+    check_lora_flags(args)
     _need(args.unfreeze_every >= 0, "--unfreeze-every", args.unfreeze_every, "an integer >= 0 (0: off)")
     _need(
         args.layer_lr_decay == 0 or 0 < args.layer_lr_decay <= 1,

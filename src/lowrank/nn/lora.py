@@ -28,13 +28,19 @@ DEFAULT_ADAPTER = "default"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+class LoRAOptionError(ValueError):
+    """A LoRA option (``r``, ``alpha``, ``dropout``, ``init``, ``bias``, targets, ...) has a value lowrank
+    cannot use; the message names the option, the value and what was expected. Raised by
+    :func:`lowrank.prepare_model`, :func:`lowrank.add_adapter` and the LoRA modules before anything changes."""
+
+
 def _check_rank_alpha_dropout(r, alpha, dropout) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        raise LoRAOptionError(f"r must be a positive int, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoRAOptionError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise LoRAOptionError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
 class LoRAAdapter(nn.Module):

@@ -98,6 +98,24 @@ def finetune_cases(tmp: Path, models: dict, bad: dict) -> dict:
         "truncated model.safetensors": (["--model", bad["truncated"]], "cannot load model"),
         "token ids beyond the embedding": (["--model", bad["small_vocab"]], "outside the model's embedding table"),
         "unknown target": (["--target-modules", "nonexistent_proj"], "nonexistent_proj"),
+        # PEFT-option flags
+        "init unknown": (["--init", "svd"], "argument --init: invalid choice: 'svd'"),
+        "bias unknown": (["--bias", "some"], "argument --bias: invalid choice: 'some'"),
+        "loftq-iters 0": (["--init", "loftq", "--loftq-iters", "0"], "--loftq-iters 0: expected an integer >= 1"),
+        "loftq on a dense base": (
+            ["--method", "lora", "--init", "loftq"],
+            "--init loftq fits the quantization error: expected --method qlora, got --method lora",
+        ),
+        "dora with pissa": (
+            ["--use-dora", True, "--init", "pissa"],
+            "--use-dora with --init pissa: expected --init kaiming",
+        ),
+        "dora without adapters": (
+            ["--method", "full", "--use-dora", True],
+            "--use-dora shapes LoRA adapters: expected --method qlora or lora, got --method full",
+        ),
+        "exclude-modules empty": (["--exclude-modules", ","], "--exclude-modules ',': expected a module name"),
+        "exclude every target": (["--exclude-modules", ".*"], "exclude_modules"),
         # data
         "missing file": (["--train", str(d / "nope.jsonl")], "nope.jsonl' does not exist"),
         "malformed line": (["--train", bad_json], "bad.jsonl:2: not valid JSON"),
@@ -145,7 +163,9 @@ def _argv(base: list[str], extra: list) -> list[str]:
         if flag in argv:  # replace a base flag's value (or drop the flag: value None)
             i = argv.index(flag)
             del argv[i : i + 2]
-        if value is not None:
+        if value is True:  # a switch without a value
+            argv.append(flag)
+        elif value is not None:
             argv += [flag, value]
     return argv
 
