@@ -18,7 +18,22 @@ from lowrank.ops.spec import OpSpec
 # torch backend: the references themselves.
 # ---------------------------------------------------------------------------------------------------
 
-register("quantize_4bit", "torch")(K.quantize_4bit_ref)
+#: Elements per call of the reference quantizer. Blocks are independent, so whole-block chunks give the same
+#: bits; they bound its fp32/int64 temporaries (~25 bytes per element) to ~25 MiB, which keeps streamed
+#: loading without the extension inside its memory bound (tests/lowrank/test_loading.py).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
+
+
+@register("quantize_4bit", "torch")
+def _quantize_4bit_torch(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    flat = x.reshape(-1)
+    chunk = max(blocksize, QUANTIZE_CHUNK_ELEMENTS // blocksize * blocksize)  # a multiple of blocksize (even)
+    if flat.numel() <= chunk:
+        return K.quantize_4bit_ref(x, blocksize, quant_type)
+    parts = [K.quantize_4bit_ref(flat[i : i + chunk], blocksize, quant_type) for i in range(0, flat.numel(), chunk)]
+    return torch.cat([packed for packed, _ in parts]), torch.cat([absmax for _, absmax in parts])
+
+
 register("double_quantize", "torch")(K.double_quantize_ref)
 register("double_dequantize", "torch")(K.double_dequantize_ref)
 

@@ -123,3 +123,19 @@ def test_torch_compile_fullgraph_automatic_backend():
     _, qw = sample()
     compiled = torch.compile(lambda w: lowrank.dequantize(w, torch.float32) * 2, fullgraph=True, backend="eager")
     assert torch.equal(compiled(qw), lowrank.dequantize(qw, torch.float32) * 2)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("n", [255, 256, 257, 1000, 4097])
+def test_torch_backend_quantizes_in_whole_block_chunks_with_the_same_bits(monkeypatch, n, blocksize, quant_type):
+    from lowrank.kernels import nf4 as K
+
+    from lowrank.ops import nf4 as ops_nf4
+
+    monkeypatch.setattr(ops_nf4, "QUANTIZE_CHUNK_ELEMENTS", 256)  # several chunks, a partial last one
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    packed, absmax = ops_nf4._quantize_4bit_torch(x, blocksize, quant_type)
+    want_packed, want_absmax = K.quantize_4bit_ref(x, blocksize, quant_type)
+    assert torch.equal(packed, want_packed) and packed.shape == want_packed.shape
+    assert torch.equal(absmax, want_absmax)
