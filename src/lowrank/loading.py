@@ -29,7 +29,7 @@ import contextlib
 import re
 import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,24 +158,6 @@ def _copy_to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | No
 # -- building the skeleton ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create every parameter on the meta device (buffers stay real): the skeleton costs no memory."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _model_class(directory: Path, cfg: dict, auto_class):
     import transformers
 
@@ -208,7 +190,7 @@ def _build(directory: Path, cfg: dict, auto_class, dtype: torch.dtype, config_ov
         setattr(config, key, value)
     cls = _model_class(directory, cfg, auto_class)
     try:
-        with parameters_on_meta():
+        with _models.parameters_on_meta():
             if hasattr(cls, "from_config") and not hasattr(cls, "_from_config"):  # an Auto class
                 return cls.from_config(config, dtype=dtype)
             config_class = getattr(cls, "config_class", None)
@@ -674,4 +656,4 @@ def from_pretrained(
     )
 
 
-__all__ = ["CheckpointLoadError", "from_pretrained", "load_pretrained", "parameters_on_meta", "quantization_plan"]
+__all__ = ["CheckpointLoadError", "from_pretrained", "load_pretrained", "quantization_plan"]

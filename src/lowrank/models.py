@@ -12,9 +12,10 @@ other string = a regex that must match the whole module name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -808,3 +809,21 @@ class mixed_batch:  # noqa: N801 (a context manager used like a function)
     def __exit__(self, *exc) -> None:
         for module in adapter_layers(self.model).values():
             module.batch_adapter_names = None
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every parameter on the meta device (buffers stay real): the skeleton costs no memory."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original

@@ -6,7 +6,6 @@ transformers' pre-quantized layout: ``config.json`` with a ``quantization_config
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -86,24 +85,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> None:
     files.write_json(os.path.join(directory, MODEL_CONFIG), dict(sorted(cfg.items())))
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Create parameters on the meta device (buffers stay real): the skeleton costs no memory."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def load_quantized(
     directory: str | os.PathLike,
     model_class: type | None = None,
@@ -148,7 +129,7 @@ def load_quantized(
             f"the checkpoint's config is a {type(config).__name__} but {model_class.__name__} "
             f"needs a {config_class.__name__}"
         )
-    with _parameters_on_meta():
+    with _models.parameters_on_meta():
         model = (
             model_class._from_config(config, dtype=dtype)
             if hasattr(model_class, "_from_config")
