@@ -26,6 +26,7 @@ shape that disagrees with the config, an unknown architecture, base weights miss
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import types
 import warnings
@@ -530,6 +531,24 @@ def _save_4bit_pretrained(self, save_directory, **kwargs):
         _adapters.save_quantized(self, save_directory)
 
 
+def _glibc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to release
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def _release_freed_heap() -> None:
+    """Give the pages of freed temporaries back to the OS (glibc keeps freed heap memory mapped; without
+    this, the quantizer's temporaries add up to ~100 MB of peak RSS over a streamed load on the torch
+    backend). A few ms per weight."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _load_quantized_layer(loader: _Loader, layer: str, mapping, quant_type, blocksize, double_quant, compute_dtype):
     module = loader.modules[layer]
     key = mapping[f"{layer}.weight"]
@@ -539,6 +558,7 @@ def _load_quantized_layer(loader: _Loader, layer: str, mapping, quant_type, bloc
         dense = dense.t().contiguous()
     weight = nf4.quantize(dense, blocksize, double_quant, quant_type)
     del dense
+    _release_freed_heap()
     bias = None
     if getattr(module, "bias", None) is not None:
         bkey = mapping.get(f"{layer}.bias")

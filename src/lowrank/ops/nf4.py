@@ -30,8 +30,17 @@ def _quantize_4bit_torch(x: torch.Tensor, blocksize: int = 64, quant_type: str =
     chunk = max(blocksize, QUANTIZE_CHUNK_ELEMENTS // blocksize * blocksize)  # a multiple of blocksize (even)
     if flat.numel() <= chunk:
         return K.quantize_4bit_ref(x, blocksize, quant_type)
-    parts = [K.quantize_4bit_ref(flat[i : i + chunk], blocksize, quant_type) for i in range(0, flat.numel(), chunk)]
-    return torch.cat([packed for packed, _ in parts]), torch.cat([absmax for _, absmax in parts])
+    n = flat.numel()
+    # The outputs are allocated once, before the temporaries: pieces kept alive between them would pin the
+    # heap (glibc keeps the freed temporaries' pages; measured +150 MB peak RSS on a streamed 300 MB load).
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(K.num_blocks(n, blocksize), dtype=torch.float32, device=flat.device)
+    for start in range(0, n, chunk):
+        part_packed, part_absmax = K.quantize_4bit_ref(flat[start : start + chunk], blocksize, quant_type)
+        packed[start // 2 : start // 2 + part_packed.shape[0]] = part_packed
+        absmax[start // blocksize : start // blocksize + part_absmax.numel()] = part_absmax
+        del part_packed, part_absmax
+    return packed, absmax
 
 
 register("double_quantize", "torch")(K.double_quantize_ref)
