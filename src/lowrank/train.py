@@ -2,7 +2,7 @@
 
 One optimizer step = ``grad_accum`` micro-batches. Their losses are summed per target (label token, or
 example for classification) and divided by the step's total target count, so accumulation equals one
-big batch (ecosystem.md §4). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
+big batch (docs/train.md). The learning rate of step k (0-based) is ``lr * factor(k)``: linear warmup
 from 0 (the first update uses lr 0 when warmup > 0, as transformers does), then cosine or linear decay.
 
 Checkpoints (``<output_dir>/checkpoints/step-NNNNNN/``) hold ``trainable.safetensors`` (every trainable

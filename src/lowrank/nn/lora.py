@@ -493,7 +493,7 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.merge(): already merged; nothing to do", stacklevel=2)
             return
         if self.use_dora:
-            raise NotImplementedError(
+            raise LoRAOptionError(
                 "merge() in place is not available for a DoRA layer (unmerge could not restore it exactly); "
                 "use merged_dense() or lowrank.merge_adapters(model)"
             )

@@ -22,6 +22,7 @@ from lowrank import nf4
 from lowrank.adapters import load_adapter, merge_adapters, save_adapter
 from lowrank.models import prepare_model
 from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn.lora import LoRAOptionError
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.oracle
@@ -153,7 +154,7 @@ def test_dora_bad_combinations():
     with pytest.raises(ValueError, match="use_dora=True cannot be combined with init='pissa'"):
         prepare_model(tiny_llama(), use_dora=True, init="pissa")
     layer = prepare_model(tiny_llama(), r=2, alpha=4, use_dora=True).model.layers[0].self_attn.q_proj
-    with pytest.raises(NotImplementedError, match="merge\\(\\) in place is not available for a DoRA layer"):
+    with pytest.raises(LoRAOptionError, match="merge\\(\\) in place is not available for a DoRA layer"):
         layer.merge()
 
 
