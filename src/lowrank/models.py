@@ -567,14 +567,8 @@ def prepare_model(
         bias=bias,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, tuple, set)) else exclude_modules,
-        layers_to_transform=(
-            None
-            if layers_to_transform is None
-            else [layers_to_transform]
-            if isinstance(layers_to_transform, int)
-            else sorted(layers_to_transform)
-        ),
+        exclude_modules=_as_name_list(exclude_modules),
+        layers_to_transform=_as_layer_list(layers_to_transform),
         layers_pattern=layers_pattern,
         init=init,
         adapter_name=adapter_name,
@@ -704,14 +698,8 @@ def add_adapter(
         bias="none",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, tuple, set)) else exclude_modules,
-        layers_to_transform=(
-            None
-            if layers_to_transform is None
-            else [layers_to_transform]
-            if isinstance(layers_to_transform, int)
-            else sorted(layers_to_transform)
-        ),
+        exclude_modules=_as_name_list(exclude_modules),
+        layers_to_transform=_as_layer_list(layers_to_transform),
         layers_pattern=layers_pattern,
         init=init,
         adapter_name=name,
@@ -827,3 +815,15 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+def _as_name_list(names):
+    """``exclude_modules`` as stored in the settings: a list for a collection, a regex string unchanged."""
+    return list(names) if isinstance(names, (list, tuple, set)) else names
+
+
+def _as_layer_list(layers):
+    """``layers_to_transform`` as stored in the settings: None, or a sorted list of layer indices."""
+    if layers is None:
+        return None
+    return [layers] if isinstance(layers, int) else sorted(layers)

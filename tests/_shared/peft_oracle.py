@@ -6,6 +6,7 @@ import warnings
 
 import torch
 import transformers
+from helpers import dequantized_copy  # noqa: F401  (re-exported: the one copy lives in helpers)
 
 VOCAB = 96
 
@@ -94,23 +95,3 @@ def grads_after_backward(model, peft_names: bool = False) -> dict[str, torch.Ten
     out = model(tokens()).logits
     (out.float() ** 2).mean().backward()
     return {n: p.grad.detach().clone() for n, p in trainable(model, peft_names).items()}
-
-
-def dequantized_copy(model, skip=()):
-    """The model with every linear weight outside the head replaced by dequant(quant(W)): what NF4 computes."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    from lowrank import nf4
-    from lowrank.models import output_head_names
-
-    ref = copy.deepcopy(model)
-    heads = output_head_names(ref) | set(skip)
-    with torch.no_grad():
-        for name, m in ref.named_modules():
-            if name in heads or not isinstance(m, (nn.Linear, Conv1D)):
-                continue
-            w = m.weight if isinstance(m, nn.Linear) else m.weight.t()
-            deq = nf4.dequantize(nf4.quantize(w.contiguous()))
-            m.weight.copy_(deq if isinstance(m, nn.Linear) else deq.t())
-    return ref
