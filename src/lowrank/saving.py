@@ -1,30 +1,58 @@
 """``model.save_pretrained`` on a lowrank model is never a silent trap.
 
-transformers' ``save_pretrained`` on a prepared model would write lowrank's module layout (LoRA wrappers,
-4-bit entries) under a config without ``quantization_config``; ``from_pretrained`` of that directory
-then loads with the base weights missing (randomly initialised) and only prints a load report.
-:func:`lowrank.prepare_model` therefore replaces the model's ``save_pretrained`` by one that refuses
-and says which function writes what the user wants. ``transformers.Trainer`` saves its checkpoints through
-``save_pretrained(dir, state_dict=...)`` and reads them back into the same prepared model: that call is
-let through, and its ``config.json`` gets ``quantization_config.quant_method = "lowrank_prepared"`` with a
-note: :func:`lowrank.from_pretrained` refuses such a directory. (transformers 5 ignores an unknown
-quant_method and loads the directory with a load report: a Trainer checkpoint is a resume format.) Once the
-adapters are merged (:func:`lowrank.merge_adapters` removes ``lowrank_config``), the model is a plain
-transformers model again and ``save_pretrained`` is transformers' own.
+transformers' ``save_pretrained`` on a prepared model writes lowrank's module layout (LoRA wrappers, 4-bit
+entries under ``*.base_layer.*``); ``from_pretrained`` of such a directory would build the plain model, find
+none of its linear weights and initialise them randomly, printing only a load report. So:
+
+* :func:`lowrank.prepare_model` binds a ``save_pretrained`` to the model that **refuses** a plain
+  ``save_pretrained(dir)`` and names the functions that write what the user wants
+  (``save_adapter`` / ``save_quantized`` / ``merge_adapters``).
+* ``save_pretrained(dir, state_dict=...)`` is how ``transformers.Trainer`` writes ``checkpoint-N/`` (and
+  ``trainer.save_model()``); Trainer resumes such a directory into the same prepared model with
+  ``load_state_dict``. That call writes a **prepared checkpoint**: transformers' files, with a
+  ``config.json`` that (1) makes every ``from_pretrained`` of transformers refuse the directory with a
+  ``ValueError`` naming lowrank and the right functions (``transformers_weights`` holds that sentence:
+  transformers >= 4.53 checks it before reading any weight and raises when it does not name a
+  safetensors file), and (2) records the adapters (``quantization_config`` with
+  ``quant_method = "lowrank_prepared"``), from which :func:`lowrank.from_pretrained` rebuilds the
+  prepared model with identical state and logits. The directory is written in a temporary sibling and its
+  ``config.json`` moved in before any weight file, so an interrupted save never leaves weights next to an
+  unmarked config.
+
+Once the adapters are merged (:func:`lowrank.merge_adapters` removes ``lowrank_config``), the model is a
+plain transformers model again and ``save_pretrained`` is transformers' own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import shutil
+import tempfile
 import types
+from pathlib import Path
 
 from torch import nn
 
 from lowrank import files
+from lowrank.dtypes import dtype_name
+from lowrank.nn import LinearNF4, LoRALinear
 
-#: what a transformers.Trainer checkpoint of a prepared model says in its config.json (lowrank.from_pretrained
-#: refuses it; the note says what to use instead)
-TRAINER_QUANT_METHOD = "lowrank_prepared"
+#: ``quantization_config.quant_method`` of a prepared checkpoint (Trainer's ``checkpoint-N/``)
+PREPARED_QUANT_METHOD = "lowrank_prepared"
+#: version of the manifest that :func:`prepared_manifest` writes into ``quantization_config``
+PREPARED_FORMAT_VERSION = 1
+#: why transformers refuses a prepared checkpoint (also its ``config.json``'s ``transformers_weights``)
+PREPARED_REFUSAL = (
+    "lowrank-prepared checkpoint (written by transformers.Trainer or save_pretrained(dir, state_dict=...) on a "
+    "lowrank.prepare_model model): its linear layers are lowrank's 4-bit/LoRA layout, which transformers "
+    "would load with the base weights missing. Load it with lowrank.from_pretrained(dir) or resume it with "
+    "transformers.Trainer; for files that transformers loads, write lowrank.save_adapter(model, dir) (PEFT "
+    "adapter), lowrank.save_quantized(model, dir) (bitsandbytes 4-bit base) or lowrank.merge_adapters(model) "
+    "and then model.save_pretrained(dir) (dense, adapters merged)"
+)
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 class SavePretrainedError(RuntimeError):
@@ -35,10 +63,7 @@ def _refusing_save_pretrained(self, save_directory, *args, **kwargs):
     if getattr(self, "lowrank_config", None) is None:  # merged back into a plain model
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
     if "state_dict" in kwargs:  # transformers.Trainer's checkpoints, read back by Trainer into this same model
-        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            _mark_trainer_checkpoint(save_directory)
-        return result
+        return save_prepared_checkpoint(self, save_directory, *args, **kwargs)
     raise SavePretrainedError(
         f"save_pretrained({str(save_directory)!r}) on a lowrank-prepared {type(self).__name__} would write a "
         "checkpoint that transformers loads with the base weights missing. Use "
@@ -48,16 +73,75 @@ def _refusing_save_pretrained(self, save_directory, *args, **kwargs):
     )
 
 
-def _mark_trainer_checkpoint(directory) -> None:
-    path = os.path.join(os.fspath(directory), "config.json")
-    config = files.read_json(path, what="model config")
-    config["quantization_config"] = {
-        "quant_method": TRAINER_QUANT_METHOD,
-        "note": "a transformers.Trainer checkpoint of a lowrank-prepared model: resume it with Trainer on the same "
-        "prepared model; for a standalone model use lowrank.save_adapter, lowrank.save_quantized or "
-        "lowrank.merge_adapters",
+def prepared_manifest(model: nn.Module) -> dict:
+    """What :func:`lowrank.from_pretrained` needs to rebuild ``model``'s structure: every adapter's settings
+    (in creation order), the active adapters, the 4-bit format of the base and its layers' compute dtypes."""
+    configs = getattr(model, "lowrank_adapters", None) or {model.lowrank_config.adapter_name: model.lowrank_config}
+    merged = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if merged:
+        raise SavePretrainedError(
+            f"{len(merged)} LoRA layers of {type(model).__name__} are merged in place ({merged[:3]}); a checkpoint "
+            "of merged layers would apply the adapter twice when loaded: unmerge() them before saving"
+        )
+    compute = {
+        name: dtype_name(m.compute_dtype)
+        for name, m in model.named_modules()
+        if isinstance(m, LinearNF4) and m.compute_dtype is not None
     }
-    files.write_json(path, config)
+    quantized = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    base = None
+    if quantized:
+        first = quantized[0]
+        base = {"quant_type": first.quant_type, "blocksize": first.blocksize, "double_quant": first.double_quant}
+    return {
+        "quant_method": PREPARED_QUANT_METHOD,
+        "format_version": PREPARED_FORMAT_VERSION,
+        "note": PREPARED_REFUSAL,
+        "adapters": [dataclasses.asdict(c) for c in configs.values()],
+        "primary_adapter": model.lowrank_config.adapter_name,
+        "active_adapters": list(getattr(model, "lowrank_active_adapters", None) or list(configs)[:1]),
+        "compute_dtypes": compute,
+        "base_format": base,  # the 4-bit format of the base layers (null: dense bases)
+    }
+
+
+def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
+    """transformers' ``save_pretrained(save_directory, state_dict=..., ...)`` of a prepared model, written as a
+    prepared checkpoint (see the module docstring): Trainer resumes it, :func:`lowrank.from_pretrained` loads
+    it, transformers' ``from_pretrained`` refuses it with :data:`PREPARED_REFUSAL`."""
+    if kwargs.get("push_to_hub"):
+        raise SavePretrainedError(
+            "save_pretrained(..., push_to_hub=True) on a lowrank-prepared model would upload the files before "
+            "lowrank marks them; save first, then upload the directory"
+        )
+    if not kwargs.get("is_main_process", True):  # another rank writes the files; join any collective
+        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    manifest = prepared_manifest(model)
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise SavePretrainedError(f"save_pretrained: {directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{directory.name}.tmp-"))
+    try:
+        result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+        config_path = tmp / "config.json"
+        config = files.read_json(config_path, what="model config")
+        config["quantization_config"] = manifest
+        config["transformers_weights"] = PREPARED_REFUSAL
+        files.write_json(config_path, config)
+        written = sorted(p.name for p in tmp.iterdir())
+        # the marked config first, then stale weight files of an earlier save go, then the weights (shards
+        # before their index): at no moment do weights sit next to an unmarked config
+        os.replace(config_path, directory / "config.json")
+        for old in directory.iterdir():
+            if old.is_file() and _WEIGHT_FILE.fullmatch(old.name) and old.name not in written:
+                old.unlink()
+        for name in sorted(written, key=lambda n: (n.endswith(".index.json"), n)):
+            if name != "config.json":
+                os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
@@ -66,4 +150,11 @@ def guard_save_pretrained(model: nn.Module) -> None:
         model.save_pretrained = types.MethodType(_refusing_save_pretrained, model)
 
 
-__all__ = ["SavePretrainedError", "guard_save_pretrained"]
+__all__ = [
+    "PREPARED_QUANT_METHOD",
+    "PREPARED_REFUSAL",
+    "SavePretrainedError",
+    "guard_save_pretrained",
+    "prepared_manifest",
+    "save_prepared_checkpoint",
+]

@@ -1,8 +1,11 @@
 """save_pretrained on lowrank models: refused with the right advice while adapters are attached, transformers'
-own once merged, and the bitsandbytes format for a loaded 4-bit model (read back with identical logits)."""
+own once merged, the bitsandbytes format for a loaded 4-bit model (read back with identical logits), and a
+prepared checkpoint for ``save_pretrained(dir, state_dict=...)`` / transformers.Trainer: transformers refuses it
+loudly, Trainer resumes it, lowrank.from_pretrained rebuilds it with identical state and logits."""
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import transformers
 from checkpoints import tiny_model, tokens, write_checkpoint
 
 import lowrank
-from lowrank.loading import load_pretrained
+from lowrank.loading import CheckpointLoadError, load_pretrained
 from lowrank.saving import SavePretrainedError
 
 
@@ -68,12 +71,244 @@ def test_loaded_4bit_model_saves_bitsandbytes_format(tmp_path):
         assert torch.equal(bnb.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
-def test_trainer_checkpoint_of_a_prepared_model_is_refused_by_from_pretrained(tmp_path):
-    """transformers.Trainer saves through save_pretrained(dir, state_dict=...): let through, marked as such."""
-    model = lowrank.prepare_model(tiny_model("llama"), r=4)
-    model.save_pretrained(tmp_path, state_dict=None, is_main_process=True)
-    assert (tmp_path / "model.safetensors").is_file()
+#: transformers' refusal of a prepared checkpoint names lowrank and every right call
+REFUSAL = r"lowrank-prepared.*lowrank\.from_pretrained.*save_adapter.*save_quantized.*merge_adapters"
+
+
+def _train_adapters(model, seed=1):
+    """Trained-looking adapters (B != 0, DoRA magnitudes moved), so a lost or re-initialised adapter shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name and p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    return model
+
+
+def _second_adapter(model):
+    lowrank.add_adapter(model, "second", r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    return lowrank.set_adapter(model, ["default", "second"])
+
+
+# (arch, tied, prepare_model options, a step after prepare_model, save_pretrained options)
+PREPARED_CASES = {
+    "llama-nf4": ("llama", False, {}, None, {}),
+    "llama-tied-sharded": ("llama", True, {}, None, {"max_shard_size": "60KB"}),
+    "qwen2-dense-base": ("qwen2", True, {"quantize": None}, None, {}),
+    "gpt2-dora-rank-pattern": ("gpt2", True, {"use_dora": True, "rank_pattern": {"c_attn": 2}}, None, {}),
+    "llama-fp4-compute-bf16": ("llama", False, {"quantize": "fp4", "compute_dtype": torch.bfloat16}, None, {}),
+    "llama-pissa": ("llama", False, {"init": "pissa"}, None, {}),  # the 4-bit base holds the residual
+    "llama-two-adapters": ("llama", False, {}, _second_adapter, {}),
+    "bert-classifier": ("bert", False, {"bias": "lora_only"}, None, {}),
+}
+
+
+def _prepared(case):
+    arch, tied, options, after, _ = PREPARED_CASES[case]
+    model = lowrank.prepare_model(tiny_model(arch, tied=tied), r=4, alpha=8, **options)
+    if after is not None:
+        model = after(model)
+    return _train_adapters(model).eval()
+
+
+def _forward(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits
+
+
+def _assert_same_prepared_model(back, model):
+    ids = tokens()
+    assert torch.equal(_forward(back, ids), _forward(model, ids))
+    expected, got = model.state_dict(), back.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trainable(back) == trainable(model)
+    assert back.lowrank_adapters == model.lowrank_adapters
+    assert back.lowrank_config == model.lowrank_config
+    assert back.lowrank_active_adapters == model.lowrank_active_adapters
+    ties = lambda m: {n for n, p in m.named_parameters(remove_duplicate=False)} - set(dict(m.named_parameters()))  # noqa: E731
+    assert ties(back) == ties(model)  # tied parameters are one object again
+    with pytest.raises(SavePretrainedError):  # the rebuilt model is guarded like the original
+        back.save_pretrained("never-written")
+
+
+def _auto_class(model):
+    return (
+        transformers.AutoModelForSequenceClassification
+        if lowrank.models.task_type_of(model) == "SEQ_CLS"
+        else transformers.AutoModelForCausalLM
+    )
+
+
+@pytest.mark.parametrize("case", sorted(PREPARED_CASES))
+def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_path, case):
+    """save_pretrained(dir, state_dict=...) (Trainer's call): transformers' from_pretrained raises naming the
+    right calls (Auto class and the concrete class); lowrank.from_pretrained gives the same model back."""
+    model = _prepared(case)
+    plain_class = type(model)
+    model.save_pretrained(tmp_path, state_dict=model.state_dict(), **PREPARED_CASES[case][4])
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
     config = lowrank.files.read_json(tmp_path / "config.json")
     assert config["quantization_config"]["quant_method"] == "lowrank_prepared"
-    with pytest.raises(lowrank.loading.CheckpointLoadError, match="lowrank_prepared"):
+    for loader in (_auto_class(model), plain_class):
+        with pytest.raises(ValueError, match=REFUSAL):
+            loader.from_pretrained(tmp_path)
+    _assert_same_prepared_model(lowrank.from_pretrained(tmp_path), model)
+    _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=torch.float32, verbose=False), model)
+
+
+def test_prepared_checkpoint_load_options_and_bad_input(tmp_path):
+    model = _prepared("llama-nf4")
+    model.save_pretrained(tmp_path, state_dict=None)
+    with pytest.raises(CheckpointLoadError, match=r"prepared checkpoint.*\['alpha', 'r'\]"):
+        lowrank.from_pretrained(tmp_path, r=8, alpha=16)  # the adapters come from the checkpoint
+    with pytest.raises(CheckpointLoadError, match="saved in torch.float32.*leave dtype unset"):
+        lowrank.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with pytest.raises(CheckpointLoadError, match="lowrank.from_pretrained"):
+        lowrank.loading.load_pretrained(tmp_path)  # a base-only loader cannot read adapters
+    back = lowrank.from_pretrained(tmp_path, compute_dtype=torch.bfloat16)  # a load-time choice, like at prepare
+    assert {m.compute_dtype for m in back.modules() if isinstance(m, lowrank.nn.LinearNF4)} == {torch.bfloat16}
+
+    good = lowrank.files.read_json(tmp_path / "config.json")
+
+    def broken(change):
+        config = json.loads(json.dumps(good))
+        change(config["quantization_config"])
+        lowrank.files.write_json(tmp_path / "config.json", config)
+
+    broken(lambda q: q["adapters"][0].update(rank=4))
+    with pytest.raises(CheckpointLoadError, match=r"unknown keys \['rank'\]"):
         lowrank.from_pretrained(tmp_path)
+    broken(lambda q: q.update(format_version=99))
+    with pytest.raises(CheckpointLoadError, match="format_version 99"):
+        lowrank.from_pretrained(tmp_path)
+    broken(lambda q: q.update(active_adapters=["nope"]))
+    with pytest.raises(CheckpointLoadError, match="active_adapters"):
+        lowrank.from_pretrained(tmp_path)
+    broken(lambda q: q["adapters"][0].update(target_modules=["model.layers.0.self_attn.q_proj"]))
+    with pytest.raises(CheckpointLoadError, match="not part of the prepared"):  # a structure that does not fit
+        lowrank.from_pretrained(tmp_path)
+    lowrank.files.write_json(tmp_path / "config.json", good)
+    tensors = lowrank.files.read_safetensors(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.lora_B"]
+    lowrank.files.write_safetensors(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(CheckpointLoadError, match=r"no tensor for \['model.layers.1.mlp.down_proj.lora_B'\]"):
+        lowrank.from_pretrained(tmp_path)
+
+
+def test_prepared_checkpoint_save_refusals_and_atomicity(tmp_path, monkeypatch):
+    model = _prepared("llama-nf4")
+    with pytest.raises(SavePretrainedError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", state_dict=None, push_to_hub=True)
+    assert not (tmp_path / "hub").exists()
+    layer = model.model.layers[0].self_attn.v_proj
+    with pytest.warns(UserWarning):
+        layer.merge()
+    with pytest.raises(SavePretrainedError, match="merged in place.*unmerge"):
+        model.save_pretrained(tmp_path / "merged", state_dict=None)
+    layer.unmerge()
+
+    # a save that dies half-way leaves neither weights nor an unmarked config behind
+    target = tmp_path / "ckpt"
+    real = type(model).save_pretrained
+
+    def dies_after_writing(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", dies_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target, state_dict=None)
+    assert list(target.iterdir()) == []
+    monkeypatch.setattr(type(model), "save_pretrained", real)
+
+    # saving again into the same directory replaces the weights of the earlier save (no stale shards or index)
+    model.save_pretrained(target, state_dict=None, max_shard_size="60KB")
+    assert (target / "model.safetensors.index.json").is_file()
+    model.save_pretrained(target, state_dict=None)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    _assert_same_prepared_model(lowrank.from_pretrained(target), model)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.ids = [tokens(1, 8, seed=i)[0] for i in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _Snapshots(transformers.TrainerCallback):
+    """The model's state dict at every checkpoint Trainer writes."""
+
+    def __init__(self):
+        self.at = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _trainer(model, out, max_steps, callbacks=()):
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(4), callbacks=list(callbacks))
+
+
+def _prepared_llama(seed=0):
+    base = tiny_model("llama")  # the same base weights every time
+    torch.manual_seed(seed)  # the adapters' init
+    return lowrank.prepare_model(base, r=4, alpha=8)
+
+
+def test_trainer_checkpoints_and_save_model_are_refused_by_transformers_resumed_and_rebuilt(tmp_path):
+    """A real transformers.Trainer run: checkpoint-N/ (_save_checkpoint) and trainer.save_model() are refused
+    by transformers' from_pretrained, rebuilt by lowrank.from_pretrained exactly as they were at that step, and
+    resume_from_checkpoint continues with the same weights."""
+    model = _prepared_llama()
+    snapshots = _Snapshots()
+    trainer = _trainer(model, tmp_path / "run", max_steps=2, callbacks=[snapshots])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    straight = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(snapshots.at) == [1, 2]
+
+    for directory, expected in (
+        (tmp_path / "run" / "checkpoint-1", snapshots.at[1]),
+        (tmp_path / "run" / "checkpoint-2", snapshots.at[2]),
+        (tmp_path / "final", model.state_dict()),
+    ):
+        with pytest.raises(ValueError, match=REFUSAL):
+            transformers.AutoModelForCausalLM.from_pretrained(directory)
+        back = lowrank.from_pretrained(directory)
+        got = back.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), directory
+    ids = tokens()
+    assert torch.equal(_forward(lowrank.from_pretrained(tmp_path / "final"), ids), _forward(model.eval(), ids))
+
+    # Trainer's own resume reads the marked directory into a fresh prepared model and continues identically
+    fresh = _prepared_llama(seed=123)  # another adapter init: every value must come from the checkpoint
+    assert not torch.equal(
+        fresh.model.layers[0].self_attn.q_proj.lora_A, snapshots.at[1]["model.layers.0.self_attn.q_proj.lora_A"]
+    )
+    _trainer(fresh, tmp_path / "run", max_steps=2).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    resumed = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert resumed.keys() == straight.keys()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
