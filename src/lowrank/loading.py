@@ -640,6 +640,7 @@ def _bnb_settings(model: nn.Module) -> tuple[str, int, bool] | None:
 #: from_pretrained options that still apply to a prepared checkpoint (its adapters come from the checkpoint)
 _PREPARED_LOAD_OPTIONS = ("compute_dtype", "verbose")
 _B_ZERO_INITS = ("kaiming", "gaussian")  # the replayed structure; the values come from the checkpoint
+_BASE_FORMAT_KEYS = {"quant_type", "blocksize", "double_quant"}
 
 
 def is_prepared_checkpoint(cfg: dict) -> bool:
@@ -686,9 +687,6 @@ def _prepared_manifest(directory: Path, manifest: dict):
             f"{where}: base_format {base!r} must be null or {{quant_type, blocksize, double_quant}}"
         )
     return settings, primary, active, compute, base
-
-
-_BASE_FORMAT_KEYS = {"quant_type", "blocksize", "double_quant"}
 
 
 def _replay_adapters(model: nn.Module, settings, base: dict | None) -> None:
@@ -756,30 +754,27 @@ def _load_prepared(directory: Path, cfg: dict, dtype, device, auto_class, config
                 f"from the config has {len(built)} of them ({sorted(set(s.target_modules) ^ set(built))[:3]} differ)"
             )
     # every holder of each parameter, so that tied parameters are one object again after assign=True
-    groups: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules(remove_duplicate=False):
         for leaf, p in module._parameters.items():
             if p is not None:
-                groups.setdefault(id(p), []).append((module, leaf, f"{mname}.{leaf}" if mname else leaf))
+                groups.setdefault(id(p), []).append((module, leaf))
+    read_layout(directory)  # headers and index checked first (a damaged shard or index names its file)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         try:
-            part = files.read_safetensors(path)
+            state.update(files.read_safetensors(path))
         except files.FileFormatError as e:
             raise CheckpointLoadError(str(e)) from None
-        twice = sorted(set(part) & set(state))
-        if twice:
-            raise CheckpointLoadError(f"tensor {twice[0]!r} is stored twice (again in {path})")
-        state.update(part)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointLoadError(f"{directory} does not fit the prepared {type(model).__name__}: {e}") from None
     del state
     for holders in groups.values():
-        loaded = [m._parameters[leaf] for m, leaf, _ in holders if m._parameters[leaf].device.type != "meta"]
+        loaded = [m._parameters[leaf] for m, leaf in holders if m._parameters[leaf].device.type != "meta"]
         if loaded:
-            for m, leaf, _ in holders:
+            for m, leaf in holders:
                 m._parameters[leaf] = loaded[0]
     if result.unexpected_keys:
         raise CheckpointLoadError(

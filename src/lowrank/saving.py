@@ -121,7 +121,7 @@ def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
     if directory.exists() and not directory.is_dir():
         raise SavePretrainedError(f"save_pretrained: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{directory.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".save_pretrained.tmp-"))  # remove_stale_temporaries' pattern
     try:
         result = type(model).save_pretrained(model, tmp, *args, **kwargs)
         config_path = tmp / "config.json"

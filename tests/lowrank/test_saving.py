@@ -100,12 +100,19 @@ PREPARED_CASES = {
     "llama-pissa": ("llama", False, {"init": "pissa"}, None, {}),  # the 4-bit base holds the residual
     "llama-two-adapters": ("llama", False, {}, _second_adapter, {}),
     "bert-classifier": ("bert", False, {"bias": "lora_only"}, None, {}),
+    "llama-bf16-base": ("llama", False, {"dtype": torch.bfloat16}, None, {}),  # bf16 base, fp32 adapters
 }
 
 
 def _prepared(case):
     arch, tied, options, after, _ = PREPARED_CASES[case]
-    model = lowrank.prepare_model(tiny_model(arch, tied=tied), r=4, alpha=8, **options)
+    options = dict(options)
+    base = tiny_model(arch, tied=tied)
+    if "dtype" in options:  # built as from_pretrained(dtype=...) builds it (computed buffers stay fp32)
+        weights = base.state_dict()
+        base = type(base)._from_config(base.config, dtype=options.pop("dtype"))
+        base.load_state_dict(weights)
+    model = lowrank.prepare_model(base, r=4, alpha=8, **options)
     if after is not None:
         model = after(model)
     return _train_adapters(model).eval()
@@ -157,7 +164,8 @@ def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_p
         with pytest.raises(ValueError, match=REFUSAL):
             loader.from_pretrained(tmp_path)
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path), model)
-    _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=torch.float32, verbose=False), model)
+    stored = model.get_input_embeddings().weight.dtype  # repeating the stored dtype is allowed
+    _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=stored, verbose=False), model)
 
 
 def test_prepared_checkpoint_load_options_and_bad_input(tmp_path):
@@ -196,6 +204,9 @@ def test_prepared_checkpoint_load_options_and_bad_input(tmp_path):
     del tensors["model.layers.1.mlp.down_proj.lora_B"]
     lowrank.files.write_safetensors(tmp_path / "model.safetensors", tensors)
     with pytest.raises(CheckpointLoadError, match=r"no tensor for \['model.layers.1.mlp.down_proj.lora_B'\]"):
+        lowrank.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(CheckpointLoadError, match="model.safetensors cannot be read"):
         lowrank.from_pretrained(tmp_path)
 
 
