@@ -16,6 +16,9 @@ The steps (``docs/big_models.md`` says why each step is done this way, and the m
 4. A bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json, ``*.weight.quant_state.*``
    keys; transformers and :func:`lowrank.save_quantized` write these) is read layer by layer into
    ``LinearNF4`` with the stored bytes, never dequantized.
+5. A lowrank-prepared checkpoint (``transformers.Trainer``'s ``checkpoint-N/`` of a prepared model, see
+   :mod:`lowrank.saving`) is rebuilt by :func:`from_pretrained`: ``prepare_model`` / ``add_adapter`` replayed
+   on the meta skeleton from the recorded settings, then the whole state dict assigned (not streamed).
 
 Tied parameters are one Parameter object in the built model; loading assigns the new tensor to every
 module that shared it, so they stay tied. Any error (missing file, truncated or corrupted shard, a

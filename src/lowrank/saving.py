@@ -12,7 +12,7 @@ none of its linear weights and initialise them randomly, printing only a load re
   ``load_state_dict``. That call writes a **prepared checkpoint**: transformers' files, with a
   ``config.json`` that (1) makes every ``from_pretrained`` of transformers refuse the directory with a
   ``ValueError`` naming lowrank and the right functions (``transformers_weights`` holds that sentence:
-  transformers >= 4.53 checks it before reading any weight and raises when it does not name a
+  transformers checks that key before reading any weight and raises, quoting it, when it does not name a
   safetensors file), and (2) records the adapters (``quantization_config`` with
   ``quant_method = "lowrank_prepared"``), from which :func:`lowrank.from_pretrained` rebuilds the
   prepared model with identical state and logits. The directory is written in a temporary sibling and its
