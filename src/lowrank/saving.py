@@ -15,9 +15,11 @@ none of its linear weights and initialise them randomly, printing only a load re
   transformers checks that key before reading any weight and raises, quoting it, when it does not name a
   safetensors file), and (2) records the adapters (``quantization_config`` with
   ``quant_method = "lowrank_prepared"``), from which :func:`lowrank.from_pretrained` rebuilds the
-  prepared model with identical state and logits. The directory is written in a temporary sibling and its
-  ``config.json`` moved in before any weight file, so an interrupted save never leaves weights next to an
-  unmarked config.
+  prepared model with identical state and logits. The weights carry a :data:`SENTINEL` under the first
+  LoRA layer's plain ``weight`` key, so a ``from_pretrained`` that never reads this ``config.json``
+  (``config=`` from elsewhere) still raises a size mismatch; the prepared model's ``load_state_dict``
+  drops it. The files are written in a temporary directory and ``config.json`` is moved into place before
+  any weight file, so an interrupted save never leaves weights next to an unmarked config.
 
 Once the adapters are merged (:func:`lowrank.merge_adapters` removes ``lowrank_config``), the model is a
 plain transformers model again and ``save_pretrained`` is transformers' own.
@@ -33,11 +35,12 @@ import tempfile
 import types
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lowrank import files
 from lowrank.dtypes import dtype_name
-from lowrank.nn import LinearNF4, LoRALinear
+from lowrank.nn import LinearNF4, LoRAEmbedding, LoRALinear
 
 #: ``quantization_config.quant_method`` of a prepared checkpoint (Trainer's ``checkpoint-N/``)
 PREPARED_QUANT_METHOD = "lowrank_prepared"
@@ -52,6 +55,10 @@ PREPARED_REFUSAL = (
     "adapter), lowrank.save_quantized(model, dir) (bitsandbytes 4-bit base) or lowrank.merge_adapters(model) "
     "and then model.save_pretrained(dir) (dense, adapters merged)"
 )
+#: the tensor a prepared checkpoint stores under ``<first LoRA layer>.weight``: a plain model has a 2-D weight
+#: there, so transformers' ``from_pretrained`` raises a size mismatch even when it is handed another config
+#: (``config=``) or does not know ``transformers_weights``; a prepared model's ``load_state_dict`` drops it
+SENTINEL = torch.zeros(1, dtype=torch.uint8)
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
@@ -71,6 +78,26 @@ def _refusing_save_pretrained(self, save_directory, *args, **kwargs):
         "lowrank.save_quantized(model, dir) for the 4-bit base (bitsandbytes format, without the adapters), or "
         "lowrank.merge_adapters(model) and then model.save_pretrained(dir) for a dense model with the adapters merged"
     )
+
+
+def _sentinel_key(model: nn.Module) -> str | None:
+    return next((f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))), None)
+
+
+def _is_sentinel(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and tuple(value.shape) == (1,)
+
+
+def _drop_sentinel(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``load_state_dict`` pre-hook of a prepared model: the checkpoint's :data:`SENTINEL` is not a tensor of
+    the model (a LoRA layer has no ``weight`` entry of its own), so Trainer's resume reports nothing extra."""
+    for key in [k for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(".weight") and _is_sentinel(v)]:
+        try:
+            owner = module.get_submodule(key[len(prefix) : -len(".weight")])
+        except AttributeError:
+            continue
+        if isinstance(owner, (LoRALinear, LoRAEmbedding)):
+            del state_dict[key]
 
 
 def prepared_manifest(model: nn.Module) -> dict:
@@ -102,6 +129,7 @@ def prepared_manifest(model: nn.Module) -> dict:
         "active_adapters": list(getattr(model, "lowrank_active_adapters", None) or list(configs)[:1]),
         "compute_dtypes": compute,
         "base_format": base,  # the 4-bit format of the base layers (null: dense bases)
+        "sentinel": _sentinel_key(model),
     }
 
 
@@ -117,6 +145,11 @@ def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
     if not kwargs.get("is_main_process", True):  # another rank writes the files; join any collective
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
     manifest = prepared_manifest(model)
+    state_dict = kwargs["state_dict"]
+    state_dict = dict(model.state_dict() if state_dict is None else state_dict)  # the caller's dict is not changed
+    if manifest["sentinel"] is not None and manifest["sentinel"] not in state_dict:
+        state_dict[manifest["sentinel"]] = SENTINEL.clone()
+    kwargs["state_dict"] = state_dict
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise SavePretrainedError(f"save_pretrained: {directory} exists and is not a directory")
@@ -145,13 +178,19 @@ def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` refuse while ``model.lowrank_config`` is set (see the module docstring)."""
+    """Make ``model.save_pretrained`` refuse while ``model.lowrank_config`` is set, or write a prepared checkpoint
+    when given a ``state_dict`` (see the module docstring); ``model.load_state_dict`` then ignores the
+    checkpoint's :data:`SENTINEL`."""
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = types.MethodType(_refusing_save_pretrained, model)
+    if not getattr(model, "_lowrank_drops_sentinel", False):  # once per model (prepared again after a merge)
+        model.register_load_state_dict_pre_hook(_drop_sentinel)
+        model._lowrank_drops_sentinel = True
 
 
 __all__ = [
     "PREPARED_QUANT_METHOD",
+    "SENTINEL",
     "PREPARED_REFUSAL",
     "SavePretrainedError",
     "guard_save_pretrained",

@@ -163,9 +163,23 @@ def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_p
     for loader in (_auto_class(model), plain_class):
         with pytest.raises(ValueError, match=REFUSAL):
             loader.from_pretrained(tmp_path)
+    # handed another config (so config.json is never read), transformers still raises: the sentinel's size
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _auto_class(model).from_pretrained(tmp_path, config=copy.deepcopy(model.config))
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path), model)
     stored = model.get_input_embeddings().weight.dtype  # repeating the stored dtype is allowed
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=stored, verbose=False), model)
+
+
+def test_prepared_model_load_state_dict_drops_only_the_sentinel():
+    model = _prepared("llama-nf4")
+    state = model.state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"  # the first LoRA layer: where a checkpoint puts the sentinel
+    assert model.load_state_dict({**state, key: lowrank.saving.SENTINEL.clone()}).unexpected_keys == []
+    plain_weight = torch.zeros(64, 64)  # a real (plain model's) weight is still reported, never swallowed
+    with pytest.raises(RuntimeError, match="Unexpected key.*q_proj.weight"):
+        model.load_state_dict({**state, key: plain_weight})
+    assert copy.deepcopy(model).load_state_dict({**state, key: lowrank.saving.SENTINEL.clone()}).unexpected_keys == []
 
 
 def test_prepared_checkpoint_load_options_and_bad_input(tmp_path):
@@ -313,8 +327,15 @@ def test_trainer_checkpoints_and_save_model_are_refused_by_transformers_resumed_
     ids = tokens()
     assert torch.equal(_forward(lowrank.from_pretrained(tmp_path / "final"), ids), _forward(model.eval(), ids))
 
-    # Trainer's own resume reads the marked directory into a fresh prepared model and continues identically
-    fresh = _prepared_llama(seed=123)  # another adapter init: every value must come from the checkpoint
+    # Trainer's own resume reads the marked directory into a fresh prepared model and continues identically;
+    # its load_state_dict(strict=False) finds nothing missing or unexpected (so Trainer warns about nothing)
+    fresh = _prepared_llama(seed=123)
+    loaded = lowrank.files.read_safetensors(tmp_path / "run" / "checkpoint-1" / "model.safetensors")
+    result = copy.deepcopy(fresh).load_state_dict(loaded, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (
+        [],
+        [],
+    )  # another adapter init: every value must come from the checkpoint
     assert not torch.equal(
         fresh.model.layers[0].self_attn.q_proj.lora_A, snapshots.at[1]["model.layers.0.self_attn.q_proj.lora_A"]
     )
