@@ -88,16 +88,33 @@ def _is_sentinel(value) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and tuple(value.shape) == (1,)
 
 
+#: a PiSSA/OLoRA layer's initial split (non-persistent buffers of LoRALinear, needed by
+#: ``save_adapter(..., convert_to_lora=True)``): a prepared checkpoint stores them, loading puts them back
+INITIAL_SPLIT = ("lora_A_initial", "lora_B_initial")
+
+
+def _owner(module: nn.Module, key: str, prefix: str, leaf: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(key[len(prefix) : -len(leaf) - 1])
+    except AttributeError:
+        return None
+
+
 def _drop_sentinel(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """``load_state_dict`` pre-hook of a prepared model: the checkpoint's :data:`SENTINEL` is not a tensor of
-    the model (a LoRA layer has no ``weight`` entry of its own), so Trainer's resume reports nothing extra."""
-    for key in [k for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(".weight") and _is_sentinel(v)]:
-        try:
-            owner = module.get_submodule(key[len(prefix) : -len(".weight")])
-        except AttributeError:
-            continue
-        if isinstance(owner, (LoRALinear, LoRAEmbedding)):
-            del state_dict[key]
+    the model (a LoRA layer has no ``weight`` entry of its own) and is dropped; a stored initial PiSSA/OLoRA
+    split (:data:`INITIAL_SPLIT`) becomes the layer's buffer again. Trainer's resume reports nothing extra."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        leaf = key.rpartition(".")[2]
+        if leaf == "weight" and _is_sentinel(state_dict[key]):
+            if isinstance(_owner(module, key, prefix, leaf), (LoRALinear, LoRAEmbedding)):
+                del state_dict[key]
+        elif leaf in INITIAL_SPLIT:
+            owner = _owner(module, key, prefix, leaf)
+            if isinstance(owner, LoRALinear):
+                value = state_dict.pop(key).detach()
+                device = owner.lora_A.device if owner.lora_A.device.type != "meta" else value.device
+                owner.register_buffer(leaf, value.to(device, copy=True), persistent=False)
 
 
 def prepared_manifest(model: nn.Module) -> dict:
@@ -149,6 +166,10 @@ def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)  # the caller's dict is not changed
     if manifest["sentinel"] is not None and manifest["sentinel"] not in state_dict:
         state_dict[manifest["sentinel"]] = SENTINEL.clone()
+    for name, m in model.named_modules():  # the initial PiSSA/OLoRA splits (not part of state_dict())
+        for leaf in INITIAL_SPLIT:
+            if isinstance(m, LoRALinear) and getattr(m, leaf, None) is not None:
+                state_dict.setdefault(f"{name}.{leaf}", getattr(m, leaf).detach())
     kwargs["state_dict"] = state_dict
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
@@ -189,6 +210,7 @@ def guard_save_pretrained(model: nn.Module) -> None:
 
 
 __all__ = [
+    "INITIAL_SPLIT",
     "PREPARED_QUANT_METHOD",
     "SENTINEL",
     "PREPARED_REFUSAL",

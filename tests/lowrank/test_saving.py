@@ -124,6 +124,14 @@ def _forward(model, ids):
     return out.logits
 
 
+def _tied_aliases(model):
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+
+
+def _stored_tensors(directory):
+    return {k: v for f in lowrank.loading.weight_files(directory) for k, v in lowrank.files.read_safetensors(f).items()}
+
+
 def _assert_same_prepared_model(back, model):
     ids = tokens()
     assert torch.equal(_forward(back, ids), _forward(model, ids))
@@ -131,13 +139,15 @@ def _assert_same_prepared_model(back, model):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    buffers, want = dict(back.named_buffers()), dict(model.named_buffers())  # non-persistent ones too
+    assert buffers.keys() == want.keys()
+    assert all(torch.equal(buffers[k], v) for k, v in want.items())
     trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert trainable(back) == trainable(model)
     assert back.lowrank_adapters == model.lowrank_adapters
     assert back.lowrank_config == model.lowrank_config
     assert back.lowrank_active_adapters == model.lowrank_active_adapters
-    ties = lambda m: {n for n, p in m.named_parameters(remove_duplicate=False)} - set(dict(m.named_parameters()))  # noqa: E731
-    assert ties(back) == ties(model)  # tied parameters are one object again
+    assert _tied_aliases(back) == _tied_aliases(model)  # tied parameters are one object again
     with pytest.raises(SavePretrainedError):  # the rebuilt model is guarded like the original
         back.save_pretrained("never-written")
 
@@ -166,6 +176,10 @@ def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_p
     # handed another config (so config.json is never read), transformers still raises: the sentinel's size
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         _auto_class(model).from_pretrained(tmp_path, config=copy.deepcopy(model.config))
+    # what Trainer's resume does: load_state_dict(strict=False) into the same prepared model: nothing
+    # unexpected (the sentinel is dropped), nothing missing but tied aliases
+    result = copy.deepcopy(model).load_state_dict(_stored_tensors(tmp_path), strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) <= _tied_aliases(model)
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path), model)
     stored = model.get_input_embeddings().weight.dtype  # repeating the stored dtype is allowed
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=stored, verbose=False), model)
@@ -180,6 +194,22 @@ def test_prepared_model_load_state_dict_drops_only_the_sentinel():
     with pytest.raises(RuntimeError, match="Unexpected key.*q_proj.weight"):
         model.load_state_dict({**state, key: plain_weight})
     assert copy.deepcopy(model).load_state_dict({**state, key: lowrank.saving.SENTINEL.clone()}).unexpected_keys == []
+
+
+def test_pissa_initial_split_survives_a_prepared_checkpoint(tmp_path):
+    """save_adapter(convert_to_lora=True) needs each layer's initial PiSSA split (non-persistent buffers): the
+    prepared checkpoint stores it, so the rebuilt model converts to the same rank-2r LoRA."""
+    model = _prepared("llama-pissa")
+    model.save_pretrained(tmp_path / "ckpt", state_dict=None)
+    back = lowrank.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(
+        back.model.layers[1].mlp.up_proj.lora_B_initial, model.model.layers[1].mlp.up_proj.lora_B_initial
+    )
+    lowrank.save_adapter(model, tmp_path / "want", convert_to_lora=True)
+    lowrank.save_adapter(back, tmp_path / "got", convert_to_lora=True)
+    want = lowrank.files.read_safetensors(tmp_path / "want" / "adapter_model.safetensors")
+    got = lowrank.files.read_safetensors(tmp_path / "got" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
 
 
 def test_prepared_checkpoint_load_options_and_bad_input(tmp_path):
