@@ -100,7 +100,9 @@ def _owner(module: nn.Module, key: str, prefix: str, leaf: str) -> nn.Module | N
         return None
 
 
-def _drop_sentinel(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _prepared_checkpoint_pre_hook(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     """``load_state_dict`` pre-hook of a prepared model: the checkpoint's :data:`SENTINEL` is not a tensor of
     the model (a LoRA layer has no ``weight`` entry of its own) and is dropped; a stored initial PiSSA/OLoRA
     split (:data:`INITIAL_SPLIT`) becomes the layer's buffer again. Trainer's resume reports nothing extra."""
@@ -200,13 +202,13 @@ def save_prepared_checkpoint(model: nn.Module, save_directory, *args, **kwargs):
 
 def guard_save_pretrained(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` refuse while ``model.lowrank_config`` is set, or write a prepared checkpoint
-    when given a ``state_dict`` (see the module docstring); ``model.load_state_dict`` then ignores the
-    checkpoint's :data:`SENTINEL`."""
+    when given a ``state_dict`` (see the module docstring); ``model.load_state_dict`` then drops a prepared
+    checkpoint's :data:`SENTINEL` and restores its :data:`INITIAL_SPLIT` buffers."""
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = types.MethodType(_refusing_save_pretrained, model)
-    if not getattr(model, "_lowrank_drops_sentinel", False):  # once per model (prepared again after a merge)
-        model.register_load_state_dict_pre_hook(_drop_sentinel)
-        model._lowrank_drops_sentinel = True
+    if not getattr(model, "_lowrank_checkpoint_pre_hook", False):  # once per model (prepared again after a merge)
+        model.register_load_state_dict_pre_hook(_prepared_checkpoint_pre_hook)
+        model._lowrank_checkpoint_pre_hook = True
 
 
 __all__ = [
