@@ -168,6 +168,7 @@ def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_p
     plain_class = type(model)
     model.save_pretrained(tmp_path, state_dict=model.state_dict(), **PREPARED_CASES[case][4])
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert (tmp_path / "model.safetensors.index.json").is_file() == ("max_shard_size" in PREPARED_CASES[case][4])
     config = lowrank.files.read_json(tmp_path / "config.json")
     assert config["quantization_config"]["quant_method"] == "lowrank_prepared"
     for loader in (_auto_class(model), plain_class):
