@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers
-from checkpoints import tiny_model, tokens, write_checkpoint
+from checkpoints import tiny_model, tokens, word_tokenizer, write_checkpoint
 
 import lowrank
 from lowrank.loading import CheckpointLoadError, load_pretrained
@@ -184,6 +184,32 @@ def test_state_dict_save_is_refused_by_transformers_and_rebuilt_by_lowrank(tmp_p
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path), model)
     stored = model.get_input_embeddings().weight.dtype  # repeating the stored dtype is allowed
     _assert_same_prepared_model(lowrank.from_pretrained(tmp_path, dtype=stored, verbose=False), model)
+
+
+def test_every_transformers_entry_point_refuses_a_prepared_checkpoint(tmp_path):
+    model = _prepared("llama-nf4")
+    model.save_pretrained(tmp_path, state_dict=None)
+    loads = {
+        "AutoModel": lambda: transformers.AutoModel.from_pretrained(tmp_path),
+        "AutoModelForCausalLM": lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path),
+        "LlamaForCausalLM": lambda: transformers.LlamaForCausalLM.from_pretrained(tmp_path),
+        "use_safetensors=False": lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, use_safetensors=False
+        ),
+        "config from the directory": lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, config=transformers.AutoConfig.from_pretrained(tmp_path)
+        ),
+        "pipeline": lambda: transformers.pipeline("text-generation", model=str(tmp_path), tokenizer=word_tokenizer()),
+    }
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        loads["quantization_config=bitsandbytes"] = lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=bnb
+        )
+    for how, load in loads.items():
+        with pytest.raises(ValueError, match=REFUSAL):
+            load()
+            pytest.fail(f"{how} loaded a prepared checkpoint")
 
 
 def test_prepared_model_load_state_dict_drops_only_the_sentinel():
