@@ -11,9 +11,12 @@ Goals (4096 x 4096 bf16 weight, NF4, blocksize 64, double quantization):
   2. quantize with double quantization: >= 20x faster than ``bitsandbytes.functional.quantize_4bit``;
   3. LoRA linear on the NF4 weight, forward + backward, M = 512, r = 16, bf16 activations, fp32 adapters:
      >= 2x faster than PEFT on a bitsandbytes ``Linear4bit``, with peak memory no higher; and within 1.10x of
-     the same layer on an unquantized bf16 weight (``dense_bf16_floor``), without dropout and with LoRA
-     dropout p = 0.1 (the ``-p0.1`` providers: lowrank's counter-based mask inside the ext kernels; the
-     floor and PEFT drop with ``torch.nn.functional.dropout``, as PEFT does), all in one group.
+     the same layer on an unquantized bf16 weight, without dropout and with LoRA dropout p = 0.1 (the
+     ``-p0.1`` providers), all in one group. Two unquantized layers: ``dense_bf16_floor`` is that layer in
+     plain torch (PEFT's arithmetic: ``F.linear`` plus the fp32 LoRA term, dropout by
+     ``torch.nn.functional.dropout``); ``ext_dense_bf16`` is lowrank's own ext kernels on the unquantized
+     weight (the same counter-based mask), so ``lowrank_ext`` / ``ext_dense_bf16`` is the cost of the 4-bit
+     weight alone.
 
 Run (all providers side by side, one session):
     pytest bench/bench_ext_cpu.py --benchmark-enable --benchmark-only -p no:cacheprovider
@@ -109,9 +112,24 @@ ROLES = {
     "peft_bnb": "competitor",
     "memcpy_same_output_bytes": "limit",
     "dense_bf16_floor": "floor",
+    "ext_dense_bf16": "floor",
     "torch_ref": "reference",
     "lowrank_torch": "reference",
 }
+
+
+def _machine() -> str:
+    """The CPU model and core count, as the results must say which machine they come from."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({model})"
+
+
+MACHINE = _machine()
 
 
 def run(benchmark, fn, **extra):
@@ -123,7 +141,7 @@ def run(benchmark, fn, **extra):
         role=ROLES.get(provider.partition("-p")[0], "lowrank"),
         memory_regime=MEMORY_REGIME,
         threads=torch.get_num_threads(),
-        machine="2 CPU cores (AMD EPYC, AVX-512 BF16)",
+        machine=MACHINE,
     )
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
@@ -243,6 +261,16 @@ def lora_step(provider: str, n: int = N):
             (torch.nn.functional.linear(x, dense) + lora).backward(dy)
 
         return step
+    if provider == "ext_dense_bf16":  # lowrank's own ext kernels on the unquantized weight: the 4-bit cost alone
+        from lowrank.ops import lora_linear
+
+        dense = w.clone()
+
+        def step():
+            x.grad = A.grad = B.grad = None
+            lora_linear(x, dense, A, B, SCALE, dropout=p, backend="ext").backward(dy)
+
+        return step
     qw = lowrank.quantize(w, blocksize=BLOCKSIZE, backend="ext")
     if provider == "ext_ops":  # the raw ops, what the autograd Function calls
         from lowrank.kernels.dropout import Dropout
@@ -275,6 +303,8 @@ LORA_PROVIDERS = [
     "lowrank_torch",
     "dense_bf16_floor",
     "dense_bf16_floor-p0.1",
+    "ext_dense_bf16",
+    "ext_dense_bf16-p0.1",
 ]
 
 

@@ -11,15 +11,19 @@
 //
 // Strategy: never materialise the whole dequantized W. The forward decodes a panel of rows of W (a
 // contiguous range of the flattened tensor) into a buffer in x's dtype that stays in the last-level
-// cache and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16 kernels where the CPU has
-// them), writing straight into the matching columns of y. The backward does the same with slabs of
+// cache and hands it to torch's GEMM (oneDNN/MKL; bf16 uses the AVX512-BF16/AMX kernels where the CPU
+// has them), writing straight into the matching columns of y. The backward does the same with slabs of
 // columns of W, so every dx column block is one GEMM with no cross-panel accumulation. The rank-r terms
-// are thin GEMMs in float32; the low-rank update of a panel (plus the bias) is computed in float32 and
-// added to the panel's GEMM output in one pass: y = dtype(dtype(x W_panel^T) + (scale xa B_panel^T + bias)).
-// (Folding a bf16 update into the GEMM as its C operand, addmm with beta = 1, measured ~3 ms slower per
-// 512 x 4096 x 4096 GEMM than mm plus the in-place add on this CPU: oneDNN's bf16 path with a C operand.)
+// are thin GEMMs in float32. The low-rank update of a panel (plus the bias) is made after the panel's
+// GEMM, in float32 row chunks small enough to stay in the core's L2, and each chunk is added to the GEMM
+// output and rounded once while it is hot: y = dtype(dtype(x W_panel^T) + (scale xa B_panel^T + bias)),
+// the arithmetic of the torch composite (and of PEFT), bit for bit on a dense base.
+// (Folding the update into the GEMM as its C operand, addmm with beta = 1, measured ~3 ms slower per
+// 512 x 4096 x 4096 bf16 GEMM than mm plus the separate add on this CPU; the 16-bit <-> float32 row
+// conversions are the extension's own, convert_cpu.h: torch's mixed-dtype copy_/add_ ran at 1-2 G
+// elements/s, ~8 ms of a 70 ms step.)
 // Scratch: the panel, the float32 staging of the low-rank update and the float32 row chunks of x / dy
-// live in per-thread buffers reused across calls (see scratch()), about 24 MiB per calling thread; the
+// live in per-thread buffers reused across calls (see scratch()), about 21 MiB per calling thread; the
 // outputs are fresh tensors.
 #include "convert_cpu.h"
 #include "dropout.h"
@@ -53,9 +57,10 @@ int64_t panel_bytes() {
   return bytes;
 }
 // Bytes of one float32 row chunk (of x, dy, or of a panel's low-rank update): the thin rank-r GEMMs and
-// the dtype conversions work on chunks this size, so their temporaries stay in cache.
+// the dtype conversions work on chunks this size, so their temporaries stay in the core's own cache
+// (1 MiB: half of this machine's 2 MiB L2) between being written and being read.
 int64_t chunk_bytes() {
-  static const int64_t bytes = bytes_from_env("LOWRANK_EXT_CHUNK_BYTES", 4 << 20);
+  static const int64_t bytes = bytes_from_env("LOWRANK_EXT_CHUNK_BYTES", 1 << 20);
   return bytes;
 }
 
@@ -187,22 +192,27 @@ at::Tensor rows_as_float(const at::Tensor& t, int64_t m0, int64_t rows) {
   return rows_as_float_kept(t, m0, rows, DropoutKey{});
 }
 
-// out (a strided 2-D view in `dtype`, unit column stride) = dtype(dtype(a @ b) + update32), update32
-// contiguous with out's shape. float32: one addmm (C = update32). 16-bit: torch's GEMM, then the float32
-// update added and rounded once per element in one pass over the (cache-resident) block.
-void gemm_plus_update(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& update32) {
-  if (out.scalar_type() == at::kFloat) {
-    at::addmm_out(out, update32, a, b);
-    return;
-  }
+// out (a strided 2-D view in `dtype`, unit column stride) = dtype(dtype(a @ b) + update) with one
+// rounding of the sum: torch's GEMM writes out first; then `make_update(r0, rows, stage)` fills a float32
+// (rows, cols) chunk of the low-rank update for out's rows [r0, r0 + rows), which is added to those rows
+// at once, while the chunk is still in cache (made before the GEMM it would be evicted by it).
+template <typename MakeUpdate>
+void gemm_then_add_update(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, MakeUpdate make_update) {
   at::mm_out(out, a, b);
   const int64_t rows = out.size(0), cols = out.size(1);
   char* base = static_cast<char*>(out.data_ptr());
   const int64_t row_bytes = out.stride(0) * static_cast<int64_t>(out.element_size());
-  const float* add = update32.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) add_float_rounded(base + r * row_bytes, out.scalar_type(), add + r * cols, cols);
-  });
+  const int64_t chunk = rows_per_chunk(cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    at::Tensor stage = scratch(kStageSlot, {n, cols}, at::kFloat);
+    make_update(r0, n, stage);
+    const float* add = stage.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        add_float_rounded(base + (r0 + i) * row_bytes, out.scalar_type(), add + i * cols, cols);
+    });
+  }
 }
 
 struct Shapes {
@@ -256,20 +266,17 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
   const at::Tensor xa_scaled = xa * scale;
 
   at::Tensor y = at::empty({s.M, s.N}, x.options());
-  const int64_t panel_rows = w.quantized ? panel_extent(s.K, x.element_size(), s.N) : s.N;
+  // A dense base takes the same panels (as views): torch's GEMM ran ~10 % faster on them than on all of W.
+  const int64_t panel_rows = panel_extent(s.K, x.element_size(), s.N);
   for (int64_t n0 = 0; n0 < s.N; n0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, s.N - n0);
     const at::Tensor panel = w.quantized ? decode_rows(w, n0, rows, s.K, dtype) : w.dense.narrow(0, n0, rows);
     const at::Tensor B_panel = B32.narrow(0, n0, rows);
-    const int64_t m_chunk = rows_per_chunk(rows);
-    for (int64_t m0 = 0; m0 < s.M; m0 += m_chunk) {
-      const int64_t m_rows = std::min(m_chunk, s.M - m0);
-      at::Tensor update = scratch(kStageSlot, {m_rows, rows}, at::kFloat);
+    at::Tensor y_panel = y.narrow(1, n0, rows);  // strided: the GEMM writes in place
+    gemm_then_add_update(y_panel, x, panel.t(), [&](int64_t m0, int64_t m_rows, at::Tensor& update) {
       at::mm_out(update, xa_scaled.narrow(0, m0, m_rows), B_panel.t());
       if (bias32.has_value()) update.add_(bias32->narrow(0, n0, rows));
-      at::Tensor y_block = y.narrow(0, m0, m_rows).narrow(1, n0, rows);  // strided: the GEMM writes in place
-      gemm_plus_update(y_block, x.narrow(0, m0, m_rows), panel.t(), update);
-    }
+    });
   }
   return {y, xa};
 }
@@ -321,20 +328,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
     const at::Tensor g_scaled = g * scale;
     dx = at::empty({s.M, s.K}, x.options());
-    const int64_t slab_cols = w.quantized ? panel_extent(s.N, x.element_size(), s.K) : s.K;
+    const int64_t slab_cols = panel_extent(s.N, x.element_size(), s.K);
     for (int64_t k0 = 0; k0 < s.K; k0 += slab_cols) {
       const int64_t cols = std::min(slab_cols, s.K - k0);
       const at::Tensor slab = w.quantized ? decode_columns(w, k0, cols, s.N, s.K, dtype) : w.dense.narrow(1, k0, cols);
       const at::Tensor A_slab = A32.narrow(1, k0, cols);
-      const int64_t m_chunk = rows_per_chunk(cols);
-      for (int64_t m0 = 0; m0 < s.M; m0 += m_chunk) {
-        const int64_t m_rows = std::min(m_chunk, s.M - m0);
-        at::Tensor update = scratch(kStageSlot, {m_rows, cols}, at::kFloat);
+      at::Tensor dx_slab = dx.narrow(1, k0, cols);
+      gemm_then_add_update(dx_slab, dy, slab, [&](int64_t m0, int64_t m_rows, at::Tensor& update) {
         at::mm_out(update, g_scaled.narrow(0, m0, m_rows), A_slab);
         if (drop.active) zero_dropped_rows(update, m0 * s.K + k0, s.K, drop);
-        at::Tensor dx_block = dx.narrow(0, m0, m_rows).narrow(1, k0, cols);
-        gemm_plus_update(dx_block, dy.narrow(0, m0, m_rows), slab, update);
-      }
+      });
     }
   }
   return {dx, dA, dB};
