@@ -2,6 +2,7 @@
 // when the CPU has it (16 indices per step, the same keep_x16 for both helpers), and the `dropout_mask_out`
 // operator the tests compare with the torch reference and the Triton kernel.
 #include "dropout.h"
+#include "cpu_features.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,12 +14,6 @@
 
 namespace lowrank_ext {
 namespace {
-
-// LOWRANK_EXT_NO_AVX512=1 forces the portable path (read once), as for the NF4 kernels.
-bool cpu_has_avx512f() {
-  static const bool has = std::getenv("LOWRANK_EXT_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f");
-  return has;
-}
 
 #define LOWRANK_DROPOUT_AVX512 __attribute__((target("avx512f")))
 
@@ -73,7 +68,7 @@ LOWRANK_DROPOUT_AVX512 void keep_bytes_avx512(const DropoutKey& k, int64_t e0, u
 
 void dropout_zero_dropped(const DropoutKey& k, int64_t e0, float* v, int64_t n) {
   if (!k.active || n <= 0) return;
-  if (cpu_has_avx512f()) {
+  if (cpu_has_avx512()) {
     zero_dropped_avx512(k, e0, v, n);
     return;
   }
@@ -87,7 +82,7 @@ void dropout_keep_bytes(const DropoutKey& k, int64_t e0, uint8_t* out, int64_t n
     std::fill(out, out + n, static_cast<uint8_t>(1));
     return;
   }
-  if (cpu_has_avx512f()) {
+  if (cpu_has_avx512()) {
     keep_bytes_avx512(k, e0, out, n);
     return;
   }

@@ -21,6 +21,7 @@
 // Scratch: the panel, the float32 staging of the low-rank update and the float32 row chunks of x / dy
 // live in per-thread buffers reused across calls (see scratch()), about 24 MiB per calling thread; the
 // outputs are fresh tensors.
+#include "convert_cpu.h"
 #include "dropout.h"
 #include "nf4_cpu.h"
 
@@ -164,32 +165,46 @@ at::Tensor decode_columns(const BaseWeight& w, int64_t k0, int64_t cols, int64_t
   return slab;
 }
 
-// Rows [m0, m0 + rows) of `t` (2-D, contiguous) in float32: a view when t is float32, else a converted
-// copy in the convert scratch slot.
-at::Tensor rows_as_float(const at::Tensor& t, int64_t m0, int64_t rows) {
-  const at::Tensor part = t.narrow(0, m0, rows);
-  if (t.scalar_type() == at::kFloat) return part;
-  return scratch(kConvertSlot, {rows, t.size(1)}, at::kFloat).copy_(part);
-}
-
-// Rows [m0, m0 + rows) of `t` (2-D (M, K), contiguous) in float32 with the dropped elements zeroed: a copy
-// in the convert scratch slot. Without dropout, rows_as_float.
+// Rows [m0, m0 + rows) of `t` (2-D (M, K), contiguous) in float32, with the dropped elements zeroed
+// when `key` is active: a view when t is float32 and nothing is dropped, else a copy in the convert
+// scratch slot. Each row is converted and masked while it is in the first-level cache.
 at::Tensor rows_as_float_kept(const at::Tensor& t, int64_t m0, int64_t rows, const DropoutKey& key) {
-  if (!key.active) return rows_as_float(t, m0, rows);
+  const at::Tensor part = t.narrow(0, m0, rows);
+  if (t.scalar_type() == at::kFloat && !key.active) return part;
   const int64_t K = t.size(1);
-  at::Tensor out = scratch(kConvertSlot, {rows, K}, at::kFloat).copy_(t.narrow(0, m0, rows));
-  zero_dropped_rows(out, m0 * K, K, key);
+  at::Tensor out = scratch(kConvertSlot, {rows, K}, at::kFloat);
+  const char* src = static_cast<const char*>(part.data_ptr());
+  const int64_t src_row_bytes = K * static_cast<int64_t>(t.element_size());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      convert_to_float(src + r * src_row_bytes, t.scalar_type(), dst + r * K, K);
+      if (key.active) dropout_zero_dropped(key, (m0 + r) * K, dst + r * K, K);
+    }
+  });
   return out;
 }
 
-// out (strided view, `dtype`) = dtype(dtype(a @ b) + update32). float32: one addmm (C = update32).
+at::Tensor rows_as_float(const at::Tensor& t, int64_t m0, int64_t rows) {
+  return rows_as_float_kept(t, m0, rows, DropoutKey{});
+}
+
+// out (a strided 2-D view in `dtype`, unit column stride) = dtype(dtype(a @ b) + update32), update32
+// contiguous with out's shape. float32: one addmm (C = update32). 16-bit: torch's GEMM, then the float32
+// update added and rounded once per element in one pass over the (cache-resident) block.
 void gemm_plus_update(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& update32) {
   if (out.scalar_type() == at::kFloat) {
     at::addmm_out(out, update32, a, b);
     return;
   }
   at::mm_out(out, a, b);
-  out.add_(update32);
+  const int64_t rows = out.size(0), cols = out.size(1);
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = out.stride(0) * static_cast<int64_t>(out.element_size());
+  const float* add = update32.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) add_float_rounded(base + r * row_bytes, out.scalar_type(), add + r * cols, cols);
+  });
 }
 
 struct Shapes {

@@ -17,6 +17,7 @@
 // portable) a 16-entry table lookup of 32 outputs is one vpermw / two vpermps. Bytes moved per element
 // (blocksize 64, double quant, bf16 out): 0.5 B codes + 1/64 B nested code + 2 B out = 2.52 B.
 #include "nf4_cpu.h"
+#include "cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -43,13 +44,6 @@ constexpr float kReciprocalFloor = 1e-38f;
 constexpr float kNestedReciprocalFloor = std::numeric_limits<float>::min();
 // Elements per parallel task: large enough that the thread hand-off is noise.
 constexpr int64_t kGrainElements = 1 << 16;
-
-// LOWRANK_EXT_NO_AVX512=1 forces the portable paths (read once), so tests can check them on any CPU.
-bool cpu_has_avx512bw() {
-  static const bool has = std::getenv("LOWRANK_EXT_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
 
 // A fresh multi-megabyte output is a new mapping whose 4 KiB pages fault in one by one as the kernel
 // writes them; in a VM that costs more than the decode. Asking for transparent huge pages on the
@@ -186,7 +180,7 @@ void quantize_typed(const T* x, int64_t n, int64_t blocksize, const QuantTables&
                     float* absmax) {
   const int64_t nb = num_blocks(n, blocksize);
   const int64_t full_blocks = n / blocksize;
-  const bool avx512 = cpu_has_avx512bw();
+  const bool avx512 = cpu_has_avx512();
   at::parallel_for(0, nb, std::max<int64_t>(1, kGrainElements / blocksize), [&](int64_t b0, int64_t b1) {
     int64_t b = b0;
     if (avx512) {
@@ -269,7 +263,7 @@ void decode_blocks_fast(const Nf4View& w, int64_t b0, int64_t b1, Bits* out, at:
 template <typename Bits, typename Convert>
 void decode_range_typed(const Nf4View& w, int64_t start, int64_t count, Bits* out, at::ScalarType dtype,
                         Convert convert) {
-  const bool avx512 = cpu_has_avx512bw();
+  const bool avx512 = cpu_has_avx512();
   const int64_t end = start + count;
   int64_t e = start;
   Bits table[16];
@@ -392,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
   float midpoints[256];
   std::copy(kDynamicMidpoints, kDynamicMidpoints + 255, midpoints);
   midpoints[255] = std::numeric_limits<float>::infinity();
-  const bool avx512 = cpu_has_avx512bw();
+  const bool avx512 = cpu_has_avx512();
   at::parallel_for(0, n2, 64, [&](int64_t b0, int64_t b1) {
     float centred[kNestedBlocksize];
     for (int64_t b = b0; b < b1; ++b) {

@@ -16,6 +16,9 @@ The steps (``docs/big_models.md`` says why each step is done this way, and the m
 4. A bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json, ``*.weight.quant_state.*``
    keys; transformers and :func:`lowrank.save_quantized` write these) is read layer by layer into
    ``LinearNF4`` with the stored bytes, never dequantized.
+5. A lowrank-prepared checkpoint (``transformers.Trainer``'s ``checkpoint-N/`` of a prepared model, see
+   :mod:`lowrank.saving`) is rebuilt by :func:`from_pretrained`: ``prepare_model`` / ``add_adapter`` replayed
+   on the meta skeleton from the recorded settings, then the whole state dict assigned (not streamed).
 
 Tied parameters are one Parameter object in the built model; loading assigns the new tensor to every
 module that shared it, so they stay tied. Any error (missing file, truncated or corrupted shard, a
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import re
 import types
 import warnings
@@ -40,6 +44,7 @@ from torch import nn
 from lowrank import adapters as _adapters
 from lowrank import files, nf4
 from lowrank import models as _models
+from lowrank import saving as _saving
 from lowrank.dtypes import parse_dtype
 from lowrank.nn import LinearNF4
 
@@ -182,7 +187,7 @@ def _model_class(directory: Path, cfg: dict, auto_class):
 def _build(directory: Path, cfg: dict, auto_class, dtype: torch.dtype, config_overrides: dict | None) -> nn.Module:
     import transformers
 
-    clean = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    clean = {k: v for k, v in cfg.items() if k not in ("quantization_config", "transformers_weights")}
     try:
         config = transformers.AutoConfig.for_model(**clean)
     except (ValueError, KeyError) as e:
@@ -247,6 +252,12 @@ def _bnb_config(directory: Path, cfg: dict) -> dict | None:
     if not isinstance(qcfg, dict):
         raise CheckpointLoadError(f"{directory / CONFIG}: quantization_config is not an object")
     method = qcfg.get("quant_method")
+    if method == _saving.PREPARED_QUANT_METHOD:
+        raise CheckpointLoadError(
+            f"{directory} is a lowrank-prepared checkpoint (a transformers.Trainer checkpoint-N/ or "
+            "save_pretrained(dir, state_dict=...) of a prepared model): lowrank.from_pretrained(dir) loads it with "
+            "its adapters; load_pretrained reads plain and bitsandbytes 4-bit checkpoints only"
+        )
     if method != "bitsandbytes" or not qcfg.get("load_in_4bit", qcfg.get("_load_in_4bit")):
         raise CheckpointLoadError(
             f"{directory / CONFIG}: quantization_config quant_method={method!r}, "
@@ -627,13 +638,181 @@ def _bnb_settings(model: nn.Module) -> tuple[str, int, bool] | None:
     return first.quant_type, first.blocksize, first.double_quant
 
 
+# -- prepared checkpoints (transformers.Trainer's checkpoint-N/ of a prepared model) ----------------------
+
+#: from_pretrained options that still apply to a prepared checkpoint (its adapters come from the checkpoint)
+_PREPARED_LOAD_OPTIONS = ("compute_dtype", "verbose")
+_B_ZERO_INITS = ("kaiming", "gaussian")  # the replayed structure; the values come from the checkpoint
+_BASE_FORMAT_KEYS = {"quant_type", "blocksize", "double_quant"}
+
+
+def is_prepared_checkpoint(cfg: dict) -> bool:
+    """Whether a parsed ``config.json`` is that of a lowrank-prepared checkpoint (see :mod:`lowrank.saving`)."""
+    qcfg = cfg.get("quantization_config")
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == _saving.PREPARED_QUANT_METHOD
+
+
+def _prepared_manifest(directory: Path, manifest: dict):
+    where = f"{directory / CONFIG} (quantization_config of a lowrank-prepared checkpoint)"
+    version = manifest.get("format_version")
+    if version != _saving.PREPARED_FORMAT_VERSION:
+        raise CheckpointLoadError(
+            f"{where}: format_version {version!r}; this lowrank reads version {_saving.PREPARED_FORMAT_VERSION}"
+        )
+    entries = manifest.get("adapters")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise CheckpointLoadError(f"{where}: 'adapters' must be a non-empty list of adapter settings")
+    fields = {f.name: f for f in dataclasses.fields(_models.LoRASettings)}
+    required = {
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    settings = []
+    for entry in entries:
+        unknown, missing = sorted(set(entry) - set(fields)), sorted(required - set(entry))
+        if unknown or missing:
+            raise CheckpointLoadError(f"{where}: adapter settings with unknown keys {unknown} / missing keys {missing}")
+        settings.append(_models.LoRASettings(**entry))
+    names = [s.adapter_name for s in settings]
+    primary, active = manifest.get("primary_adapter"), manifest.get("active_adapters")
+    if primary not in names:
+        raise CheckpointLoadError(f"{where}: primary_adapter {primary!r} is not one of the adapters {names}")
+    if not isinstance(active, list) or not active or any(a not in names for a in active):
+        raise CheckpointLoadError(f"{where}: active_adapters {active!r} must be a non-empty list of {names}")
+    compute = manifest.get("compute_dtypes", {})
+    if not isinstance(compute, dict):
+        raise CheckpointLoadError(f"{where}: compute_dtypes must map module names to dtype names, got {compute!r}")
+    compute = {str(k): parse_dtype(v, what=f"compute dtype of {k} in {directory / CONFIG}") for k, v in compute.items()}
+    base = manifest.get("base_format")
+    if base is not None and (
+        not isinstance(base, dict) or base.get("quant_type") not in ("nf4", "fp4") or set(base) != _BASE_FORMAT_KEYS
+    ):
+        raise CheckpointLoadError(
+            f"{where}: base_format {base!r} must be null or {{quant_type, blocksize, double_quant}}"
+        )
+    return settings, primary, active, compute, base
+
+
+def _replay_adapters(model: nn.Module, settings, base: dict | None) -> None:
+    """Give the skeleton the prepared model's modules: prepare_model / add_adapter with the recorded targets."""
+    first, *further = settings
+    _models.prepare_model(
+        model,
+        r=first.r,
+        alpha=first.alpha,
+        dropout=first.dropout,
+        target_modules=list(first.target_modules),
+        quantize=None if base is None else base["quant_type"],
+        double_quant=True if base is None else bool(base["double_quant"]),
+        blocksize=64 if base is None else int(base["blocksize"]),
+        use_rslora=first.use_rslora,
+        modules_to_save=list(first.modules_to_save),
+        init=first.init if first.init in _B_ZERO_INITS else "kaiming",
+        bias=first.bias,
+        rank_pattern=first.rank_pattern,
+        alpha_pattern=first.alpha_pattern,
+        adapter_name=first.adapter_name,
+        use_dora=first.use_dora,
+    )
+    for s in further:
+        _models.add_adapter(
+            model,
+            s.adapter_name,
+            r=s.r,
+            alpha=s.alpha,
+            dropout=s.dropout,
+            target_modules=list(s.target_modules),
+            use_rslora=s.use_rslora,
+            init=s.init if s.init in _B_ZERO_INITS else "kaiming",
+            rank_pattern=s.rank_pattern,
+            alpha_pattern=s.alpha_pattern,
+        )
+
+
+def _load_prepared(directory: Path, cfg: dict, dtype, device, auto_class, config_overrides, options: dict):
+    where = directory / CONFIG
+    settings, primary, active, compute, base = _prepared_manifest(directory, cfg["quantization_config"])
+    fixed = sorted(set(options) - set(_PREPARED_LOAD_OPTIONS))
+    if fixed:
+        raise CheckpointLoadError(
+            f"{directory} is a lowrank-prepared checkpoint: its adapters {[s.adapter_name for s in settings]} and its "
+            f"base come from the checkpoint, so the prepare_model options {fixed} cannot apply (drop them, or load "
+            "the base model's own directory)"
+        )
+    stored = parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32", what=f"dtype in {where}")
+    if dtype is not None and parse_dtype(dtype, what="dtype") != stored:
+        raise CheckpointLoadError(
+            f"{directory} is a lowrank-prepared checkpoint saved in {stored} ({where} 'dtype'); it is loaded in its "
+            f"stored dtypes, and dtype={dtype!r} would change its logits: leave dtype unset"
+        )
+    model = _build(directory, cfg, auto_class, stored, config_overrides)
+    try:
+        _replay_adapters(model, settings, base)
+    except (ValueError, TypeError) as e:
+        raise CheckpointLoadError(f"{where}: the recorded adapters do not fit {type(model).__name__}: {e}") from None
+    for s in settings:
+        built = model.lowrank_adapters[s.adapter_name].target_modules
+        if list(built) != list(s.target_modules):
+            raise CheckpointLoadError(
+                f"{where}: adapter {s.adapter_name!r} was saved on {len(s.target_modules)} layers but the model built "
+                f"from the config has {len(built)} of them ({sorted(set(s.target_modules) ^ set(built))[:3]} differ)"
+            )
+    # every holder of each parameter, so that tied parameters are one object again after assign=True
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules(remove_duplicate=False):
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                groups.setdefault(id(p), []).append((module, leaf))
+    read_layout(directory)  # headers and index checked first (a damaged shard or index names its file)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        try:
+            state.update(files.read_safetensors(path))
+        except files.FileFormatError as e:
+            raise CheckpointLoadError(str(e)) from None
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointLoadError(f"{directory} does not fit the prepared {type(model).__name__}: {e}") from None
+    del state
+    for holders in groups.values():
+        loaded = [m._parameters[leaf] for m, leaf in holders if m._parameters[leaf].device.type != "meta"]
+        if loaded:
+            for m, leaf in holders:
+                m._parameters[leaf] = loaded[0]
+    if result.unexpected_keys:
+        raise CheckpointLoadError(
+            f"{directory}: {len(result.unexpected_keys)} tensors are not part of the prepared {type(model).__name__} "
+            f"rebuilt from {where}: {result.unexpected_keys[:5]}"
+        )
+    still_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if still_meta:
+        raise CheckpointLoadError(
+            f"{directory} has no tensor for {still_meta[:5]} ({len(still_meta)} of the prepared "
+            f"{type(model).__name__}); refusing to leave them uninitialised"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, LinearNF4):
+            module.compute_dtype = options.get("compute_dtype", compute.get(name))
+    by_name = {s.adapter_name: s for s in settings}
+    model.lowrank_adapters = by_name
+    model.lowrank_config = by_name[primary]
+    _models.set_adapter(model, active)
+    model.lowrank_summary = _models.summary(model)
+    if device is not None:
+        model.to(torch.device(device))
+    _generation_config(model, directory)
+    if options.get("verbose"):
+        print(model.lowrank_summary)
+    return model.eval()
+
+
 def from_pretrained(
     path,
     *,
     quantize: str | None = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     auto_class=None,
     config_overrides: dict | None = None,
@@ -649,19 +828,33 @@ def from_pretrained(
     Args:
         path: a directory with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``.
         quantize, double_quant, blocksize: the 4-bit format (``quantize=None``: dense, frozen bases).
-        dtype: dtype of every tensor that is not 4-bit (and of the weights before quantization).
+        dtype: dtype of every tensor that is not 4-bit (and of the weights before quantization); default
+            ``torch.bfloat16``. A lowrank-prepared checkpoint keeps its stored dtypes (``dtype`` may only
+            repeat them).
         device: where the model is built (default CPU); on CUDA each weight is quantized on the device.
         auto_class: a transformers model class or Auto class (default: ``config.architectures[0]``).
         config_overrides: config attributes to set before building (e.g. ``{"num_labels": 3}``).
         **prepare_model_options: ``r``, ``alpha``, ``target_modules``, ``modules_to_save``, … (see
             :func:`lowrank.prepare_model`).
+
+    A **lowrank-prepared checkpoint** (``transformers.Trainer``'s ``checkpoint-N/`` or ``trainer.save_model()``
+    of a prepared model: ``config.json`` says ``quant_method: "lowrank_prepared"``) is rebuilt as saved: the
+    recorded adapters (every named one, the active ones), the stored 4-bit base and the trained values,
+    with an identical state dict and logits. Its adapters and base format come from the checkpoint:
+    ``prepare_model`` options other than ``compute_dtype`` / ``verbose`` are an error, ``quantize`` /
+    ``double_quant`` / ``blocksize`` are not used. It is read whole (peak ≈ the checkpoint's size), not
+    streamed.
     """
+    directory = Path(path)
+    cfg = files.read_json(directory / CONFIG, what="model config") if directory.is_dir() else None
+    if isinstance(cfg, dict) and is_prepared_checkpoint(cfg):
+        return _load_prepared(directory, cfg, dtype, device, auto_class, config_overrides, prepare_model_options)
     model = load_pretrained(
         path,
         quantize=quantize,
         double_quant=double_quant,
         blocksize=blocksize,
-        dtype=dtype,
+        dtype=torch.bfloat16 if dtype is None else dtype,
         device=device,
         auto_class=auto_class,
         config_overrides=config_overrides,
@@ -676,4 +869,4 @@ def from_pretrained(
     )
 
 
-__all__ = ["CheckpointLoadError", "from_pretrained", "load_pretrained", "quantization_plan"]
+__all__ = ["CheckpointLoadError", "from_pretrained", "is_prepared_checkpoint", "load_pretrained", "quantization_plan"]

@@ -338,6 +338,40 @@ def test_lora_with_tiny_panels_and_chunks():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_dense_forward_rounds_like_the_torch_composite(dtype):
+    """On a dense base the forward is dtype(dtype(x W^T) + s (x A^T) B^T) bit for bit, as the torch
+    composite computes it (the extension's own float32 <-> 16-bit row conversions replace torch's copy_
+    and add_): random values, values far out of range of the dtype, and NaN/inf rows."""
+    from lowrank.kernels.dropout import Dropout
+
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, r = 37, 96, 83, 16  # N not a multiple of 16: the masked tail of every row
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    x[3, 5], x[4, 7], x[5, 0] = float("nan"), float("inf"), -float("inf")
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    A = torch.randn(r, K, generator=gen)
+    B = torch.randn(N, r, generator=gen) * 1e3  # updates beyond float16's range in some rows
+    y, xa = EXT.lora_forward(x, w, A, B, 2.0, None, Dropout.of(0.0, 0))
+    update = (x.float() @ A.t() * 2.0) @ B.t()
+    want = (x @ w.t()).add_(update)
+    torch.testing.assert_close(xa, x.float() @ A.t(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_ext
+def test_lora_dense_forward_rounds_like_the_torch_composite_without_avx512():
+    env = dict(os.environ, LOWRANK_EXT_NO_AVX512="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", __file__,
+         "-k", "rounds_like_the_torch_composite and not without_avx512"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout, result.stdout[-500:]
+
+
+@needs_ext
 def test_lora_concurrent_calls_from_threads_match_sequential_ones():
     """Each calling thread has its own scratch buffers: concurrent calls of different shapes give the
     bits of sequential ones."""
