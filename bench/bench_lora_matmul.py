@@ -129,10 +129,10 @@ def make_problem(shape_name: str, m: int, r: int | None) -> Problem:
     return Problem(x, dy, qw, w_dense, A, B, float(ALPHA_PER_RANK))
 
 
-def torch_lora_forward(x, packed, absmax, absmax2, offset, n: int, k: int, A, B, scale: float):
+def torch_lora_forward(x, packed, absmax, nested_absmax, nested_offset, n: int, k: int, A, B, scale: float):
     """Reference dequantize + bf16 matmul + PEFT-style adapter term (adapter math in A's dtype)."""
     w = K.dequantize_4bit_ref(
-        packed, K.double_dequantize_ref(absmax, absmax2, offset), (n, k), x.dtype, BLOCKSIZE, "nf4"
+        packed, K.double_dequantize_ref(absmax, nested_absmax, nested_offset), (n, k), x.dtype, BLOCKSIZE, "nf4"
     )
     lora = (x.to(A.dtype) @ A.t()) @ B.t()
     return x @ w.t() + (scale * lora).to(x.dtype)

@@ -61,9 +61,9 @@ def _compiled_reference(op: str, double_quant: bool):
     """``torch.compile`` of the pure-torch reference; one compilation serves every shape (dynamic=True)."""
     if op == "dequantize":
 
-        def dequantize_flat(packed, absmax, absmax2, offset, numel: int):
+        def dequantize_flat(packed, absmax, nested_absmax, nested_offset, numel: int):
             if double_quant:
-                absmax = K.double_dequantize_ref(absmax, absmax2, offset)
+                absmax = K.double_dequantize_ref(absmax, nested_absmax, nested_offset)
             return K.dequantize_4bit_ref(packed, absmax, (numel,), DTYPE, BLOCKSIZE, "nf4")
 
         return torch.compile(dequantize_flat, dynamic=True)

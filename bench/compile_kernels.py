@@ -222,15 +222,15 @@ def _nf4_cases(nf4, quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
         nb = nf4.num_blocks(n, blocksize)
         packed = torch.empty(nf4.packed_shape(n), dtype=torch.uint8, device=META)
         if nested is None:
-            absmax, absmax2, offset = torch.empty(nb, device=META), None, None
+            absmax, nested_absmax, nested_offset = torch.empty(nb, device=META), None, None
         else:
             absmax = torch.empty(nb, dtype=torch.uint8, device=META)
-            absmax2 = torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META)
-            offset = torch.empty((), device=META)
+            nested_absmax = torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META)
+            nested_offset = torch.empty((), device=META)
         label = f"dequantize_4bit({quant_type}, blocksize={blocksize}, dq={_dt(nested)}, out={_dt(dtype)})"
         yield (
             label,
-            lambda a=(packed, absmax, absmax2, offset), b=blocksize, q=quant_type, d=dtype, nd=nested: (
+            lambda a=(packed, absmax, nested_absmax, nested_offset), b=blocksize, q=quant_type, d=dtype, nd=nested: (
                 nf4.dequantize_4bit(*a, (BASE_N, BASE_K), d, b, q, nd or torch.float32)
             ),
         )
@@ -238,11 +238,11 @@ def _nf4_cases(nf4, quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     yield "double_quantize", lambda: nf4.double_quantize(torch.empty(nb, device=META))
     for nested in nf4.NESTED_DTYPES:
         q = torch.empty(nb, dtype=torch.uint8, device=META)
-        absmax2 = torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META)
-        offset = torch.empty((), device=META)
+        nested_absmax = torch.empty(nf4.num_blocks(nb, nf4.NESTED_BLOCKSIZE), device=META)
+        nested_offset = torch.empty((), device=META)
         yield (
             f"double_dequantize(nested={_dt(nested)})",
-            lambda a=(q, absmax2, offset), nd=nested: nf4.double_dequantize(*a, nd),
+            lambda a=(q, nested_absmax, nested_offset), nd=nested: nf4.double_dequantize(*a, nd),
         )
     # Sizes that 16 does not divide (no divisibility hint on n): one case per launcher.
     odd = 4096 * 33 + 2 * 7

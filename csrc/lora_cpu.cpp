@@ -129,18 +129,20 @@ void check_float(const at::Tensor& t, const char* name) {
 }
 
 BaseWeight make_base(const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
-                     const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_offset,
                      int64_t blocksize, const std::string& quant_type, at::ScalarType nested_dtype, int64_t N,
                      int64_t K, at::ScalarType dtype) {
   BaseWeight base;
   if (absmax.has_value()) {
     base.quantized = true;
-    base.view = make_view(weight, *absmax, absmax2, offset, N * K, blocksize, quant_type, nested_dtype, base.keep);
+    base.view = make_view(weight, *absmax, nested_absmax, nested_offset, N * K, blocksize, quant_type, nested_dtype,
+                          base.keep);
   } else {
     check_float(weight, "weight");
     TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == K, "dense weight must have shape (",
                 N, ", ", K, ") = (B.shape[0], x.shape[1]), got ", weight.sizes());
-    TORCH_CHECK(!absmax2.has_value() && !offset.has_value(), "absmax2/offset given for a dense weight");
+    TORCH_CHECK(!nested_absmax.has_value() && !nested_offset.has_value(),
+                "nested_absmax/nested_offset given for a dense weight");
     base.dense = weight.to(dtype);
   }
   return base;
@@ -234,8 +236,8 @@ Shapes check_lora_args(const at::Tensor& x, const at::Tensor& A, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& absmax,
-                                                    const std::optional<at::Tensor>& absmax2,
-                                                    const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                                    const std::optional<at::Tensor>& nested_absmax,
+                                                    const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                                     c10::string_view quant_type, at::ScalarType nested_dtype,
                                                     const at::Tensor& A,
                                                     const at::Tensor& B, double scale,
@@ -249,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
     check_float(*bias, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N, "bias must have shape (", s.N, "), got ", bias->sizes());
   }
-  BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
+  BaseWeight w = make_base(weight, absmax, nested_absmax, nested_offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor A32 = A.to(at::kFloat);
   const at::Tensor B32 = B.to(at::kFloat);
@@ -283,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(const at::Tensor& x_in, cons
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
-    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
     c10::string_view quant_type, at::ScalarType nested_dtype, const at::Tensor& A, const at::Tensor& B, double scale,
     const at::Tensor& xa, double dropout, int64_t dropout_seed, bool need_dx, bool need_dA, bool need_dB) {
   const Shapes s = check_lora_args(x, A, B);
@@ -325,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
 
   at::Tensor dx = empty;
   if (need_dx) {
-    BaseWeight w = make_base(weight, absmax, absmax2, offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
+    BaseWeight w = make_base(weight, absmax, nested_absmax, nested_offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
     const at::Tensor g_scaled = g * scale;
     dx = at::empty({s.M, s.K}, x.options());
     const int64_t slab_cols = panel_extent(s.N, x.element_size(), s.K);

@@ -5,11 +5,11 @@
 //               all-zero block scales by 1); code = #{fp32 thresholds t : t < s} (ties to the lower
 //               code); two codes per byte, first element in the high nibble; odd n pads the code of 0.
 //   dequantize: out = T(code[q] * absmax[block]), the product in fp32 and one round-to-nearest-even cast.
-//   double quantization: offset = at::mean(absmax) (torch's own reduction, so the last bit matches
-//               torch.mean); per 256-block of c = absmax - offset: absmax2 = max|c|, s = clamp(c / absmax2)
-//               by reciprocal-multiply, code = exact-nearest entry of the dynamic map (ties to the lower
-//               code); reconstruction fp32(dyn[q] * absmax2) + offset (this file is built with
-//               -ffp-contract=off so no FMA fuses the two roundings).
+//   double quantization: nested_offset = at::mean(absmax) (torch's own reduction, so the last bit matches
+//               torch.mean); per 256-block of c = absmax - nested_offset: nested_absmax = max|c|,
+//               s = clamp(c / nested_absmax) by reciprocal-multiply, code = exact-nearest entry of the dynamic
+//               map (ties to the lower code); reconstruction fp32(dyn[q] * nested_absmax) + nested_offset
+//               (this file is built with -ffp-contract=off so no FMA fuses the two roundings).
 //
 // Layout and speed: work is split over whole quantization blocks with at::parallel_for. Dequantization
 // builds, per block, the 16 possible outputs (code value times the block constant, already converted to
@@ -374,14 +374,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
   TORCH_CHECK(absmax_in.device().is_cpu(), "double_quantize (ext, CPU) needs a CPU tensor, got ", absmax_in.device());
   const at::Tensor absmax = absmax_in.contiguous();
   const int64_t nb = absmax.numel();
-  at::Tensor offset = absmax.mean();  // torch's reduction order decides the last bit; do not re-implement it
-  const float off = offset.item<float>();
+  at::Tensor nested_offset = absmax.mean();  // torch's reduction order decides the last bit; do not re-implement it
+  const float off = nested_offset.item<float>();
   const int64_t n2 = num_blocks(nb, kNestedBlocksize);
   at::Tensor qabsmax = at::empty({nb}, absmax.options().dtype(at::kByte));
-  at::Tensor absmax2 = at::empty({n2}, absmax.options());
+  at::Tensor nested_absmax = at::empty({n2}, absmax.options());
   const float* a = absmax.const_data_ptr<float>();
   uint8_t* q = qabsmax.data_ptr<uint8_t>();
-  float* a2 = absmax2.data_ptr<float>();
+  float* a2 = nested_absmax.data_ptr<float>();
   // the 255 midpoints padded with +inf, so the search may probe index 255 (it never counts it)
   float midpoints[256];
   std::copy(kDynamicMidpoints, kDynamicMidpoints + 255, midpoints);
@@ -412,17 +412,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
       a2[b] = amax;
     }
   });
-  return {qabsmax, absmax2, offset};
+  return {qabsmax, nested_absmax, nested_offset};
 }
 
-void check_nested(const at::Tensor& qabsmax, const at::Tensor& absmax2, const at::Tensor& offset) {
+void check_nested(const at::Tensor& qabsmax, const at::Tensor& nested_absmax, const at::Tensor& nested_offset) {
   TORCH_CHECK(qabsmax.scalar_type() == at::kByte, "nested codes (absmax) must be uint8, got ", qabsmax.scalar_type());
   const int64_t n2 = num_blocks(qabsmax.numel(), kNestedBlocksize);
-  TORCH_CHECK(absmax2.scalar_type() == at::kFloat && absmax2.numel() == n2, "absmax2 must be float32 with ", n2,
-              " entries for ", qabsmax.numel(), " nested codes, got ", absmax2.scalar_type(), " with ",
-              absmax2.numel());
-  TORCH_CHECK(offset.numel() == 1, "offset must have exactly one element, got ", offset.numel());
-  TORCH_CHECK(qabsmax.device().is_cpu() && absmax2.device().is_cpu() && offset.device().is_cpu(),
+  TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat && nested_absmax.numel() == n2,
+              "nested_absmax must be float32 with ", n2, " entries for ", qabsmax.numel(), " nested codes, got ",
+              nested_absmax.scalar_type(), " with ", nested_absmax.numel());
+  TORCH_CHECK(nested_offset.numel() == 1, "nested_offset must have exactly one element, got ", nested_offset.numel());
+  TORCH_CHECK(qabsmax.device().is_cpu() && nested_absmax.device().is_cpu() && nested_offset.device().is_cpu(),
               "the ext CPU kernels need CPU tensors");
 }
 
@@ -431,25 +431,25 @@ void check_nested_dtype(at::ScalarType nested_dtype) {
               "nested_dtype must be float32, float16 or bfloat16, got ", nested_dtype);
 }
 
-float rounded_offset(const at::Tensor& offset, at::ScalarType nested_dtype) {
-  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.numel() == 1,
-              "offset must be a one-element float32 tensor, got ", offset.scalar_type(), " with ", offset.numel(),
-              " elements");
-  return offset.to(nested_dtype).to(at::kFloat).item<float>();
+float rounded_nested_offset(const at::Tensor& nested_offset, at::ScalarType nested_dtype) {
+  TORCH_CHECK(nested_offset.scalar_type() == at::kFloat && nested_offset.numel() == 1,
+              "nested_offset must be a one-element float32 tensor, got ", nested_offset.scalar_type(), " with ",
+              nested_offset.numel(), " elements");
+  return nested_offset.to(nested_dtype).to(at::kFloat).item<float>();
 }
 
-at::Tensor double_dequantize_cpu(const at::Tensor& qabsmax_in, const at::Tensor& absmax2_in,
-                                 const at::Tensor& offset, at::ScalarType nested_dtype) {
-  check_nested(qabsmax_in, absmax2_in, offset);
+at::Tensor double_dequantize_cpu(const at::Tensor& qabsmax_in, const at::Tensor& nested_absmax_in,
+                                 const at::Tensor& nested_offset, at::ScalarType nested_dtype) {
+  check_nested(qabsmax_in, nested_absmax_in, nested_offset);
   check_nested_dtype(nested_dtype);
   TORCH_CHECK(qabsmax_in.dim() == 1 && qabsmax_in.numel() > 0, "qabsmax must be a non-empty 1-D uint8 tensor, got shape ",
               qabsmax_in.sizes());
   const at::Tensor qabsmax = qabsmax_in.contiguous();
-  const at::Tensor absmax2 = absmax2_in.contiguous();
+  const at::Tensor nested_absmax = nested_absmax_in.contiguous();
   Nf4View w;
   w.qabsmax = qabsmax.const_data_ptr<uint8_t>();
-  w.absmax2 = absmax2.const_data_ptr<float>();
-  w.offset = rounded_offset(offset, nested_dtype);
+  w.nested_absmax = nested_absmax.const_data_ptr<float>();
+  w.nested_offset = rounded_nested_offset(nested_offset, nested_dtype);
   w.nested_dtype = nested_dtype;
   at::Tensor out = at::empty(qabsmax.sizes(), qabsmax.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -483,14 +483,16 @@ void decode_all(const Nf4View& w, int64_t n, at::Tensor& out) {
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
-                               const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_offset,
                                c10::IntArrayRef shape, at::ScalarType dtype, int64_t blocksize,
                                c10::string_view quant_type_view, at::ScalarType nested_dtype) {
   const std::string quant_type(quant_type_view);
   check_float_dtype(dtype, "dtype");
   const int64_t n = checked_numel(shape);
   std::vector<at::Tensor> keep;
-  const Nf4View w = make_view(packed, absmax, absmax2, offset, n, blocksize, quant_type, nested_dtype, keep);
+  const Nf4View w =
+      make_view(packed, absmax, nested_absmax, nested_offset, n, blocksize, quant_type, nested_dtype, keep);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   advise_huge_pages(out.data_ptr(), out.nbytes());
   decode_all(w, n, out);
@@ -500,7 +502,8 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 // The same decode into a caller's buffer: a buffer reused across calls skips the page faults of a fresh
 // output, which cost several times the decode itself (measured: 2.4 ms fresh vs ~0.3 ms reused, 4096^2 bf16).
 void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_offset,
                              int64_t blocksize, c10::string_view quant_type_view, at::ScalarType nested_dtype,
                              at::Tensor& out) {
   const std::string quant_type(quant_type_view);
@@ -509,7 +512,8 @@ void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous, got strides ", out.strides(), " for shape ", out.sizes());
   const int64_t n = checked_numel(out.sizes());
   std::vector<at::Tensor> keep;
-  const Nf4View w = make_view(packed, absmax, absmax2, offset, n, blocksize, quant_type, nested_dtype, keep);
+  const Nf4View w =
+      make_view(packed, absmax, nested_absmax, nested_offset, n, blocksize, quant_type, nested_dtype, keep);
   decode_all(w, n, out);
 }
 
@@ -526,8 +530,8 @@ void check_quant_args(int64_t blocksize, const std::string& quant_type) {
               "blocksize must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got ", blocksize);
 }
 
-Nf4View make_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
-                  const std::optional<at::Tensor>& offset, int64_t numel, int64_t blocksize,
+Nf4View make_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                  const std::optional<at::Tensor>& nested_offset, int64_t numel, int64_t blocksize,
                   const std::string& quant_type, at::ScalarType nested_dtype, std::vector<at::Tensor>& keep) {
   check_quant_args(blocksize, quant_type);
   check_nested_dtype(nested_dtype);
@@ -537,28 +541,28 @@ Nf4View make_view(const at::Tensor& packed, const at::Tensor& absmax, const std:
               (numel + 1) / 2, " bytes for ", numel, " elements, got ", packed.scalar_type(), " with ",
               packed.numel());
   const int64_t nb = num_blocks(numel, blocksize);
-  TORCH_CHECK(absmax2.has_value() == offset.has_value(),
-              "absmax2 and offset must be given together (double quantization) or not at all");
+  TORCH_CHECK(nested_absmax.has_value() == nested_offset.has_value(),
+              "nested_absmax and nested_offset must be given together (double quantization) or not at all");
   Nf4View w;
   keep.push_back(packed.contiguous());
   w.packed = keep.back().const_data_ptr<uint8_t>();
   w.numel = numel;
   w.blocksize = blocksize;
   w.code = code_table(quant_type);
-  if (absmax2.has_value()) {
-    check_nested(absmax, *absmax2, *offset);
+  if (nested_absmax.has_value()) {
+    check_nested(absmax, *nested_absmax, *nested_offset);
     TORCH_CHECK(absmax.numel() == nb, "absmax (nested codes) must have ", nb, " entries (blocksize ", blocksize,
                 "), got ", absmax.numel());
     keep.push_back(absmax.contiguous());
     w.qabsmax = keep.back().const_data_ptr<uint8_t>();
-    keep.push_back(absmax2->contiguous());
-    w.absmax2 = keep.back().const_data_ptr<float>();
-    w.offset = rounded_offset(*offset, nested_dtype);
+    keep.push_back(nested_absmax->contiguous());
+    w.nested_absmax = keep.back().const_data_ptr<float>();
+    w.nested_offset = rounded_nested_offset(*nested_offset, nested_dtype);
     w.nested_dtype = nested_dtype;
   } else {
     TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == nb, "absmax must be float32 with ", nb,
                 " entries (blocksize ", blocksize, "), got ", absmax.scalar_type(), " with ", absmax.numel(),
-                " (uint8 nested codes need absmax2 and offset)");
+                " (uint8 nested codes need nested_absmax and nested_offset)");
     keep.push_back(absmax.contiguous());
     w.absmax = keep.back().const_data_ptr<float>();
   }

@@ -1,7 +1,7 @@
 // Shared declarations of the CPU NF4/FP4 kernels (csrc/nf4_cpu.cpp) used by the fused LoRA kernels.
 //
 // Every file of the extension is compiled with -ffp-contract=off: the double-quantized block constant
-// is fp32(dyn[q] * absmax2) + offset with two roundings, never a fused multiply-add.
+// is fp32(dyn[q] * nested_absmax) + nested_offset with two roundings, never a fused multiply-add.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,8 +24,8 @@ struct Nf4View {
   const uint8_t* packed = nullptr;   // [(numel + 1) / 2], first element in the high nibble
   const float* absmax = nullptr;     // fp32 [nb], or nullptr when double-quantized
   const uint8_t* qabsmax = nullptr;  // uint8 [nb] nested codes (double quant)
-  const float* absmax2 = nullptr;    // fp32 [ceil(nb / 256)] (double quant)
-  float offset = 0.0f;               // mean subtracted before the nested quantization (double quant),
+  const float* nested_absmax = nullptr;  // fp32 [ceil(nb / 256)] (double quant)
+  float nested_offset = 0.0f;        // mean subtracted before the nested quantization (double quant),
                                      // already rounded to nested_dtype
   at::ScalarType nested_dtype = at::kFloat;  // dtype the constants are reconstructed in (bitsandbytes)
   int64_t numel = 0;
@@ -33,19 +33,19 @@ struct Nf4View {
   const float* code = nullptr;       // the 16 code values of the quant type
 
   // The fp32 constant of block b: two roundings (product, then sum) for double-quantized constants;
-  // a bf16/fp16 nested state rounds the product and the sum to that dtype too: T(T(p) + T(offset)).
+  // a bf16/fp16 nested state rounds the product and the sum to that dtype too: T(T(p) + T(nested_offset)).
   inline float block_scale(int64_t b) const {
     if (absmax != nullptr) return absmax[b];
-    const float product = kDynamicMap[qabsmax[b]] * absmax2[b / kNestedBlocksize];
+    const float product = kDynamicMap[qabsmax[b]] * nested_absmax[b / kNestedBlocksize];
     if (nested_dtype == at::kBFloat16) {
-      const float sum = static_cast<float>(c10::BFloat16(product)) + offset;
+      const float sum = static_cast<float>(c10::BFloat16(product)) + nested_offset;
       return static_cast<float>(c10::BFloat16(sum));
     }
     if (nested_dtype == at::kHalf) {
-      const float sum = static_cast<float>(c10::Half(product)) + offset;
+      const float sum = static_cast<float>(c10::Half(product)) + nested_offset;
       return static_cast<float>(c10::Half(sum));
     }
-    return product + offset;
+    return product + nested_offset;
   }
 };
 
@@ -54,8 +54,8 @@ void check_quant_args(int64_t blocksize, const std::string& quant_type);
 
 // Validates the tensors of a 4-bit weight of `numel` elements and returns a view of them. The tensors
 // must outlive the view; `keep` receives contiguous copies where the inputs were not contiguous.
-Nf4View make_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
-                  const std::optional<at::Tensor>& offset, int64_t numel, int64_t blocksize,
+Nf4View make_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                  const std::optional<at::Tensor>& nested_offset, int64_t numel, int64_t blocksize,
                   const std::string& quant_type, at::ScalarType nested_dtype, std::vector<at::Tensor>& keep);
 
 // Decodes elements [start, start + count) of the flattened tensor into `out` (count values of `dtype`:

@@ -133,8 +133,8 @@ if HAS_TRITON:
     def _lora_load_weight_tile(
         w_ptr,  # dense W, or uint8 packed codes of the flattened W
         absmax_ptr,  # fp32 [nb], or uint8 [nb] codes (DOUBLE_QUANT)
-        absmax2_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
-        offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
+        nested_absmax_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
+        nested_offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
         dynamic_map_ptr,  # fp32 [256] (DOUBLE_QUANT)
         table_ptr,  # fp32 [16] code values
         offs_t,  # int64 [BLOCK_T] reduction-axis indices
@@ -160,8 +160,8 @@ if HAS_TRITON:
                 element // BLOCKSIZE,
                 mask,
                 absmax_ptr,
-                absmax2_ptr,
-                offset_ptr,
+                nested_absmax_ptr,
+                nested_offset_ptr,
                 dynamic_map_ptr,
                 DOUBLE_QUANT,
                 NESTED_KIND,
@@ -175,8 +175,8 @@ if HAS_TRITON:
     def _lora_load_4bit_rows(
         packed_ptr,  # uint8 packed codes of the flattened (N, K) weight
         absmax_ptr,
-        absmax2_ptr,
-        offset_ptr,
+        nested_absmax_ptr,
+        nested_offset_ptr,
         dynamic_map_ptr,
         table_ptr,
         offs_n,  # int64 [ROWS] weight rows
@@ -205,8 +205,8 @@ if HAS_TRITON:
             (offs_n[:, None] * K + k0) // BLOCKSIZE + sub[None, :],
             row_ok & ((k0 + sub * DECODE_SUB)[None, :] < K),
             absmax_ptr,
-            absmax2_ptr,
-            offset_ptr,
+            nested_absmax_ptr,
+            nested_offset_ptr,
             dynamic_map_ptr,
             DOUBLE_QUANT,
             NESTED_KIND,
@@ -221,8 +221,8 @@ if HAS_TRITON:
         in_ptr,  # [M, T]: x (forward) or dy (dX); also the input of the shrink (FUSE_LOW)
         w_ptr,  # dense W or packed 4-bit codes
         absmax_ptr,
-        absmax2_ptr,
-        offset_ptr,
+        nested_absmax_ptr,
+        nested_offset_ptr,
         dynamic_map_ptr,
         table_ptr,
         p_ptr,  # [T, R] shrink factor (Aᵀ forward, B for dX)
@@ -299,8 +299,8 @@ if HAS_TRITON:
                         _lora_load_4bit_rows(
                             w_ptr,
                             absmax_ptr,
-                            absmax2_ptr,
-                            offset_ptr,
+                            nested_absmax_ptr,
+                            nested_offset_ptr,
                             dynamic_map_ptr,
                             table_ptr,
                             offs_c,
@@ -319,8 +319,8 @@ if HAS_TRITON:
                     w = _lora_load_4bit_rows(
                         w_ptr,
                         absmax_ptr,
-                        absmax2_ptr,
-                        offset_ptr,
+                        nested_absmax_ptr,
+                        nested_offset_ptr,
                         dynamic_map_ptr,
                         table_ptr,
                         offs_t,
@@ -339,8 +339,8 @@ if HAS_TRITON:
                 w = _lora_load_weight_tile(
                     w_ptr,
                     absmax_ptr,
-                    absmax2_ptr,
-                    offset_ptr,
+                    nested_absmax_ptr,
+                    nested_offset_ptr,
                     dynamic_map_ptr,
                     table_ptr,
                     offs_t,

@@ -147,36 +147,36 @@ def double_quantize_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize fp32 block constants with the signed dynamic map in 256-blocks around their mean.
 
-    Returns ``(qabsmax uint8 [nb], absmax2 fp32 [ceil(nb/256)], offset fp32 0-dim)``.
+    Returns ``(qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], nested_offset fp32 0-dim)``.
     ``rounding="nearest"`` is our format (exact nearest code, ties to the lower code);
     ``"bnb_cpu_lut"`` mimics bitsandbytes >= 0.50's CPU lookup table, for oracle tests only.
     """
     check_absmax_for_double_quant(absmax)
-    offset = absmax.mean()
-    centred = absmax - offset
+    nested_offset = absmax.mean()
+    centred = absmax - nested_offset
     nb = centred.numel()
     n2 = num_blocks(nb, NESTED_BLOCKSIZE)
     blocks = torch.nn.functional.pad(centred, (0, n2 * NESTED_BLOCKSIZE - nb)).view(n2, NESTED_BLOCKSIZE)
-    absmax2 = blocks.abs().amax(dim=1)
-    inv = 1.0 / absmax2.clamp(min=NESTED_RECIPROCAL_FLOOR)
+    nested_absmax = blocks.abs().amax(dim=1)
+    inv = 1.0 / nested_absmax.clamp(min=NESTED_RECIPROCAL_FLOOR)
     scaled = (blocks * inv[:, None]).clamp_(-1.0, 1.0).reshape(-1)[:nb]
     if rounding == "nearest":
         codes = torch.bucketize(scaled, _dynamic_midpoints_cpu().to(scaled.device))
     elif rounding == "bnb_cpu_lut":
-        codes = _bnb_cpu_lut_codes(scaled, absmax2)
+        codes = _bnb_cpu_lut_codes(scaled, nested_absmax)
     else:
         raise ValueError(f"rounding must be 'nearest' or 'bnb_cpu_lut', got {rounding!r}")
-    return codes.to(torch.uint8), absmax2, offset
+    return codes.to(torch.uint8), nested_absmax, nested_offset
 
 
-def _bnb_cpu_lut_codes(scaled: torch.Tensor, absmax2: torch.Tensor) -> torch.Tensor:
+def _bnb_cpu_lut_codes(scaled: torch.Tensor, nested_absmax: torch.Tensor) -> torch.Tensor:
     # bitsandbytes >= 0.50 CPU: idx = uint16((s + 1) * 0.5 * 65535 + 0.5), code = #{midpoints < -1 + 2 idx / 65535};
     # an all-zero 256-block gets code 0.
     grid = -1.0 + 2.0 * torch.arange(65536, dtype=torch.float32) / 65535.0
     lut = torch.searchsorted(_dynamic_midpoints_cpu(), grid, right=False)
     idx = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64).clamp_(0, 65535)
     codes = lut.to(scaled.device)[idx]
-    zero_block = (absmax2 == 0).repeat_interleave(NESTED_BLOCKSIZE)[: scaled.numel()]
+    zero_block = (nested_absmax == 0).repeat_interleave(NESTED_BLOCKSIZE)[: scaled.numel()]
     return torch.where(zero_block, torch.zeros_like(codes), codes)
 
 
@@ -189,7 +189,7 @@ def double_dequantize_ref(
     """Reconstruct fp32 block constants ``[nb]``: ``fp32(dyn[q] * nested_absmax[i // 256]) + nested_offset``
     (two roundings).
 
-    With ``nested_dtype`` bf16/fp16 the product, the nested_offset and the sum are each rounded to that dtype,
+    With ``nested_dtype`` bf16/fp16 the product, the nested offset and the sum are each rounded to that dtype,
     as bitsandbytes does for a state that names it (``T(T(product) + T(nested_offset))``, widened to fp32).
     """
     check_nested_args(qabsmax, nested_absmax, nested_offset, nested_dtype)
@@ -275,8 +275,8 @@ if HAS_TRITON:
         block,  # int64 block indices
         mask,
         absmax_ptr,  # fp32 [nb], or uint8 [nb] codes when DOUBLE_QUANT
-        absmax2_ptr,  # fp32 [ceil(nb / 256)]
-        offset_ptr,  # fp32 [1]
+        nested_absmax_ptr,  # fp32 [ceil(nb / 256)]
+        nested_offset_ptr,  # fp32 [1]
         dynamic_map_ptr,  # fp32 [256]
         DOUBLE_QUANT: tl.constexpr,
         NESTED_KIND: tl.constexpr,  # rounding of the reconstruction: 0 fp32, 1 bf16, 2 fp16
@@ -284,19 +284,19 @@ if HAS_TRITON:
         # One return at the end: the compiler type-checks every return, even in a dead constexpr branch.
         if DOUBLE_QUANT:
             code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0)
+            scale = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
             product = tl.load(dynamic_map_ptr + code) * scale
-            offset = tl.load(offset_ptr)
+            nested_offset = tl.load(nested_offset_ptr)
             # Two roundings (product, then sum): the launcher disables FMA contraction. A bf16/fp16
-            # nested state rounds the product, the offset and the sum to that dtype (bitsandbytes).
+            # nested state rounds the product, the nested offset and the sum to that dtype (bitsandbytes).
             if NESTED_KIND == 1:
-                constant = _round_to_bf16(_round_to_bf16(product) + _round_to_bf16(offset))
+                constant = _round_to_bf16(_round_to_bf16(product) + _round_to_bf16(nested_offset))
             elif NESTED_KIND == 2:
                 product = product.to(tl.float16).to(tl.float32)
-                offset = offset.to(tl.float16).to(tl.float32)
-                constant = (product + offset).to(tl.float16).to(tl.float32)
+                nested_offset = nested_offset.to(tl.float16).to(tl.float32)
+                constant = (product + nested_offset).to(tl.float16).to(tl.float32)
             else:
-                constant = product + offset
+                constant = product + nested_offset
         else:
             constant = tl.load(absmax_ptr + block, mask=mask, other=0.0)
         return constant
@@ -305,8 +305,8 @@ if HAS_TRITON:
     def _dequantize_4bit_kernel(
         packed_ptr,  # uint8 [(n + 1) // 2]
         absmax_ptr,  # fp32 [nb] or uint8 [nb] (DOUBLE_QUANT)
-        absmax2_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
-        offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
+        nested_absmax_ptr,  # fp32 [ceil(nb / 256)] (DOUBLE_QUANT)
+        nested_offset_ptr,  # fp32 [1] (DOUBLE_QUANT)
         dynamic_map_ptr,  # fp32 [256] (DOUBLE_QUANT)
         table_ptr,  # fp32 [16] code values
         out_ptr,  # [n] in the output dtype
@@ -329,8 +329,8 @@ if HAS_TRITON:
             block,
             block * BLOCKSIZE < n,
             absmax_ptr,
-            absmax2_ptr,
-            offset_ptr,
+            nested_absmax_ptr,
+            nested_offset_ptr,
             dynamic_map_ptr,
             DOUBLE_QUANT,
             NESTED_KIND,
@@ -346,19 +346,19 @@ if HAS_TRITON:
     @triton.jit
     def _double_quantize_kernel(
         absmax_ptr,  # fp32 [nb]
-        offset_ptr,  # fp32 [1]: mean of absmax
+        nested_offset_ptr,  # fp32 [1]: mean of absmax
         midpoints_ptr,  # fp32 [255]: midpoints of the dynamic map
         qabsmax_ptr,  # uint8 [nb]
-        absmax2_ptr,  # fp32 [ceil(nb / 256)]
+        nested_absmax_ptr,  # fp32 [ceil(nb / 256)]
         nb,  # number of block constants
     ):
         block = tl.program_id(0).to(tl.int64)
         index = block * 256 + tl.arange(0, 256)
         mask = index < nb
-        centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(offset_ptr)
+        centred = tl.load(absmax_ptr + index, mask=mask, other=0.0) - tl.load(nested_offset_ptr)
         centred = tl.where(mask, centred, 0.0)
-        absmax2 = tl.max(tl.abs(centred), axis=0)
-        inv = tl.math.div_rn(1.0, tl.maximum(absmax2, _NESTED_RECIPROCAL_FLOOR))
+        nested_absmax = tl.max(tl.abs(centred), axis=0)
+        inv = tl.math.div_rn(1.0, tl.maximum(nested_absmax, _NESTED_RECIPROCAL_FLOOR))
         scaled = tl.minimum(tl.maximum(centred * inv, -1.0), 1.0)
         # Exact nearest code = number of midpoints strictly below the value, by binary search over 255.
         position = tl.zeros([256], dtype=tl.int32)
@@ -367,13 +367,13 @@ if HAS_TRITON:
             below = tl.load(midpoints_ptr + probe - 1, mask=probe <= 255, other=float("inf")) < scaled
             position = tl.where(below & (probe <= 255), probe, position)
         tl.store(qabsmax_ptr + index, position.to(tl.uint8), mask=mask)
-        tl.store(absmax2_ptr + block, absmax2)
+        tl.store(nested_absmax_ptr + block, nested_absmax)
 
     @triton.jit
     def _double_dequantize_kernel(
         qabsmax_ptr,  # uint8 [nb]
-        absmax2_ptr,  # fp32 [ceil(nb / 256)]
-        offset_ptr,  # fp32 [1]
+        nested_absmax_ptr,  # fp32 [ceil(nb / 256)]
+        nested_offset_ptr,  # fp32 [1]
         dynamic_map_ptr,  # fp32 [256]
         out_ptr,  # fp32 [nb]
         nb,
@@ -382,7 +382,9 @@ if HAS_TRITON:
     ):
         index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < nb
-        out = _block_constant(index, mask, qabsmax_ptr, absmax2_ptr, offset_ptr, dynamic_map_ptr, True, NESTED_KIND)
+        out = _block_constant(
+            index, mask, qabsmax_ptr, nested_absmax_ptr, nested_offset_ptr, dynamic_map_ptr, True, NESTED_KIND
+        )
         tl.store(out_ptr + index, out, mask=mask)
 
 
@@ -518,19 +520,24 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """Triton double quantization; same contract and bytes as :func:`double_quantize_ref`.
 
     The mean is taken with ``torch.mean`` on the tensor's own device, like bitsandbytes, because its
-    reduction order decides the last bit of the offset.
+    reduction order decides the last bit of the nested offset.
     """
     check_absmax_for_double_quant(absmax)
     absmax = absmax.contiguous()
     nb = absmax.numel()
-    offset = absmax.mean()
+    nested_offset = absmax.mean()
     qabsmax = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
-    absmax2 = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    nested_absmax = torch.empty(num_blocks(nb, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     with _device_context(absmax.device):
-        _double_quantize_kernel[(absmax2.numel(),)](
-            absmax, offset.reshape(1), _device_table("dynamic/midpoints", absmax.device), qabsmax, absmax2, nb
+        _double_quantize_kernel[(nested_absmax.numel(),)](
+            absmax,
+            nested_offset.reshape(1),
+            _device_table("dynamic/midpoints", absmax.device),
+            qabsmax,
+            nested_absmax,
+            nb,
         )
-    return qabsmax, absmax2, offset
+    return qabsmax, nested_absmax, nested_offset
 
 
 def double_dequantize(

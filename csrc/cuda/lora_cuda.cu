@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   extern __shared__ float x_tile[];  // [M][kLaneElements][kTileStride]
   __shared__ float code_s[16];
   __shared__ float dyn_s[256];
-  const float offset = stage_tables(w, code, dyn, code_s, dyn_s);
+  const float nested_offset = stage_tables(w, code, dyn, code_s, dyn_s);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + warp * kRowsPerWarp;
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       // n K + k is a multiple of 16: 8-byte aligned bytes, and 16 elements inside one quantization block.
       const int64_t e = n * K + k;
       const uint2 bytes = __ldg(reinterpret_cast<const uint2*>(w.packed + (e >> 1)));
-      const float s = block_scale(w, e >> w.log2_blocksize, dyn_s, offset);
+      const float s = block_scale(w, e >> w.log2_blocksize, dyn_s, nested_offset);
       const uint32_t words[2] = {bytes.x, bytes.y};
       float weight[kLaneElements];
 #pragma unroll
@@ -281,18 +281,19 @@ at::Tensor dense_weight(const at::Tensor& weight, const std::optional<Nf4DeviceW
 }
 
 std::optional<Nf4DeviceWeight> make_base(const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
-                                         const std::optional<at::Tensor>& absmax2,
-                                         const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                         const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                          c10::string_view quant_type, at::ScalarType nested_dtype, int64_t N,
                                          int64_t K, const at::Device& device) {
   if (absmax.has_value()) {
-    return make_device_weight(weight, *absmax, absmax2, offset, N * K, blocksize, std::string(quant_type),
+    return make_device_weight(weight, *absmax, nested_absmax, nested_offset, N * K, blocksize, std::string(quant_type),
                               nested_dtype, device);
   }
   check_float(weight, "weight", device);
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == K, "dense weight must have shape (", N,
               ", ", K, ") = (B.shape[0], x.shape[1]), got ", weight.sizes());
-  TORCH_CHECK(!absmax2.has_value() && !offset.has_value(), "absmax2/offset given for a dense weight");
+  TORCH_CHECK(!nested_absmax.has_value() && !nested_offset.has_value(),
+              "nested_absmax/nested_offset given for a dense weight");
   return std::nullopt;
 }
 
@@ -302,8 +303,8 @@ std::optional<Nf4DeviceWeight> make_base(const at::Tensor& weight, const std::op
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& absmax,
-                                                     const std::optional<at::Tensor>& absmax2,
-                                                     const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                                     const std::optional<at::Tensor>& nested_absmax,
+                                                     const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                                      c10::string_view quant_type, at::ScalarType nested_dtype,
                                                      const at::Tensor& A, const at::Tensor& B, double scale,
                                                      const std::optional<at::Tensor>& bias, double dropout,
@@ -319,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
   }
   const c10::cuda::CUDAGuard guard(device);
   const std::optional<Nf4DeviceWeight> w =
-      make_base(weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, s.N, s.K, device);
+      make_base(weight, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, s.N, s.K, device);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor xa = at::mm(drop.active ? kept_float(x, drop) : x.to(at::kFloat), A.to(at::kFloat).t()).contiguous();
   const at::Tensor b32 = B.to(at::kFloat).contiguous();
@@ -353,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(const at::Tensor& x_in, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
     const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& absmax,
-    const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset, int64_t blocksize,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
     c10::string_view quant_type, at::ScalarType nested_dtype, const at::Tensor& A, const at::Tensor& B, double scale,
     const at::Tensor& xa, double dropout, int64_t dropout_seed, bool need_dx, bool need_dA, bool need_dB) {
   const Shapes s = check_lora_args(x, A, B);
@@ -385,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
   at::Tensor dx = empty;
   if (need_dx) {
     const std::optional<Nf4DeviceWeight> w =
-        make_base(weight, absmax, absmax2, offset, blocksize, quant_type, nested_dtype, s.N, s.K, device);
+        make_base(weight, absmax, nested_absmax, nested_offset, blocksize, quant_type, nested_dtype, s.N, s.K, device);
     const at::Tensor W = dense_weight(weight, w, s.N, s.K, dtype);
     at::Tensor low = at::mm(g, A32).contiguous();
     if (drop.active) zero_dropped(low, drop);

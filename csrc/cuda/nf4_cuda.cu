@@ -1,8 +1,8 @@
 // CUDA kernels for NF4/FP4 dequantization and for reconstructing double-quantized block constants.
 //
 // Numerics (bit-identical to dequantize_4bit_ref / double_dequantize_ref in kernels/nf4.py):
-//   constant:   plain fp32 absmax, or fp32(dyn[q] * absmax2[b / 256]) + offset with two roundings
-//               (bf16/fp16 nested_dtype: T(T(product) + T(offset))); see block_scale in nf4_cuda.cuh.
+//   constant:   plain fp32 absmax, or fp32(dyn[q] * nested_absmax[b / 256]) + nested_offset with two roundings
+//               (bf16/fp16 nested_dtype: T(T(product) + T(nested_offset))); see block_scale in nf4_cuda.cuh.
 //   dequantize: out = T(code[q] * constant), the product in fp32 and one round-to-nearest-even cast.
 //
 // Layout: one thread decodes 32 consecutive elements (16 packed bytes, one 128-bit load). A block holds
@@ -61,14 +61,14 @@ __global__ void __launch_bounds__(kThreads)
   using Bits = typename OutTraits<KIND>::Bits;
   __shared__ float code_s[16];
   __shared__ float dyn_s[256];
-  const float offset = stage_tables(w, code, dyn, code_s, dyn_s);
+  const float nested_offset = stage_tables(w, code, dyn, code_s, dyn_s);
   Bits* out = static_cast<Bits*>(out_ptr);
   const int64_t chunks = (w.numel + kChunk - 1) / kChunk;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
        chunk += stride) {
     const int64_t start = chunk * kChunk;
-    const float scale = block_scale(w, start >> w.log2_blocksize, dyn_s, offset);
+    const float scale = block_scale(w, start >> w.log2_blocksize, dyn_s, nested_offset);
     if (VECTORIZED && start + kChunk <= w.numel) {
       const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(w.packed) + chunk);
       const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float dyn_s[256];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) dyn_s[i] = dyn.value[i];
   __syncthreads();
-  const float offset = round_nested(w.nested, *w.offset);
+  const float nested_offset = round_nested(w.nested, *w.nested_offset);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    out[i] = block_scale(w, i, dyn_s, offset);
+    out[i] = block_scale(w, i, dyn_s, nested_offset);
   }
 }
 
@@ -165,7 +165,8 @@ void check_output_dtype(at::ScalarType dtype, const char* what) {
 // ---------------------------------------------------------------------------------------------------
 
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
-                                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_offset,
                                 c10::IntArrayRef shape, at::ScalarType dtype, int64_t blocksize,
                                 c10::string_view quant_type, at::ScalarType nested_dtype) {
   check_output_dtype(dtype, "dtype");
@@ -177,8 +178,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   TORCH_CHECK(n > 0, "shape ", shape, " has no elements");
   TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor for the ext CUDA kernels, got ", packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
-  const Nf4DeviceWeight w = make_device_weight(packed, absmax, absmax2, offset, n, blocksize, std::string(quant_type),
-                                               nested_dtype, packed.device());
+  const Nf4DeviceWeight w = make_device_weight(packed, absmax, nested_absmax, nested_offset, n, blocksize,
+                                               std::string(quant_type), nested_dtype, packed.device());
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   dequantize_into(w, out);
   return out;
@@ -186,7 +187,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 // The same decode into a caller's contiguous buffer (its shape and dtype are the request's).
 void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax,
-                              const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_offset,
                               int64_t blocksize, c10::string_view quant_type, at::ScalarType nested_dtype,
                               at::Tensor& out) {
   check_output_dtype(out.scalar_type(), "out dtype");
@@ -194,35 +196,36 @@ void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous, got strides ", out.strides(), " for shape ", out.sizes());
   TORCH_CHECK(out.numel() > 0, "out (shape ", out.sizes(), ") has no elements");
   const c10::cuda::CUDAGuard guard(out.device());
-  const Nf4DeviceWeight w = make_device_weight(packed, absmax, absmax2, offset, out.numel(), blocksize,
+  const Nf4DeviceWeight w = make_device_weight(packed, absmax, nested_absmax, nested_offset, out.numel(), blocksize,
                                                std::string(quant_type), nested_dtype, out.device());
   dequantize_into(w, out);
 }
 
-at::Tensor double_dequantize_cuda(const at::Tensor& qabsmax_in, const at::Tensor& absmax2_in,
-                                  const at::Tensor& offset_in, at::ScalarType nested_dtype) {
+at::Tensor double_dequantize_cuda(const at::Tensor& qabsmax_in, const at::Tensor& nested_absmax_in,
+                                  const at::Tensor& nested_offset_in, at::ScalarType nested_dtype) {
   TORCH_CHECK(qabsmax_in.scalar_type() == at::kByte && qabsmax_in.dim() == 1 && qabsmax_in.numel() > 0,
               "qabsmax must be a non-empty 1-D uint8 tensor, got ", qabsmax_in.scalar_type(), " of shape ",
               qabsmax_in.sizes());
   const at::Device device = qabsmax_in.device();
   check_on_device(qabsmax_in, "qabsmax", device);
-  check_on_device(absmax2_in, "absmax2", device);
-  check_on_device(offset_in, "offset", device);
+  check_on_device(nested_absmax_in, "nested_absmax", device);
+  check_on_device(nested_offset_in, "nested_offset", device);
   const int64_t nb = qabsmax_in.numel();
   const int64_t n2 = (nb + 255) / 256;
-  TORCH_CHECK(absmax2_in.scalar_type() == at::kFloat && absmax2_in.numel() == n2, "absmax2 must be float32 with ", n2,
-              " entries for ", nb, " nested codes, got ", absmax2_in.scalar_type(), " with ", absmax2_in.numel());
-  TORCH_CHECK(offset_in.scalar_type() == at::kFloat && offset_in.numel() == 1,
-              "offset must be a one-element float32 tensor, got ", offset_in.scalar_type(), " with ",
-              offset_in.numel(), " elements");
+  TORCH_CHECK(nested_absmax_in.scalar_type() == at::kFloat && nested_absmax_in.numel() == n2,
+              "nested_absmax must be float32 with ", n2, " entries for ", nb, " nested codes, got ",
+              nested_absmax_in.scalar_type(), " with ", nested_absmax_in.numel());
+  TORCH_CHECK(nested_offset_in.scalar_type() == at::kFloat && nested_offset_in.numel() == 1,
+              "nested_offset must be a one-element float32 tensor, got ", nested_offset_in.scalar_type(), " with ",
+              nested_offset_in.numel(), " elements");
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor qabsmax = qabsmax_in.contiguous();
-  const at::Tensor absmax2 = absmax2_in.contiguous();
-  const at::Tensor offset = offset_in.contiguous();
+  const at::Tensor nested_absmax = nested_absmax_in.contiguous();
+  const at::Tensor nested_offset = nested_offset_in.contiguous();
   Nf4DeviceView view;
   view.qabsmax = qabsmax.const_data_ptr<uint8_t>();
-  view.absmax2 = absmax2.const_data_ptr<float>();
-  view.offset = offset.const_data_ptr<float>();
+  view.nested_absmax = nested_absmax.const_data_ptr<float>();
+  view.nested_offset = nested_offset.const_data_ptr<float>();
   view.nested = nested_kind(nested_dtype);
   at::Tensor out = at::empty({nb}, qabsmax.options().dtype(at::kFloat));
   double_dequantize_kernel<<<grid_for(nb), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -244,7 +247,8 @@ DynamicMap dynamic_map() {
 }
 
 Nf4DeviceWeight make_device_weight(const at::Tensor& packed, const at::Tensor& absmax,
-                                   const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_offset,
                                    int64_t numel, int64_t blocksize, const std::string& quant_type,
                                    at::ScalarType nested_dtype, const at::Device& device) {
   check_quant_args(blocksize, quant_type);
@@ -254,8 +258,8 @@ Nf4DeviceWeight make_device_weight(const at::Tensor& packed, const at::Tensor& a
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (numel + 1) / 2, "packed must be uint8 with ",
               (numel + 1) / 2, " bytes for ", numel, " elements, got ", packed.scalar_type(), " with ",
               packed.numel());
-  TORCH_CHECK(absmax2.has_value() == offset.has_value(),
-              "absmax2 and offset must be given together (double quantization) or not at all");
+  TORCH_CHECK(nested_absmax.has_value() == nested_offset.has_value(),
+              "nested_absmax and nested_offset must be given together (double quantization) or not at all");
   const int64_t nb = (numel + blocksize - 1) / blocksize;
   Nf4DeviceWeight w;
   w.keep.push_back(packed.contiguous());
@@ -264,28 +268,29 @@ Nf4DeviceWeight make_device_weight(const at::Tensor& packed, const at::Tensor& a
   w.view.log2_blocksize = log2_of(blocksize);
   const float* code = quant_type == "nf4" ? kNF4Code : kFP4Code;
   std::copy(code, code + 16, w.code.value);
-  if (absmax2.has_value()) {
-    check_on_device(*absmax2, "absmax2", device);
-    check_on_device(*offset, "offset", device);
+  if (nested_absmax.has_value()) {
+    check_on_device(*nested_absmax, "nested_absmax", device);
+    check_on_device(*nested_offset, "nested_offset", device);
     TORCH_CHECK(absmax.scalar_type() == at::kByte && absmax.numel() == nb, "absmax (nested codes) must be uint8 with ",
                 nb, " entries (blocksize ", blocksize, "), got ", absmax.scalar_type(), " with ", absmax.numel());
     const int64_t n2 = (nb + 255) / 256;
-    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->numel() == n2, "absmax2 must be float32 with ", n2,
-                " entries for ", nb, " nested codes, got ", absmax2->scalar_type(), " with ", absmax2->numel());
-    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
-                "offset must be a one-element float32 tensor, got ", offset->scalar_type(), " with ",
-                offset->numel(), " elements");
+    TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat && nested_absmax->numel() == n2,
+                "nested_absmax must be float32 with ", n2, " entries for ", nb, " nested codes, got ",
+                nested_absmax->scalar_type(), " with ", nested_absmax->numel());
+    TORCH_CHECK(nested_offset->scalar_type() == at::kFloat && nested_offset->numel() == 1,
+                "nested_offset must be a one-element float32 tensor, got ", nested_offset->scalar_type(), " with ",
+                nested_offset->numel(), " elements");
     w.keep.push_back(absmax.contiguous());
     w.view.qabsmax = w.keep.back().const_data_ptr<uint8_t>();
-    w.keep.push_back(absmax2->contiguous());
-    w.view.absmax2 = w.keep.back().const_data_ptr<float>();
-    w.keep.push_back(offset->contiguous());
-    w.view.offset = w.keep.back().const_data_ptr<float>();
+    w.keep.push_back(nested_absmax->contiguous());
+    w.view.nested_absmax = w.keep.back().const_data_ptr<float>();
+    w.keep.push_back(nested_offset->contiguous());
+    w.view.nested_offset = w.keep.back().const_data_ptr<float>();
     w.view.nested = kind;
   } else {
     TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == nb, "absmax must be float32 with ", nb,
                 " entries (blocksize ", blocksize, "), got ", absmax.scalar_type(), " with ", absmax.numel(),
-                " (uint8 nested codes need absmax2 and offset)");
+                " (uint8 nested codes need nested_absmax and nested_offset)");
     w.keep.push_back(absmax.contiguous());
     w.view.absmax = w.keep.back().const_data_ptr<float>();
   }

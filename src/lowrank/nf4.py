@@ -45,11 +45,11 @@ def quantize(
         )
     name = dispatch.resolve("quantize_4bit", w.device, backend)
     packed, absmax = ops.quantize_4bit_op(w, blocksize, quant_type, name)
-    nested_absmax = offset = None
+    nested_absmax = nested_offset = None
     if double_quant:
         dq = dispatch.resolve("double_quantize", w.device, backend)
-        absmax, nested_absmax, offset = ops.double_quantize_op(absmax, dq)
-    return NF4Weight.trusted(packed, absmax, w.shape, w.dtype, blocksize, quant_type, nested_absmax, offset)
+        absmax, nested_absmax, nested_offset = ops.double_quantize_op(absmax, dq)
+    return NF4Weight.trusted(packed, absmax, w.shape, w.dtype, blocksize, quant_type, nested_absmax, nested_offset)
 
 
 def dequantize(

@@ -65,7 +65,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Smallest divisor of a block's reciprocal (bitsandbytes' clamp; stored in fp32 as 9.99999935e-39).
 RECIPROCAL_FLOOR = 1e-38
-#: Same for the nested 256-blocks: the smallest normal fp32, so 1 / absmax2 never overflows.
+#: Same for the nested 256-blocks: the smallest normal fp32, so 1 / nested_absmax never overflows.
 NESTED_RECIPROCAL_FLOOR = torch.finfo(torch.float32).tiny
 #: Dtypes a serialized nested state may name (bitsandbytes reconstructs the constants in it).
 NESTED_DTYPES = FLOAT_DTYPES
@@ -256,7 +256,7 @@ def check_dequantize_args(
 def check_nested_args(
     qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_offset: torch.Tensor, nested_dtype: torch.dtype
 ) -> None:
-    """Validate double-quantized block constants (uint8 codes, fp32 scales per 256, fp32 offset)."""
+    """Validate double-quantized block constants (uint8 codes, fp32 scales per 256, fp32 nested offset)."""
     if nested_dtype not in NESTED_DTYPES:
         raise TypeError(f"nested_dtype must be one of float32/float16/bfloat16, got {nested_dtype}")
     if qabsmax.dtype != torch.uint8 or qabsmax.dim() != 1 or qabsmax.numel() == 0:

@@ -97,6 +97,11 @@ def shard(model, mesh, **kwargs):
     return fully_shard(model, mesh=mesh, **kwargs)
 
 
+def blob_lengths(state: dict) -> dict[str, int]:
+    """The length of every bitsandbytes quant-state blob (UTF-8 JSON) in a state dict."""
+    return {k: v.numel() for k, v in state.items() if ".quant_state.bitsandbytes__" in k}
+
+
 def same_state(a: dict, b: dict) -> list[str]:
     """Keys whose values differ (or are missing) between two plain state dicts; [] when bit-identical."""
     bad = sorted(set(a) ^ set(b))
@@ -171,20 +176,31 @@ def fsdp2(cfg, out: dict, directory: str) -> None:
     out["set_full_state_dict_diff"] = same_state(get_model_state_dict(other, options=full), reference_sd)
     out["set_full_state_dict_logits_equal"] = torch.equal(logits(other), reference_logits)
 
-    # DCP: save the sharded state, load it into a sharded model with other adapters (same base, as on resume)
+    # DCP: save the sharded state, load it into a sharded model prepared from another base (other adapters,
+    # other 4-bit codes and nested offsets, so quant-state blobs of other lengths)
     saved = shard(copy.deepcopy(reference), mesh)
     checkpoint = os.path.join(directory, "dcp")
     dcp_save(get_model_state_dict(saved), checkpoint_id=checkpoint)
-    resumed = copy.deepcopy(reference)
-    with torch.no_grad():
-        for name, p in resumed.named_parameters():
-            if "lora_" in name:
-                p.add_(1.0)
+    resumed = build(cfg, seed=1)
+    out["dcp_blob_lengths_differ"] = blob_lengths(resumed.state_dict()) != blob_lengths(reference_sd)
     shard(resumed, mesh)
     target = get_model_state_dict(resumed)
     dcp_load(target, checkpoint_id=checkpoint)
     set_model_state_dict(resumed, target)
     out["dcp_diff"] = same_state(get_model_state_dict(resumed, options=full), reference_sd)
+    out["dcp_logits_equal"] = torch.equal(logits(resumed), reference_logits)
+
+    # bad input: a full state dict whose gate_proj is quantized transposed (the same byte counts) is refused
+    key = "model.layers.0.mlp.gate_proj.base_layer.weight"
+    gate = reference_sd[key + ".quant_state.bitsandbytes__nf4"]
+    shape = json.loads(bytes(gate.numpy()).decode())["shape"]
+    flipped = LinearNF4.from_linear(torch.nn.Linear(shape[0], shape[1], bias=False)).state_dict(prefix=key[:-6])
+    try:
+        set_model_state_dict(resumed, {**reference_sd, **flipped}, options=full)
+        out["sharded_transposed_error"] = ""
+    except RuntimeError as err:
+        out["sharded_transposed_error"] = str(err)
+    out["sharded_transposed_key"] = key
 
     # meta-device construction, fully_shard, to_empty, then a full state dict
     with torch.device("meta"):

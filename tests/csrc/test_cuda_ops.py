@@ -51,9 +51,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def dequantize_op(packed, absmax, absmax2, offset, shape, dtype, blocksize, quant_type, nested_dtype):
+def dequantize_op(packed, absmax, nested_absmax, nested_offset, shape, dtype, blocksize, quant_type, nested_dtype):
     return torch.ops.lowrank_ext.dequantize_4bit(
-        packed, absmax, absmax2, offset, list(shape), dtype, blocksize, quant_type, nested_dtype
+        packed, absmax, nested_absmax, nested_offset, list(shape), dtype, blocksize, quant_type, nested_dtype
     )
 
 
@@ -76,11 +76,11 @@ def test_dequantize_bit_exact_plain_and_double_quantized(dtype, blocksize, quant
                             torch.float32)  # fmt: skip
         assert out.device.type == CUDA.type
         assert_bit_equal(out, ref, f"plain {shape}")
-        qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+        qabsmax, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
         for nested_dtype in NESTED_DTYPES:
-            constants = K.double_dequantize_ref(qabsmax, absmax2, offset, nested_dtype)
+            constants = K.double_dequantize_ref(qabsmax, nested_absmax, nested_offset, nested_dtype)
             ref = K.dequantize_4bit_ref(packed, constants, shape, dtype, blocksize, quant_type)
-            nested = (qabsmax.to(CUDA), absmax2.to(CUDA), offset.to(CUDA))
+            nested = (qabsmax.to(CUDA), nested_absmax.to(CUDA), nested_offset.to(CUDA))
             out = dequantize_op(packed.to(CUDA), *nested, shape, dtype, blocksize, quant_type, nested_dtype)
             assert_bit_equal(out, ref, f"double quant, nested {nested_dtype}, {shape}")
             assert_bit_equal(
@@ -93,16 +93,16 @@ def test_dequantize_unaligned_packed_view(dtype):
     """A packed view at an odd byte offset takes the byte-wise path; same bits."""
     shape, blocksize = (37, 131), 64
     packed, absmax = K.quantize_4bit_ref(sample(shape, seed=5), blocksize, "nf4")
-    qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+    qabsmax, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
     storage = torch.zeros(packed.numel() + 3, dtype=torch.uint8, device=CUDA)
     for start in (1, 2, 3):
         view = storage[start : start + packed.numel()]
         view.copy_(packed.reshape(-1))
         assert view.data_ptr() % 16 != 0
-        constants = K.double_dequantize_ref(qabsmax, absmax2, offset, torch.float32)
+        constants = K.double_dequantize_ref(qabsmax, nested_absmax, nested_offset, torch.float32)
         ref = K.dequantize_4bit_ref(packed, constants, shape, dtype, blocksize, "nf4")
-        out = dequantize_op(view, qabsmax.to(CUDA), absmax2.to(CUDA), offset.to(CUDA), shape, dtype, blocksize, "nf4",
-                            torch.float32)  # fmt: skip
+        nested = (qabsmax.to(CUDA), nested_absmax.to(CUDA), nested_offset.to(CUDA))
+        out = dequantize_op(view, *nested, shape, dtype, blocksize, "nf4", torch.float32)
         assert_bit_equal(out, ref, f"view at byte offset {start}")
 
 
@@ -112,11 +112,11 @@ def test_dequantize_into_out_buffer(dtype):
     (not 16-byte aligned: the byte-wise path); the public API passes ``out`` through to it."""
     shape, blocksize = (45, 70), 128
     packed, absmax = K.quantize_4bit_ref(sample(shape, seed=6), blocksize, "fp4")
-    qabsmax, absmax2, offset = K.double_quantize_ref(absmax)
+    qabsmax, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
     ref = K.dequantize_4bit_ref(
-        packed, K.double_dequantize_ref(qabsmax, absmax2, offset), shape, dtype, blocksize, "fp4"
+        packed, K.double_dequantize_ref(qabsmax, nested_absmax, nested_offset), shape, dtype, blocksize, "fp4"
     )
-    args = [t.to(CUDA) for t in (packed, qabsmax, absmax2, offset)]
+    args = [t.to(CUDA) for t in (packed, qabsmax, nested_absmax, nested_offset)]
     storage = torch.full((math.prod(shape) + 1,), float("nan"), dtype=dtype, device=CUDA)
     for out in (torch.empty(shape, dtype=dtype, device=CUDA), storage[1:].view(shape)):
         torch.ops.lowrank_ext.dequantize_4bit_out(*args, blocksize, "fp4", torch.float32, out)
@@ -424,7 +424,7 @@ def test_bad_inputs_raise_clear_errors():
         ops.dequantize_4bit(packed_g, absmax_g, None, None, [2, 64], torch.float32, 64, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="absmax must be float32 with 4 entries"):
         ops.dequantize_4bit(packed_g, absmax_g[:3], None, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
-    with pytest.raises(RuntimeError, match="absmax2 and offset must be given together"):
+    with pytest.raises(RuntimeError, match="nested_absmax and nested_offset must be given together"):
         ops.dequantize_4bit(packed_g, absmax_g, absmax_g, None, [4, 64], torch.float32, 64, "nf4", torch.float32)
     with pytest.raises(RuntimeError, match="nested_dtype must be float32, float16 or bfloat16, got Int"):
         ops.dequantize_4bit(packed_g, absmax_g, None, None, [4, 64], torch.float32, 64, "nf4", torch.int32)
@@ -464,15 +464,18 @@ def test_cpu_tensors_are_rejected_by_name():
 
 def test_opcheck_cuda_ops():
     packed, absmax = K.quantize_4bit_ref(sample((33, 96), seed=4), 64, "nf4")
-    qabsmax, absmax2, offset = (t.to(CUDA) for t in K.double_quantize_ref(absmax))
+    qabsmax, nested_absmax, nested_offset = (t.to(CUDA) for t in K.double_quantize_ref(absmax))
     packed = packed.to(CUDA)
     ops = torch.ops.lowrank_ext
     torch.library.opcheck(
-        ops.dequantize_4bit, (packed, qabsmax, absmax2, offset, [33, 96], torch.bfloat16, 64, "nf4", torch.float32)
+        ops.dequantize_4bit,
+        (packed, qabsmax, nested_absmax, nested_offset, [33, 96], torch.bfloat16, 64, "nf4", torch.float32),
     )
-    torch.library.opcheck(ops.double_dequantize, (qabsmax, absmax2, offset, torch.bfloat16))
+    torch.library.opcheck(ops.double_dequantize, (qabsmax, nested_absmax, nested_offset, torch.bfloat16))
     out = torch.empty(33, 96, dtype=torch.float16, device=CUDA)
-    torch.library.opcheck(ops.dequantize_4bit_out, (packed, qabsmax, absmax2, offset, 64, "nf4", torch.float32, out))
+    torch.library.opcheck(
+        ops.dequantize_4bit_out, (packed, qabsmax, nested_absmax, nested_offset, 64, "nf4", torch.float32, out)
+    )
 
     x, w, A, B, bias, dropout, dy = lora_problem(6, 64, 40, 4, torch.bfloat16, torch.float32, 3)
     x, w, A, B, bias, dy = (t.to(CUDA) for t in (x, w, A, B, bias, dy))

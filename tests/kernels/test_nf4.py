@@ -152,12 +152,12 @@ def test_dequantize_is_the_fp32_product_then_one_cast():
 
 def test_double_quantize_is_exact_nearest_around_the_mean():
     absmax = torch.rand(700, generator=torch.Generator().manual_seed(0)) * 3 + 0.01
-    q, absmax2, offset = K.double_quantize_ref(absmax)
-    assert q.dtype == torch.uint8 and absmax2.shape == (3,) and offset.dim() == 0
-    assert torch.equal(offset, absmax.mean())
-    centred = absmax - offset
-    assert torch.equal(absmax2, torch.stack([c.abs().max() for c in centred.split(256)]))
-    scaled = (centred * (1.0 / absmax2).repeat_interleave(256)[:700]).clamp(-1, 1)
+    q, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
+    assert q.dtype == torch.uint8 and nested_absmax.shape == (3,) and nested_offset.dim() == 0
+    assert torch.equal(nested_offset, absmax.mean())
+    centred = absmax - nested_offset
+    assert torch.equal(nested_absmax, torch.stack([c.abs().max() for c in centred.split(256)]))
+    scaled = (centred * (1.0 / nested_absmax).repeat_interleave(256)[:700]).clamp(-1, 1)
     distance = (K.dynamic_map()[None, :] - scaled[:, None]).abs()
     best = distance.min(dim=1).values
     # q is at minimal distance (ties to the lower index follow from bucketize; checked by the next test)
@@ -167,32 +167,32 @@ def test_double_quantize_is_exact_nearest_around_the_mean():
 def test_double_quantize_tie_goes_to_the_lower_code():
     dyn = K.dynamic_map()
     mid = ((dyn[200] + dyn[201]) / 2).item()
-    # mean 0 and absmax2 1, so the scaled values are exactly the inputs
-    q, absmax2, offset = K.double_quantize_ref(torch.tensor([1.0, -1.0, mid, -mid]))
-    assert offset.item() == 0.0 and absmax2.item() == 1.0
+    # mean 0 and nested_absmax 1, so the scaled values are exactly the inputs
+    q, nested_absmax, nested_offset = K.double_quantize_ref(torch.tensor([1.0, -1.0, mid, -mid]))
+    assert nested_offset.item() == 0.0 and nested_absmax.item() == 1.0
     assert q[2].item() == 200
     above = torch.nextafter(torch.tensor(mid), torch.tensor(1.0)).item()
     assert K.double_quantize_ref(torch.tensor([1.0, -1.0, above, -above]))[0][2].item() == 201
 
 
 def test_double_quantize_constant_block_is_the_zero_code():
-    q, absmax2, offset = K.double_quantize_ref(torch.full((300,), 0.25))
-    assert absmax2.tolist() == [0.0, 0.0] and (q == 127).all()
-    assert torch.equal(K.double_dequantize_ref(q, absmax2, offset), torch.full((300,), 0.25))
+    q, nested_absmax, nested_offset = K.double_quantize_ref(torch.full((300,), 0.25))
+    assert nested_absmax.tolist() == [0.0, 0.0] and (q == 127).all()
+    assert torch.equal(K.double_dequantize_ref(q, nested_absmax, nested_offset), torch.full((300,), 0.25))
 
 
 def test_double_dequantize_formula_and_nested_dtypes():
     absmax = torch.rand(600, generator=torch.Generator().manual_seed(0)) + 0.05
-    q, absmax2, offset = K.double_quantize_ref(absmax)
-    product = K.dynamic_map()[q.long()] * absmax2.repeat_interleave(256)[:600]
-    assert_bitwise_equal(K.double_dequantize_ref(q, absmax2, offset), product + offset)
+    q, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
+    product = K.dynamic_map()[q.long()] * nested_absmax.repeat_interleave(256)[:600]
+    assert_bitwise_equal(K.double_dequantize_ref(q, nested_absmax, nested_offset), product + nested_offset)
     for dtype in (torch.bfloat16, torch.float16):
-        expected = (product.to(dtype) + offset.to(dtype)).float()
-        assert_bitwise_equal(K.double_dequantize_ref(q, absmax2, offset, dtype), expected)
-    rec = K.double_dequantize_ref(q, absmax2, offset)
+        expected = (product.to(dtype) + nested_offset.to(dtype)).float()
+        assert_bitwise_equal(K.double_dequantize_ref(q, nested_absmax, nested_offset, dtype), expected)
+    rec = K.double_dequantize_ref(q, nested_absmax, nested_offset)
     # nearest code: the error is at most half the widest gap of the map, times the block scale
     dyn = K.dynamic_map()
-    bound = (dyn.diff().max() / 2 * absmax2.repeat_interleave(256)[:600]) * (1 + 1e-6) + 1e-7
+    bound = (dyn.diff().max() / 2 * nested_absmax.repeat_interleave(256)[:600]) * (1 + 1e-6) + 1e-7
     assert ((rec - absmax).abs() <= bound).all()
 
 
@@ -246,7 +246,7 @@ def test_triton_quantize_matches_reference(shape, blocksize, quant_type, dtype, 
 def test_triton_dequantize_matches_reference(shape, blocksize, quant_type, dtype, layout, device):
     x = make_input(shape, dtype, layout, blocksize, device, seed=1)
     packed, absmax = K.quantize_4bit_ref(x.cpu(), blocksize, quant_type)
-    q, absmax2, offset = K.double_quantize_ref(absmax)
+    q, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
     logical_shape = tuple(x.shape)
     for out_dtype in K.FLOAT_DTYPES:
         expected = K.dequantize_4bit_ref(packed, absmax, logical_shape, out_dtype, blocksize, quant_type)
@@ -255,10 +255,10 @@ def test_triton_dequantize_matches_reference(shape, blocksize, quant_type, dtype
         )
         assert_bitwise_equal(got, expected)
         for nested_dtype in K.NESTED_DTYPES:
-            rec = K.double_dequantize_ref(q, absmax2, offset, nested_dtype)
+            rec = K.double_dequantize_ref(q, nested_absmax, nested_offset, nested_dtype)
             expected = K.dequantize_4bit_ref(packed, rec, logical_shape, out_dtype, blocksize, quant_type)
             got = K.dequantize_4bit(
-                packed.to(device), q.to(device), absmax2.to(device), offset.to(device),
+                packed.to(device), q.to(device), nested_absmax.to(device), nested_offset.to(device),
                 logical_shape, out_dtype, blocksize, quant_type, nested_dtype,
             )  # fmt: skip
             assert_bitwise_equal(got, expected)
@@ -308,7 +308,7 @@ def test_quantize_rejects_bad_arguments(fn):
 
 def test_dequantize_launcher_rejects_bad_arguments():
     packed, absmax = K.quantize_4bit_ref(torch.randn(100), 64)
-    q, absmax2, offset = K.double_quantize_ref(absmax)
+    q, nested_absmax, nested_offset = K.double_quantize_ref(absmax)
     ok = dict(
         packed=packed,
         absmax=absmax,
@@ -327,13 +327,13 @@ def test_dequantize_launcher_rejects_bad_arguments():
             "absmax must be torch.float32 with 2 entries .* got torch.float32 with 1",
         ),
         (dict(absmax=q), ValueError, "absmax must be torch.float32 .* got torch.uint8"),
-        (dict(absmax=q, nested_absmax=absmax2), ValueError, "needs a one-element float32 nested_offset"),
+        (dict(absmax=q, nested_absmax=nested_absmax), ValueError, "needs a one-element float32 nested_offset"),
         (
-            dict(absmax=q, nested_absmax=absmax2[:0], nested_offset=offset),
+            dict(absmax=q, nested_absmax=nested_absmax[:0], nested_offset=nested_offset),
             ValueError,
             "nested_absmax must be float32 with 1 entries",
         ),
-        (dict(nested_offset=offset), ValueError, "nested_offset given without nested_absmax"),
+        (dict(nested_offset=nested_offset), ValueError, "nested_offset given without nested_absmax"),
         (dict(shape=(0,)), ValueError, r"shape \(0,\) has no elements"),
         (dict(shape=(10, -10)), ValueError, "non-negative ints"),
         (dict(dtype=torch.int32), TypeError, "output dtype must be one of .* got torch.int32"),
@@ -352,17 +352,17 @@ def test_dequantize_launcher_rejects_bad_arguments():
 
 @pytest.mark.parametrize("fn", [K.double_dequantize_ref, K.double_dequantize], ids=["ref", "triton"])
 def test_double_dequantize_rejects_bad_arguments(fn):
-    q, absmax2, offset = K.double_quantize_ref(torch.rand(300) + 0.1)
+    q, nested_absmax, nested_offset = K.double_quantize_ref(torch.rand(300) + 0.1)
     with pytest.raises(ValueError, match="nested_absmax must be float32 with 2 entries, got torch.float32 with 1"):
-        fn(q, absmax2[:1], offset)
+        fn(q, nested_absmax[:1], nested_offset)
     with pytest.raises(ValueError, match="qabsmax must be a non-empty 1-D uint8 tensor, got torch.float32"):
-        fn(q.float(), absmax2, offset)
+        fn(q.float(), nested_absmax, nested_offset)
     with pytest.raises(ValueError, match="nested_offset must be a one-element float32 tensor, got torch.float64"):
-        fn(q, absmax2, offset.double())
+        fn(q, nested_absmax, nested_offset.double())
     with pytest.raises(ValueError, match="share a device, got cpu, meta, cpu"):
-        fn(q, absmax2.to("meta"), offset)
+        fn(q, nested_absmax.to("meta"), nested_offset)
     with pytest.raises(TypeError, match="nested_dtype must be one of .* got torch.int8"):
-        fn(q, absmax2, offset, torch.int8)
+        fn(q, nested_absmax, nested_offset, torch.int8)
 
 
 @pytest.mark.parametrize("fn", [K.double_quantize_ref, K.double_quantize], ids=["ref", "triton"])
@@ -379,9 +379,9 @@ def test_references_compile_to_the_same_bits():
     partial last blocks included. Inductor on CPU (torch 2.13) miscompiled the gather ``absmax[arange(n) //
     blocksize]`` in a partial last block, so the references broadcast the constants with repeat_interleave."""
 
-    def dequantize_flat(packed, absmax, absmax2, offset, numel: int):
+    def dequantize_flat(packed, absmax, nested_absmax, nested_offset, numel: int):
         return K.dequantize_4bit_ref(
-            packed, K.double_dequantize_ref(absmax, absmax2, offset), (numel,), torch.bfloat16, 64, "nf4"
+            packed, K.double_dequantize_ref(absmax, nested_absmax, nested_offset), (numel,), torch.bfloat16, 64, "nf4"
         )
 
     compiled = torch.compile(dequantize_flat, dynamic=True)

@@ -3,7 +3,9 @@
 FSDP2 (``fully_shard`` per decoder layer and the root) shards the uint8 parameters of every ``LinearNF4``;
 the sharded model trains with fp32 losses bit-equal to one process; mixed precision leaves codes and
 constants alone; the gathered state dict is the unsharded one (bitsandbytes' keys) bit for bit;
-``set_model_state_dict``, DCP save/load and a meta-device skeleton round-trip. DDP never re-sends the base.
+``set_model_state_dict``, DCP save/load (also into a model prepared from another base, whose quant-state
+blobs have other lengths) and a meta-device skeleton round-trip. DDP never re-sends the base. The same DCP
+load into another base also runs in one process, and a checkpoint of another layout is refused naming the key.
 The ranks run ``tests/_shared/nf4_distributed.py`` under ``torch.distributed.run``, time-boxed, and their
 whole process group is killed if the run fails or times out.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 import nf4_distributed
 import pytest
 import torch
+
+from lowrank.nn import LinearNF4
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
@@ -58,7 +62,10 @@ def check_fsdp2(ranks: list[dict], world: int, exact_losses: bool) -> None:
         assert out["base_bytes_this_rank"] <= out["base_bytes"] / world * 1.10, out
         assert out["full_state_dict_diff"] == [] and out["logits_equal"]
         assert out["set_full_state_dict_diff"] == [] and out["set_full_state_dict_logits_equal"]
-        assert out["dcp_diff"] == []
+        assert out["dcp_blob_lengths_differ"]  # the target's blobs cannot take the saved bytes in place
+        assert out["dcp_diff"] == [] and out["dcp_logits_equal"]
+        assert "does not match" in out["sharded_transposed_error"], out["sharded_transposed_error"]
+        assert out["sharded_transposed_key"] in out["sharded_transposed_error"]
         assert out["meta_skeleton_bytes"] == out["base_bytes"]
         assert out["meta_diff"] == [] and out["meta_logits_equal"]
         assert out["base_unchanged_by_training"]
@@ -98,3 +105,58 @@ def test_ddp_never_rebroadcasts_the_4bit_base(tmp_path):
         assert out["bytes_broadcast_per_step"] < 0.01 * out["base_bytes"], out
         assert out["losses_ddp"] == out["losses_single"]
         assert out["base_diff"] == []
+
+
+# -- one process: DCP save of one prepared model, load into one prepared from another base ---------------------
+
+
+def _dcp_round_trip(saved: torch.nn.Module, target_model: torch.nn.Module, directory: Path) -> None:
+    """DCP save of ``saved``, then the state-dict API's load into ``target_model`` (no process group)."""
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    save(get_model_state_dict(saved), checkpoint_id=str(directory), no_dist=True)
+    target = get_model_state_dict(target_model)
+    load(target, checkpoint_id=str(directory), no_dist=True)
+    set_model_state_dict(target_model, target)
+
+
+def _blob_lengths(model: torch.nn.Module) -> dict[str, int]:
+    return {k: v.numel() for k, v in model.state_dict().items() if ".quant_state.bitsandbytes__" in k}
+
+
+def test_dcp_load_into_a_model_prepared_from_another_base(tmp_path):
+    cfg = nf4_distributed.config(64, 176)
+    source, target = nf4_distributed.build(cfg, seed=0), nf4_distributed.build(cfg, seed=1)
+    lengths_source, lengths_target = _blob_lengths(source), _blob_lengths(target)
+    assert lengths_source.keys() == lengths_target.keys() and lengths_source != lengths_target
+    _dcp_round_trip(source, target, tmp_path / "dcp")
+    assert nf4_distributed.same_state(target.state_dict(), source.state_dict()) == []
+    assert torch.equal(nf4_distributed.logits(target), nf4_distributed.logits(source))
+
+    # the plain API too: DCP into model.state_dict(), then load_state_dict
+    plain = nf4_distributed.build(cfg, seed=2)
+    from torch.distributed.checkpoint import load
+
+    sd = plain.state_dict()
+    load(sd, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    plain.load_state_dict(sd)
+    assert nf4_distributed.same_state(plain.state_dict(), source.state_dict()) == []
+
+
+def _layers(shapes, seed: int, blocksize: int = 64) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        *(LinearNF4.from_linear(torch.nn.Linear(k, n, bias=False), blocksize=blocksize) for k, n in shapes)
+    )
+
+
+def test_dcp_load_of_another_layout_names_the_key(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    saved = _layers([(96, 40), (40, 96)], seed=0)
+    with pytest.raises(CheckpointException, match=r"Size mismatch between saved .* for 0\.weight\.absmax"):
+        _dcp_round_trip(saved, _layers([(96, 40), (40, 96)], seed=1, blocksize=128), tmp_path / "blocksize")
+    # transposed layers hold the same numbers of bytes, so DCP reads every tensor; the load refuses the shape
+    with pytest.raises(RuntimeError, match=r"0\.weight: weight shape \(40, 96\) does not match \(96, 40\)"):
+        _dcp_round_trip(saved, _layers([(40, 96), (96, 40)], seed=1), tmp_path / "transposed")

@@ -170,10 +170,10 @@ def check_against_bnb(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
 
     # Double quantization of bitsandbytes' own constants: bnb-CPU nested codes are its 65,536-bin LUT.
     _, bnb_dq_state = bnb_quantize(x, blocksize, quant_type, double_quant=True)
-    q, absmax2, offset = K.double_quantize_ref(bnb_absmax, rounding="bnb_cpu_lut")
+    q, nested_absmax, nested_offset = K.double_quantize_ref(bnb_absmax, rounding="bnb_cpu_lut")
     assert torch.equal(q, bnb_dq_state.absmax)
-    assert_bitwise_equal(absmax2, bnb_dq_state.state2.absmax, "nested absmax")
-    assert_bitwise_equal(offset, bnb_dq_state.offset.reshape(()), "offset")
+    assert_bitwise_equal(nested_absmax, bnb_dq_state.state2.absmax, "nested absmax")
+    assert_bitwise_equal(nested_offset, bnb_dq_state.offset.reshape(()), "nested_offset")
 
     # bitsandbytes' stored constants -> our dequantization == bitsandbytes' (pure-torch) dequantization.
     for out_dtype in K.FLOAT_DTYPES:

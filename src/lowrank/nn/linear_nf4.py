@@ -20,7 +20,9 @@ How the tensors are held (what distributed training sees):
 ``weight.quant_state.bitsandbytes__nf4``) and ``load_state_dict`` reads them, validated; both also work on
 a module sharded by ``fully_shard`` (DTensor shards in, the right shard copied into each rank's
 parameters), and ``torch.distributed.checkpoint.state_dict`` finds its way through these keys
-(``_fqn_modifiers``). See ``docs/weight.md``.
+(``_fqn_modifiers``). The JSON blob's length depends on the stored nested offset, so it is a
+:class:`QuantStateBlob`: a plain uint8 tensor to everything but DCP, which saves it as one pickled object and
+loads whatever length was saved (a model whose 4-bit base differs loads a checkpoint). See ``docs/weight.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from lowrank import nf4
-from lowrank.nf4_format import NF4Weight, is_bnb_weight_key
+from lowrank.nf4_format import BNB_BLOB_SUFFIX, NF4Weight, is_bnb_weight_key
 from lowrank.ops import lora as lora_ops
 
 try:  # DTensor: what fully_shard turns parameters into (absent only in torch builds without distributed)
@@ -53,6 +55,37 @@ class _BnbKeys:
 
         class quant_state:  # noqa: N801
             bitsandbytes__nf4 = bitsandbytes__fp4 = None
+
+
+class QuantStateBlob(torch.Tensor):
+    """bitsandbytes' ``weight.quant_state.bitsandbytes__<nf4|fp4>`` entry (UTF-8 JSON bytes, uint8 1-D) as
+    ``LinearNF4.state_dict()`` returns it: the same bytes as bitsandbytes', but its length depends on the
+    nested offset written into it as text, so two models of one architecture differ in size there.
+
+    ``torch.distributed.checkpoint`` would save it as a tensor and refuse to load it into a model whose blob has
+    another length ("Size mismatch"). ``__create_write_items__`` (DCP's hook, the one DTensor implements) makes
+    DCP save it as a single pickled object instead; DCP loads such an object whatever the target holds and
+    puts the saved one into the state dict, which ``load_state_dict`` / ``set_model_state_dict`` then parse.
+    Everything else sees a plain uint8 tensor: it pickles as one (``torch.save``, loadable with
+    ``weights_only=True``), deep-copies, and safetensors writes its bytes. Ops on it return this class too
+    (torch's default ``__torch_function__``), so the copy DCP's ``cpu_offload`` makes keeps the behaviour.
+    """
+
+    @staticmethod
+    def wrap(raw: torch.Tensor) -> QuantStateBlob:
+        return raw.as_subclass(QuantStateBlob)
+
+    def __create_write_items__(self, fqn: str, obj: object) -> list:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+        return [WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)]
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return QuantStateBlob.wrap(self.as_subclass(torch.Tensor).clone())
 
 
 def _is_dtensor(t) -> bool:
@@ -294,6 +327,8 @@ class LinearNF4(nn.Module):
             self.nested_dtype,
         )
         sd = weight.to_bnb_state_dict(f"{prefix}weight")
+        blob_key = f"{prefix}weight{BNB_BLOB_SUFFIX}{self.quant_type}"
+        sd[blob_key] = QuantStateBlob.wrap(sd[blob_key])
         destination[f"{prefix}weight"] = sd.pop(f"{prefix}weight")
         if self.bias is not None:
             destination[f"{prefix}bias"] = self.bias if keep_vars else self.bias.detach()
@@ -340,6 +375,10 @@ class LinearNF4(nn.Module):
     @torch.no_grad()
     def _load_shards(self, weight: NF4Weight) -> None:
         """Copy ``weight`` (whole, validated) into this rank's shards of the parameters, and the buffers."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):  # equal byte counts do not make it fit
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} does not match ({self.out_features}, {self.in_features})"
+            )
         layout = (weight.blocksize, weight.double_quant, weight.quant_type)
         if layout != (self.blocksize, self.double_quant, self.quant_type):
             raise ValueError(

@@ -231,6 +231,30 @@ def test_copy_deepcopy_pickle_and_weights_only_state_dicts():
     _same_layer(layer, fresh)
 
 
+def test_quant_state_blob_is_bitsandbytes_bytes_and_pickles_as_a_plain_tensor(tmp_path):
+    import io
+
+    from safetensors.torch import load_file, save_file
+
+    from lowrank.nn.linear_nf4 import QuantStateBlob
+
+    layer = LinearNF4.from_linear(make_linear())
+    key = "weight.quant_state.bitsandbytes__nf4"
+    blob = layer.state_dict()[key]
+    plain = layer.weight_nf4.to_bnb_state_dict()[key]  # the format module's bytes, as bitsandbytes writes them
+    assert isinstance(blob, QuantStateBlob) and type(plain) is torch.Tensor and torch.equal(blob, plain)
+    assert json.loads(bytes(blob.numpy()).decode())["nested_offset"] == layer.weight_nested_offset.item()
+    buffer = io.BytesIO()
+    torch.save({key: blob}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)[key]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, plain)
+    copied = copy.deepcopy(blob)
+    assert isinstance(copied, QuantStateBlob) and torch.equal(copied, plain) and copied.data_ptr() != blob.data_ptr()
+    save_file(layer.state_dict(), str(tmp_path / "layer.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "layer.safetensors"))[key], plain)
+
+
 def test_meta_skeleton_then_load():
     layer = LinearNF4.from_linear(make_linear(), blocksize=128)
     sd = layer.state_dict()

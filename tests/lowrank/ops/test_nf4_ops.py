@@ -83,9 +83,9 @@ def test_torch_compile_fullgraph_quantize_dequantize():
     @torch.compile(fullgraph=True, backend="eager")
     def round_trip(w):
         packed, absmax = torch.ops.lowrank.quantize_4bit(w, 64, "nf4", "torch")
-        qabsmax, absmax2, offset = torch.ops.lowrank.double_quantize(absmax, "torch")
+        qabsmax, nested_absmax, nested_offset = torch.ops.lowrank.double_quantize(absmax, "torch")
         return torch.ops.lowrank.dequantize_4bit(
-            packed, qabsmax, absmax2, offset, list(w.shape), torch.bfloat16, 64, "nf4", "torch"
+            packed, qabsmax, nested_absmax, nested_offset, list(w.shape), torch.bfloat16, 64, "nf4", "torch"
         )
 
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
@@ -98,9 +98,9 @@ def test_torch_compile_inductor_fullgraph_dequantize():
     _, qw = sample()
 
     @torch.compile(fullgraph=True)
-    def dq(packed, absmax, absmax2, offset):
+    def dq(packed, absmax, nested_absmax, nested_offset):
         out = torch.ops.lowrank.dequantize_4bit(
-            packed, absmax, absmax2, offset, [12, 70], torch.float32, 64, "nf4", "torch"
+            packed, absmax, nested_absmax, nested_offset, [12, 70], torch.float32, 64, "nf4", "torch"
         )
         return out * 2
 
