@@ -195,19 +195,23 @@ def _row_order(info: dict) -> tuple:
     return (rank, provider)
 
 
+def _variant(provider: str) -> str:
+    """The measured variant a provider name carries after ``-p`` (the dropout probability), else ''."""
+    return provider.partition("-p")[2]
+
+
 def _side_by_side(groups: dict) -> list[str]:
     """Tables of the CPU side-by-side groups: each row against the group's competitor and memcpy rows."""
     out = []
     for group, records in sorted(groups.items()):
         rows = sorted(records.values(), key=lambda r: r["stats"]["min"])
-        by_role = {r["extra_info"]["role"]: r for r in rows}
-        competitor, limit = by_role.get("competitor"), by_role.get("limit")
+        limit = next((r for r in rows if r["extra_info"]["role"] == "limit"), None)
         out += [
             f"## {group} (side by side, one run)",
             "",
             "| provider | role | min ms | median ms | GB/s or GFLOP/s | % of memcpy | competitor ÷ this "
-            "| peak extra MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| this ÷ floor (medians) | peak extra MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         limit_rate = limit["extra_info"]["bytes_moved"] / limit["stats"]["min"] if limit else None
         for r in rows:
@@ -219,11 +223,19 @@ def _side_by_side(groups: dict) -> list[str]:
                     pct = f"{100 * info['bytes_moved'] / best / limit_rate:.0f} %"
             elif info.get("flops"):
                 rate = f"{info['flops'] / best / 1e9:,.0f} GFLOP/s"
+            # Rows compare with the competitor and floors of their own variant (``-p0.1``: with dropout).
+            variant = _variant(info["provider"])
+            same = [x for x in rows if _variant(x["extra_info"]["provider"]) == variant]
+            competitor = next((x for x in same if x["extra_info"]["role"] == "competitor"), None)
             ratio = f"{competitor['stats']['min'] / best:.2f}×" if competitor else "–"
+            floors = [x for x in same if x["extra_info"]["role"] == "floor" and x is not r]
+            vs_floor = ", ".join(
+                f"{r['stats']['median'] / x['stats']['median']:.2f}× {x['extra_info']['provider']}" for x in floors
+            )
             peak = info.get("peak_extra_mib")
             out.append(
                 f"| {info['provider']} | {info['role']} | {best * 1e3:,.3f} | {r['stats']['median'] * 1e3:,.3f} | "
-                f"{rate} | {pct} | {ratio} | {'–' if peak is None else f'{peak:.1f}'} |"
+                f"{rate} | {pct} | {ratio} | {vs_floor or '–'} | {'–' if peak is None else f'{peak:.1f}'} |"
             )
         out.append("")
     return out

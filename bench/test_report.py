@@ -108,5 +108,41 @@ def test_cpu_side_by_side_groups_compare_with_competitor_and_memcpy(tmp_path) ->
     markdown = report.render(report.load([path]))
     assert "## dequantize 4096x4096 (side by side, one run)" in markdown
     # 40 MB in 0.5 ms = 80 GB/s = 125 % of memcpy's 64 GB/s; bitsandbytes takes 12x as long
-    assert "| ext_out | lowrank | 0.500 | 0.500 | 80.0 GB/s | 125 % | 12.00× | – |" in markdown
+    assert "| ext_out | lowrank | 0.500 | 0.500 | 80.0 GB/s | 125 % | 12.00× | – | – |" in markdown
     assert "| bnb_cpu | competitor | 6.000 |" in markdown and "full size" in markdown
+
+
+def test_cpu_side_by_side_rows_compare_with_their_own_dropout_variant(tmp_path) -> None:
+    """A ``-p0.1`` row is compared with the ``-p0.1`` competitor and floors, a plain row with the plain ones."""
+
+    def bench(provider: str, role: str, seconds: float) -> dict:
+        stats = {"min": seconds, "max": seconds, "mean": seconds, "median": seconds, "stddev": 0.0, "rounds": 3}
+        return {
+            "name": f"test_lora[{provider}]",
+            "fullname": f"bench/bench_ext_cpu.py::test_lora[{provider}]",
+            "group": "lora step",
+            "stats": stats,
+            "extra_info": {"provider": provider, "role": role, "flops": 1e9},
+        }
+
+    data = {
+        "machine_info": {"lowrank": {"device": "CPU"}},
+        "benchmarks": [
+            bench("lowrank_ext", "lowrank", 0.050),
+            bench("lowrank_ext-p0.1", "lowrank", 0.060),
+            bench("dense_bf16_floor", "floor", 0.040),
+            bench("dense_bf16_floor-p0.1", "floor", 0.080),
+            bench("peft_bnb", "competitor", 0.100),
+            bench("peft_bnb-p0.1", "competitor", 0.090),
+        ],
+    }
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    markdown = report.render(report.load([path]))
+    assert (
+        "| lowrank_ext | lowrank | 50.000 | 50.000 | 20 GFLOP/s | – | 2.00× | 1.25× dense_bf16_floor | – |" in markdown
+    )
+    assert (
+        "| lowrank_ext-p0.1 | lowrank | 60.000 | 60.000 | 17 GFLOP/s | – | 1.50× | 0.75× dense_bf16_floor-p0.1 | – |"
+        in markdown
+    )

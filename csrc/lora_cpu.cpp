@@ -32,6 +32,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdlib>
 
@@ -73,9 +75,13 @@ constexpr int64_t kMinReductionRows = 256;
 
 int64_t rows_per_reduction_chunk(int64_t cols) { return std::max(kMinReductionRows, rows_per_chunk(cols)); }
 
-// Rows (forward) or columns (backward) of W per panel: `other` is the panel's other dimension.
+// Rows (forward) or columns (backward) of W per panel: `other` is the panel's other dimension. A
+// multiple of 256 (of 64 for small panels): column slabs then start on a quantization block (blocksize
+// <= 256), so every row segment takes the vectorised whole-block decode, and the GEMM sees an aligned
+// width.
 int64_t panel_extent(int64_t other, int64_t element_size, int64_t total) {
-  const int64_t extent = std::max<int64_t>(64, panel_bytes() / std::max<int64_t>(1, other * element_size));
+  int64_t extent = std::max<int64_t>(64, panel_bytes() / std::max<int64_t>(1, other * element_size));
+  extent -= extent % (extent >= 256 ? 256 : 64);
   return std::min(extent, total);
 }
 
@@ -159,13 +165,38 @@ at::Tensor decode_rows(const BaseWeight& w, int64_t n0, int64_t rows, int64_t K,
   return panel;
 }
 
+// A column slab reads a short run of codes (and block constants) from every row of W, one row apart:
+// no stream the hardware prefetcher follows, so each run waited on memory latency (4096 -> 14336: the
+// backward took 25 ms longer than on a dense weight). Asking for the runs a few rows ahead overlaps them.
+// always_inline: GCC counts a function holding only prefetches as side-effect free and drops its calls.
+constexpr int64_t kPrefetchRows = 8;
+
+__attribute__((always_inline)) inline void prefetch_range(const void* data, int64_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// Hint the cache to fetch the codes and block constants of elements [start, start + count).
+__attribute__((always_inline)) inline void prefetch_elements(const Nf4View& v, int64_t start, int64_t count) {
+  prefetch_range(v.packed + start / 2, (count + 1) / 2);
+  const int64_t b0 = start / v.blocksize, nb = (start + count - 1) / v.blocksize - b0 + 1;
+  if (v.absmax != nullptr) {
+    prefetch_range(v.absmax + b0, nb * 4);
+  } else {
+    prefetch_range(v.qabsmax + b0, nb);
+  }
+}
+
 // Columns [k0, k0 + cols) of W (N, K) as a contiguous (N, cols) tensor in `dtype` (the panel scratch slot).
 at::Tensor decode_columns(const BaseWeight& w, int64_t k0, int64_t cols, int64_t N, int64_t K, at::ScalarType dtype) {
   at::Tensor slab = scratch(kPanelSlot, {N, cols}, dtype);
   char* dst = static_cast<char*>(slab.data_ptr());
   const int64_t esize = slab.element_size();
   at::parallel_for(0, N, std::max<int64_t>(1, kDecodeGrain / cols), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) decode_range(w.view, n * K + k0, cols, dst + n * cols * esize, dtype);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n + kPrefetchRows < N) prefetch_elements(w.view, (n + kPrefetchRows) * K + k0, cols);
+      decode_range(w.view, n * K + k0, cols, dst + n * cols * esize, dtype);
+    }
   });
   return slab;
 }
