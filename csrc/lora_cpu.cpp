@@ -58,6 +58,11 @@ int64_t panel_bytes() {
   static const int64_t bytes = bytes_from_env("LOWRANK_EXT_PANEL_BYTES", 16 << 20);
   return bytes;
 }
+// An explicit LOWRANK_EXT_PANEL_BYTES is taken as is (no widening of backward slabs, see lora_backward_cpu).
+bool panel_bytes_fixed() {
+  static const bool fixed = bytes_from_env("LOWRANK_EXT_PANEL_BYTES", 0) > 0;
+  return fixed;
+}
 // Bytes of one float32 row chunk (of x, dy, or of a panel's low-rank update): the thin rank-r GEMMs and
 // the dtype conversions work on chunks this size, so their temporaries stay in the core's own cache
 // (1 MiB: half of this machine's 2 MiB L2) between being written and being read.
@@ -102,6 +107,7 @@ at::Tensor scratch(ScratchSlot slot, c10::IntArrayRef shape, at::ScalarType dtyp
 }
 
 constexpr int64_t kDecodeGrain = 1 << 15;  // elements per parallel decode task
+constexpr int64_t kMinSlabColumnsPerThread = 512;
 
 // The validated dropout state of one call (p in [0, 1); p == 0: inactive).
 DropoutKey checked_dropout(double p, int64_t seed) {
@@ -361,7 +367,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     BaseWeight w = make_base(weight, absmax, nested_absmax, nested_offset, blocksize, std::string(quant_type), nested_dtype, s.N, s.K, dtype);
     const at::Tensor g_scaled = g * scale;
     dx = at::empty({s.M, s.K}, x.options());
-    const int64_t slab_cols = panel_extent(s.N, x.element_size(), s.K);
+    // At least 512 columns per thread: torch's bf16 GEMM (oneDNN) ran dy (512 x 14336) times a 512-column
+    // slab on one of 2 threads (100 ms; 1024 columns: 50 ms), so a slab that is narrow because N is large
+    // is widened, at the cost of a larger panel buffer (N x 1024 bf16 = 28 MiB for N = 14336, 2 threads).
+    const int64_t min_cols =
+        panel_bytes_fixed() ? 0 : std::min<int64_t>(s.K, kMinSlabColumnsPerThread * at::get_num_threads());
+    const int64_t slab_cols = std::max(panel_extent(s.N, x.element_size(), s.K), min_cols);
     for (int64_t k0 = 0; k0 < s.K; k0 += slab_cols) {
       const int64_t cols = std::min(slab_cols, s.K - k0);
       const at::Tensor slab = w.quantized ? decode_columns(w, k0, cols, s.N, s.K, dtype) : w.dense.narrow(1, k0, cols);
