@@ -364,3 +364,68 @@ def _measure_peak(provider: str, n: int) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "peak":
     _measure_peak(sys.argv[2], int(sys.argv[3]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interleaved ratios: on a shared or virtualised machine the speed of the host drifts during a run, and
+# pytest-benchmark measures the providers one after another. Here every round times each provider once, in
+# turn, and the ratios are taken per round (median over rounds), so a slow stretch of the host slows
+# every provider of a round alike.
+#   python bench/bench_ext_cpu.py interleaved OUT.json [ROUNDS]   (threads: LOWRANK_BENCH_THREADS)
+# ---------------------------------------------------------------------------------------------------
+
+INTERLEAVED = {
+    f"M512 {K}x{N} r16 bf16": (N, ["lowrank_ext", "dense_bf16_floor", "ext_dense_bf16", "peft_bnb"]),
+    f"M512 {K}x{N} r16 bf16, dropout 0.1": (
+        N,
+        ["lowrank_ext-p0.1", "dense_bf16_floor-p0.1", "ext_dense_bf16-p0.1", "peft_bnb-p0.1"],
+    ),
+    f"M512 {K}->{GATE_UP_N} r16 bf16": (GATE_UP_N, ["lowrank_ext", "dense_bf16_floor", "ext_dense_bf16"]),
+}
+
+
+def _interleaved(out_path: str, rounds: int) -> None:
+    import json
+    import statistics
+    import time
+
+    timer = time.perf_counter  # wall time: process CPU time also counts other threads of the process (bnb's)
+    results = {}
+    for case, (n, providers) in INTERLEAVED.items():
+        steps = {p: lora_step(p, n) for p in providers}
+        for step in steps.values():
+            step()  # warm-up
+        times = {p: [] for p in providers}
+        for _ in range(rounds):
+            for p, step in steps.items():
+                start = timer()
+                step()
+                times[p].append(timer() - start)
+        ours = providers[0]
+        results[case] = {
+            p: {
+                "min_ms": 1e3 * min(t),
+                "median_ms": 1e3 * statistics.median(t),
+                f"{ours}_over_this": statistics.median(a / b for a, b in zip(times[ours], t, strict=True)),
+            }
+            for p, t in times.items()
+        }
+        for p, r in results[case].items():
+            print(f"{case:40s} {p:24s} min {r['min_ms']:8.2f} ms  median {r['median_ms']:8.2f} ms  "
+                  f"{ours} ÷ this: {r[f'{ours}_over_this']:.3f}")  # fmt: skip
+    record = {
+        "machine": MACHINE,
+        "threads": torch.get_num_threads(),
+        "timer": timer.__name__,
+        "rounds": rounds,
+        "memory_regime": MEMORY_REGIME,
+        "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "results": results,
+    }
+    with open(out_path, "w") as out:
+        json.dump(record, out, indent=1)
+
+
+if __name__ == "__main__" and len(sys.argv) in (3, 4) and sys.argv[1] == "interleaved":
+    _interleaved(sys.argv[2], int(sys.argv[3]) if len(sys.argv) == 4 else 15)
