@@ -84,16 +84,21 @@ def test_a_later_success_supersedes_a_failure_and_pytest_benchmark_json_merges(t
     assert list(again["benchmarks"]) == [ok["nodeid"]]
 
 
+def _side_by_side_record(test: str, group: str, provider: str, role: str, seconds: float, **extra) -> dict:
+    """One pytest-benchmark record of bench_ext_cpu.py's shape: every statistic ``seconds``."""
+    stats = {"min": seconds, "max": seconds, "mean": seconds, "median": seconds, "stddev": 0.0, "rounds": 3}
+    return {
+        "name": f"{test}[{provider}]",
+        "fullname": f"bench/bench_ext_cpu.py::{test}[{provider}]",
+        "group": group,
+        "stats": stats,
+        "extra_info": {"provider": provider, "role": role, **extra},
+    }
+
+
 def test_cpu_side_by_side_groups_compare_with_competitor_and_memcpy(tmp_path) -> None:
     def bench(provider: str, role: str, seconds: float, **extra) -> dict:
-        stats = {"min": seconds, "max": seconds, "mean": seconds, "median": seconds, "stddev": 0.0, "rounds": 3}
-        return {
-            "name": f"test_dequantize[{provider}]",
-            "fullname": f"bench/bench_ext_cpu.py::test_dequantize[{provider}]",
-            "group": "dequantize 4096x4096",
-            "stats": stats,
-            "extra_info": {"provider": provider, "role": role, **extra},
-        }
+        return _side_by_side_record("test_dequantize", "dequantize 4096x4096", provider, role, seconds, **extra)
 
     data = {
         "machine_info": {"lowrank": {"device": "CPU", "tiny_shapes": True}},
@@ -116,14 +121,7 @@ def test_cpu_side_by_side_rows_compare_with_their_own_dropout_variant(tmp_path) 
     """A ``-p0.1`` row is compared with the ``-p0.1`` competitor and floors, a plain row with the plain ones."""
 
     def bench(provider: str, role: str, seconds: float) -> dict:
-        stats = {"min": seconds, "max": seconds, "mean": seconds, "median": seconds, "stddev": 0.0, "rounds": 3}
-        return {
-            "name": f"test_lora[{provider}]",
-            "fullname": f"bench/bench_ext_cpu.py::test_lora[{provider}]",
-            "group": "lora step",
-            "stats": stats,
-            "extra_info": {"provider": provider, "role": role, "flops": 1e9},
-        }
+        return _side_by_side_record("test_lora", "lora step", provider, role, seconds, flops=1e9)
 
     data = {
         "machine_info": {"lowrank": {"device": "CPU"}},

@@ -323,18 +323,28 @@ def test_lora_fp32_adapters_on_bf16_input_and_partial_gradients():
     check_partial_gradients(EXT, x, weight, A, B, bias, dy, assert_bit_equal)
 
 
+def _rerun_in_fresh_process(selection: str, timeout: int, **env) -> str:
+    """Run this file's tests matching ``-k selection`` in a new process with ``env`` added (the extension
+    reads its settings once per process); returns pytest's output after checking that they all passed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", __file__, "-k", selection],
+        env=dict(os.environ, **env), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
+    return result.stdout
+
+
 @needs_ext
 def test_lora_with_tiny_panels_and_chunks():
     """The tolerance tests again, in a fresh process whose panels are 64 rows/columns and row chunks a few
     rows: many panels and chunks per call, panels starting inside a quantization block."""
-    env = dict(os.environ, LOWRANK_EXT_PANEL_BYTES="4096", LOWRANK_EXT_CHUNK_BYTES="1024")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", __file__,
-         "-k", "within_tolerance or partial_gradients or opcheck_lora"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-500:]
+    _rerun_in_fresh_process(
+        "within_tolerance or partial_gradients or opcheck_lora",
+        600,
+        LOWRANK_EXT_PANEL_BYTES="4096",
+        LOWRANK_EXT_CHUNK_BYTES="1024",
+    )
 
 
 @needs_ext
@@ -361,14 +371,10 @@ def test_lora_dense_forward_rounds_like_the_torch_composite(dtype):
 
 @needs_ext
 def test_lora_dense_forward_rounds_like_the_torch_composite_without_avx512():
-    env = dict(os.environ, LOWRANK_EXT_NO_AVX512="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", __file__,
-         "-k", "rounds_like_the_torch_composite and not without_avx512"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "2 passed" in result.stdout, result.stdout[-500:]
+    out = _rerun_in_fresh_process(
+        "rounds_like_the_torch_composite and not without_avx512", 300, LOWRANK_EXT_NO_AVX512="1"
+    )
+    assert "2 passed" in out, out[-500:]
 
 
 @needs_ext

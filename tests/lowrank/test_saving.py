@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import tiny_model, tokens, word_tokenizer, write_checkpoint
+from hf_trainer import TokenDataset, trainer_args
 
 import lowrank
 from lowrank.loading import CheckpointLoadError, load_pretrained
@@ -315,17 +316,6 @@ def test_prepared_checkpoint_save_refusals_and_atomicity(tmp_path, monkeypatch):
     _assert_same_prepared_model(lowrank.from_pretrained(target), model)
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.ids = [tokens(1, 8, seed=i)[0] for i in range(n)]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 class _Snapshots(transformers.TrainerCallback):
     """The model's state dict at every checkpoint Trainer writes."""
 
@@ -337,19 +327,8 @@ class _Snapshots(transformers.TrainerCallback):
 
 
 def _trainer(model, out, max_steps, callbacks=()):
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        max_steps=max_steps,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        save_strategy="steps",
-        save_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(4), callbacks=list(callbacks))
+    args = trainer_args(out, max_steps)
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(4), callbacks=list(callbacks))
 
 
 def _prepared_llama(seed=0):

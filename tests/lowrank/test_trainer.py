@@ -5,42 +5,26 @@ import copy
 import pytest
 import torch
 import transformers
-from helpers import tiny, tokens
+from helpers import tiny
+from hf_trainer import TokenDataset, trainer_args
 
 from lowrank.models import prepare_model
 from lowrank.nn import LoRALinear
 from lowrank.optim import PagedAdamW
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=8):
-        self.ids = [tokens(1, 8, seed=i)[0] for i in range(n)]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def _train(model, tmp_path, checkpointing, reentrant=False):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+    args = trainer_args(
+        tmp_path,
         max_steps=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
+        gradient_accumulation_steps=2,
         logging_steps=1,
         save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": reentrant} if checkpointing else None,
     )
     optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(optimizer, None))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=(optimizer, None))
     result = trainer.train()
     return trainer, result
 
@@ -71,19 +55,8 @@ def test_trainer_with_gradient_checkpointing_matches_plain_training(tmp_path, re
 
 def test_trainer_checkpoints_resume_to_the_same_adapters(tmp_path):
     def run(model, max_steps, resume=None):
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=2,
-            max_steps=max_steps,
-            learning_rate=1e-2,
-            lr_scheduler_type="constant",
-            save_strategy="steps",
-            save_steps=1,
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-        )
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(4))
+        args = trainer_args(tmp_path, max_steps=max_steps)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(4))
         trainer.train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
