@@ -47,6 +47,8 @@ except ImportError:
 FUSED_RANK_MAX = 64
 #: Smallest reduction length one program of the split shrink (x·Aᵀ, dy·B) handles.
 SHRINK_MIN_T_PER_SPLIT = 256
+#: Same for the rows of one program's share of a dA / dB reduction over M.
+GRAD_MIN_ROWS_PER_SPLIT = 512
 
 
 def _interpreting(device: torch.device) -> bool:
@@ -228,11 +230,8 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int, dropout=None) -> torch.T
     block_r, block_t = _block_r(r), 64
     block_m = 64 if M > 32 else max(16, triton.next_power_of_2(M))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(r, block_r)
-    # Split the long T reduction (deterministically: fp32 partials, then one sum) until ~2 waves of
-    # programs run on a 132-SM GPU, each over at least SHRINK_MIN_T_PER_SPLIT columns.
-    split = max(1, min(triton.cdiv(2 * 132, tiles), T // SHRINK_MIN_T_PER_SPLIT))
-    t_per_split = triton.cdiv(triton.cdiv(T, split), block_t) * block_t
-    split = triton.cdiv(T, t_per_split)
+    # The long T reduction is split deterministically: fp32 partials, then one sum.
+    split, t_per_split = _reduction_split(T, tiles, block_t, SHRINK_MIN_T_PER_SPLIT)
     low = torch.empty((split, M, r), dtype=torch.float32, device=lin.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(r, block_r), split)
     with _nf4._device_context(lin.device):
@@ -257,6 +256,15 @@ def _shrink(lin: torch.Tensor, p: torch.Tensor, r: int, dropout=None) -> torch.T
     return low[0] if split == 1 else low.sum(0)
 
 
+def _reduction_split(length: int, tiles: int, block: int, min_per_split: int, split_allowed: bool = True):
+    """``(splits, length per split)`` for a reduction over ``length`` on ``tiles`` output tiles: enough
+    programs for about two waves on a 132-SM GPU, each reducing a multiple of ``block`` and at least
+    ``min_per_split`` (one split when ``split_allowed`` is false)."""
+    split = max(1, min(triton.cdiv(2 * 132, tiles), length // min_per_split)) if split_allowed else 1
+    per_split = triton.cdiv(triton.cdiv(length, split), block) * block
+    return triton.cdiv(length, per_split), per_split
+
+
 def _drop_args(dropout) -> tuple[int, int, int]:
     return (0, 0, 0) if dropout is None else dropout.kernel_args()
 
@@ -271,10 +279,8 @@ def _grad(
     block_q = 64 if Q > 32 else max(16, triton.next_power_of_2(Q))
     block_m = 64
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    # Enough programs to fill a GPU (~2 waves of 132 SMs), each reducing at least 512 rows.
-    split = 1 if u.device.type == "cpu" else max(1, min(triton.cdiv(264, tiles), M // 512))
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m
-    split = triton.cdiv(M, rows_per_split)
+    # Not split on CPU (the interpreter gains nothing from more programs).
+    split, rows_per_split = _reduction_split(M, tiles, block_m, GRAD_MIN_ROWS_PER_SPLIT, u.device.type != "cpu")
     if split == 1:
         out = torch.empty((P, Q), dtype=out_dtype, device=u.device)
         strides = (0, *out.stride())
